@@ -1,0 +1,5 @@
+"""`python -m quantpipe` is the CLI."""
+
+from quantpipe.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""Calibration data: text from the recipe's source, tokenized once into [n_samples, seq_len] ids for every method.
+
+Documents are shuffled with the recipe seed, joined with the EOS token, and cut into consecutive blocks of
+`seq_len` tokens; a source too short for n_samples x seq_len is an error, never silently repeated.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantpipe.errors import QuantpipeError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+GENERATION_PROMPTS = (
+    "Write a short explanation of how a refrigerator works.",
+    "Tell a short story about a lost key.",
+    "Give three tips for learning a new language.",
+    "Describe a busy railway station in the morning.",
+    "Explain what a prime number is, with examples.",
+    "Write a polite email asking to reschedule a meeting.",
+    "Summarise the rules of chess for a beginner.",
+    "Describe the water cycle.",
+)
+
+
+def data_path(kind: str, name: str) -> Path:
+    """A file the project ships in calibration/ or evals/ (source checkout or installed package data)."""
+    for base in (PROJECT_ROOT / kind, Path(__file__).resolve().parent / "_data" / kind):
+        if (base / name).is_file():
+            return base / name
+    raise QuantpipeError(f"bundled file {kind}/{name} is missing from this installation")
+
+
+def split_paragraphs(text: str) -> list[str]:
+    return [p.strip() for p in text.split("\n\n") if p.strip()]
+
+
+def read_documents(path: Path, text_field: str = "text") -> list[str]:
+    """Paragraphs of a .txt file, or the `text_field` of each row of a .jsonl file."""
+    if path.suffix == ".txt":
+        return split_paragraphs(path.read_text(encoding="utf-8"))
+    docs = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise QuantpipeError(f"calibration.files: {path} line {i} is not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+            raise QuantpipeError(f"calibration.text_field: {path} line {i} has no string field '{text_field}'")
+        docs.append(row[text_field])
+    return docs
+
+
+def _hf_dataset(spec: Any) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise QuantpipeError("calibration.source 'hf_dataset' needs the datasets package: "
+                             "pip install datasets") from None
+    try:
+        ds = datasets.load_dataset(spec.dataset, spec.dataset_config, split=spec.split)
+    except Exception as e:  # network or name problems, reported in one line
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise QuantpipeError(f"calibration.dataset: could not load '{spec.dataset}': {first}") from None
+    if spec.text_field not in ds.column_names:
+        raise QuantpipeError(f"calibration.text_field: '{spec.text_field}' not in columns {ds.column_names}")
+    return [t for t in ds[spec.text_field] if t and t.strip()]
+
+
+def _generated(spec: Any, model: Any, tok: Any) -> list[str]:
+    """Text sampled from the base model itself (data-free calibration), seeded."""
+    torch.manual_seed(spec.seed)
+    docs = []
+    n_docs = max(1, -(-spec.n_samples * spec.seq_len // 200))
+    for i in range(n_docs):
+        prompt = GENERATION_PROMPTS[i % len(GENERATION_PROMPTS)]
+        ids = tok(prompt, return_tensors="pt").input_ids.to(model.device)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=256, do_sample=True,
+                             top_p=0.95, temperature=1.0, pad_token_id=tok.pad_token_id)
+        docs.append(tok.decode(out[0], skip_special_tokens=True))
+    return docs
+
+
+def documents(spec: Any, model: Any = None, tok: Any = None) -> list[str]:
+    if spec.source == "bundled":
+        return read_documents(data_path("calibration", "default.txt"))
+    if spec.source == "files":
+        docs = []
+        for f in spec.files:
+            p = Path(f)
+            if not p.is_file():
+                raise QuantpipeError(f"calibration.files: '{f}' does not exist")
+            docs += read_documents(p, spec.text_field)
+        return docs
+    if spec.source == "hf_dataset":
+        return _hf_dataset(spec)
+    return _generated(spec, model, tok)
+
+
+def build(spec: Any, tok: Any, docs: list[str]) -> torch.Tensor:
+    """Tokenize documents into a [n_samples, seq_len] LongTensor, deterministic for a given seed."""
+    if not docs:
+        raise QuantpipeError(f"calibration.source '{spec.source}' produced no text")
+    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(spec.seed)).tolist()
+    sep = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    stream: list[int] = []
+    for i in order:
+        text = docs[i]
+        if spec.chat_template:
+            if not getattr(tok, "chat_template", None):
+                raise QuantpipeError("calibration.chat_template: the model's tokenizer has no chat template")
+            text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False)
+        stream += tok(text, add_special_tokens=False).input_ids + sep
+    need = spec.n_samples * spec.seq_len
+    if len(stream) < need:
+        raise QuantpipeError(
+            f"calibration: n_samples x seq_len = {spec.n_samples} x {spec.seq_len} = {need} tokens, but the "
+            f"'{spec.source}' source has only {len(stream)}; lower calibration.n_samples or calibration.seq_len, "
+            "or add text")
+    return torch.tensor(stream[:need], dtype=torch.long).view(spec.n_samples, spec.seq_len)

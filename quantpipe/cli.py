@@ -1,0 +1,155 @@
+"""Command line: run, validate, methods, bench, report. Input errors print one clear message and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from quantpipe import __version__
+from quantpipe.errors import QuantpipeError
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for quantpipe's own progress: library chatter below ERROR is dropped."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
+    import warnings
+
+    for name in ("torchao", "torch.utils._pytree", "torch._dynamo", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from quantpipe.methods import get_method
+    from quantpipe.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    missing = [(v.name, get_method(v.method)) for v in recipe.variants if get_method(v.method).missing()]
+    print(f"{args.recipe}: valid ({len(recipe.variants)} variants: {', '.join(v.name for v in recipe.variants)}; "
+          f"run dir {recipe.run_dir()})")
+    for name, m in missing:
+        print(f"note: variant '{name}' needs {', '.join(m.missing())} to run: {m.install_hint()}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from quantpipe.methods import all_methods
+
+    for m in all_methods().values():
+        state = "ready" if not m.missing() else f"needs {', '.join(m.missing())} ({m.install_hint()})"
+        params = ", ".join(m.params.model_fields) or "-"
+        print(f"{m.name:<10} {state:<10} runtime={m.runtime:<5} params: {params}\n{'':<10} {m.summary}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from quantpipe import pipeline, report
+    from quantpipe.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    _quiet_libraries()
+    t = time.perf_counter()
+    results = pipeline.run(recipe, args.recipe, out_dir=args.out, force=args.force)
+    run_dir = recipe.run_dir(args.out)
+    print()
+    print(report.markdown(results))
+    print(f"run directory: {run_dir}  (results.json, matrix.md, matrix.html, matrix.png, manifest.json, "
+          f"artifacts/)\nwall time: {time.perf_counter() - t:.1f} s")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from quantpipe import bench
+
+    _quiet_libraries()
+    if args.request:
+        req = json.loads(Path(args.request).read_text())
+        cfg, prompt = req["cfg"], req["prompt_ids"]
+    else:
+        from transformers import AutoTokenizer
+
+        from quantpipe.calibration import data_path
+        from quantpipe.recipe import BenchSpec
+
+        cfg = BenchSpec(device=args.device, prompt_len=args.prompt_len, gen_len=args.gen_len,
+                        batch_sizes=args.batch_sizes, repeats=args.repeats).model_dump(mode="json")
+        tok = AutoTokenizer.from_pretrained(args.artifact)
+        prompt = tok(data_path("evals", "eval-text.txt").read_text(), add_special_tokens=False).input_ids
+    result = bench.run_bench(Path(args.artifact), cfg, prompt)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from quantpipe import report
+
+    path = Path(args.run_dir) / "results.json"
+    if not path.is_file():
+        raise QuantpipeError(f"{path} does not exist; run `quantpipe run RECIPE` first")
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise QuantpipeError(f"{path} is not valid JSON ({e})") from None
+    if results.get("schema_version") != report.RESULTS_SCHEMA_VERSION:
+        raise QuantpipeError(f"{path}: results schema {results.get('schema_version')} is not "
+                             f"{report.RESULTS_SCHEMA_VERSION}, the one this quantpipe reads")
+    report.write(Path(args.run_dir), results)
+    print(report.markdown(results))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="quantpipe", description=__doc__)
+    p.add_argument("--version", action="version", version=f"quantpipe {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a recipe: quantize, evaluate, benchmark, write the matrix")
+    r.add_argument("recipe")
+    r.add_argument("--out", help="run directory (default: the recipe's output.dir or runs/<name>)")
+    r.add_argument("--force", action="store_true", help="redo every stage, ignoring the cache")
+    r.set_defaults(fn=cmd_run)
+    v = sub.add_parser("validate", help="check a recipe without running it")
+    v.add_argument("recipe")
+    v.set_defaults(fn=cmd_validate)
+    m = sub.add_parser("methods", help="list quantization methods and whether their libraries are installed")
+    m.set_defaults(fn=cmd_methods)
+    b = sub.add_parser("bench", help="benchmark one artifact directory, print or write JSON")
+    b.add_argument("artifact")
+    b.add_argument("--out")
+    b.add_argument("--request", help=argparse.SUPPRESS)
+    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    b.add_argument("--prompt-len", type=int, default=128)
+    b.add_argument("--gen-len", type=int, default=32)
+    b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    b.add_argument("--repeats", type=int, default=3)
+    b.set_defaults(fn=cmd_bench)
+    rep = sub.add_parser("report", help="re-render matrix.md/html/png from a run's results.json")
+    rep.add_argument("run_dir")
+    rep.set_defaults(fn=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except QuantpipeError as e:
+        print(f"quantpipe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("quantpipe: interrupted; finished stages are cached and a re-run resumes from there", file=sys.stderr)
+        return 130

@@ -1,0 +1,305 @@
+"""`quantpipe run`: the stages of a run, their cache keys, and the files they leave in the run directory.
+
+Stages, in order: the baseline artifact; the eval token ids; the calibration ids (only when a method uses
+them); one quantize stage per variant; one eval stage per variant (the baseline's writes the reference
+log-probs); one bench stage per variant (own process); then results.json, manifest.json and the matrix.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from quantpipe import __version__, bench, calibration, evaluate, report, runtimes, sources, sysinfo
+from quantpipe.cache import (
+    StageCache,
+    atomic_dir,
+    clean_stale_temps,
+    digest,
+    dir_size,
+    explain_os_error,
+    file_sha256,
+    run_lock,
+    write_json,
+)
+from quantpipe.errors import QuantpipeError
+from quantpipe.methods import QuantizeJob, get_method, parse_params
+from quantpipe.recipe import Recipe, VariantSpec
+
+
+class Run:
+    """State of one run: the recipe, the run dir, the cache and the keys of the stages done so far."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, force: bool = False) -> None:
+        self.recipe, self.dir, self.force = recipe, run_dir, force
+        self.cache = StageCache(run_dir)
+        self.state = run_dir / ".quantpipe"
+        self.keys: dict[str, str] = {}
+        self.results: dict[str, dict[str, Any]] = {}
+        self.n_stages = 2 + 3 * len(recipe.variants)
+        self.step = 0
+
+    def stage(self, name: str, payload: dict[str, Any], compute: Any, artifact: Path | None = None) -> dict:
+        """Return the cached result of a stage if its content key matches, else compute and record it."""
+        self.step += 1
+        key = digest({"stage": name.split(":")[0], "payload": payload})
+        self.keys[name] = key
+        label = f"[{self.step}/{self.n_stages}] {name}"
+        cached = None if self.force else self.cache.get(name, key, artifact)
+        if cached is not None:
+            print(f"{label}: cached")
+            self.results[name] = cached
+            return cached
+        print(f"{label} ...", flush=True)
+        t = time.perf_counter()
+        try:
+            result = compute()
+        except OSError as e:
+            raise explain_os_error(e, f"running stage {name}") from None
+        result["wall_s"] = time.perf_counter() - t
+        self.cache.put(name, key, result, artifact)
+        print(f"{label}: done in {result['wall_s']:.1f} s", flush=True)
+        self.results[name] = result
+        return result
+
+    # -- stages ---------------------------------------------------------------------------------------------
+    def artifact_dir(self, variant: VariantSpec) -> Path:
+        return self.dir / "artifacts" / variant.name
+
+    def quantize(self, variant: VariantSpec, calib: torch.Tensor | None) -> dict[str, Any]:
+        method = get_method(variant.method)
+        if method.missing():
+            raise QuantpipeError(f"variants({variant.name}): method '{method.name}' needs "
+                                 f"{', '.join(method.missing())}: {method.install_hint()}")
+        params = parse_params(variant)
+        ref = self.recipe.reference
+        is_ref = variant.name == ref.name
+        payload = {"variant": variant.model_dump(mode="json"), "versions": sysinfo.versions(),
+                   "method_versions": method.versions()}
+        if is_ref:
+            payload["model"] = self.recipe.model.model_dump(mode="json")
+        else:
+            payload["base"] = self.keys[f"quantize:{ref.name}"]
+            if method.uses_calibration:
+                payload["calibration"] = self.keys["calibration"]
+        out = self.artifact_dir(variant)
+
+        def compute() -> dict[str, Any]:
+            with atomic_dir(out) as tmp, sysinfo.PeakRSS() as peak:
+                t = time.perf_counter()
+                job = QuantizeJob(variant=variant.name, params=params, out_dir=tmp,
+                                  base_dir=None if is_ref else self.artifact_dir(ref), model=self.recipe.model,
+                                  calibration=calib if method.uses_calibration else None)
+                meta = method.quantize(job)
+                quantize_s = time.perf_counter() - t
+                meta = {"quantpipe_version": __version__, "variant": variant.name, "method": method.name,
+                        "params": params.model_dump(mode="json"), "runtime": method.runtime, **meta}
+                (tmp / runtimes.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+                (tmp / "README.md").write_text(artifact_readme(meta))
+            return {"meta": meta, "quantize_s": quantize_s, "quantize_peak_rss_mib": peak.peak_mib,
+                    "size_bytes": dir_size(out)}
+
+        return self.stage(f"quantize:{variant.name}", payload, compute, artifact=out)
+
+    def eval_tokens(self) -> list[list[int]]:
+        spec = self.recipe.eval
+        path = calibration.data_path("evals", "eval-text.txt") if spec.text == "bundled" else Path(spec.text)
+        text = path.read_text(encoding="utf-8")
+        payload = {"eval": spec.model_dump(mode="json"), "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
+                   "base": self.keys[f"quantize:{self.recipe.reference.name}"]}
+
+        def compute() -> dict[str, Any]:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(self.artifact_dir(self.recipe.reference))
+            ids = tok(text, add_special_tokens=False).input_ids
+            windows = evaluate.make_windows(ids, spec.window, spec.max_tokens)
+            return {"n_windows": len(windows), "n_text_tokens": len(ids), "tokens_sha256": digest(windows),
+                    "windows": windows}
+
+        return self.stage("eval-tokens", payload, compute)["windows"]
+
+    def calibration_ids(self) -> torch.Tensor:
+        spec = self.recipe.calibration
+        store = self.state / "calibration"
+        payload = {"calibration": spec.model_dump(mode="json"),
+                   "base": self.keys[f"quantize:{self.recipe.reference.name}"]}
+        if spec.source == "bundled":
+            payload["bundled_sha256"] = file_sha256(calibration.data_path("calibration", "default.txt"))
+        for f in spec.files if spec.source == "files" else []:
+            payload.setdefault("files_sha256", {})[f] = file_sha256(Path(f)) if Path(f).is_file() else None
+
+        def compute() -> dict[str, Any]:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            base = self.artifact_dir(self.recipe.reference)
+            tok = AutoTokenizer.from_pretrained(base)
+            model = AutoModelForCausalLM.from_pretrained(base) if spec.source == "generated" else None
+            ids = calibration.build(spec, tok, calibration.documents(spec, model, tok))
+            with atomic_dir(store) as tmp:
+                save_file({"input_ids": ids}, str(tmp / "ids.safetensors"))
+            return {"shape": list(ids.shape), "sha256": file_sha256(store / "ids.safetensors")}
+
+        self.stage("calibration", payload, compute, artifact=store)
+        return load_file(str(store / "ids.safetensors"))["input_ids"]
+
+    def evaluate(self, variant: VariantSpec, windows: list[list[int]]) -> dict[str, Any]:
+        ref = self.recipe.reference
+        is_ref = variant.name == ref.name
+        payload = {"windows": self.keys["eval-tokens"], "artifact": self.keys[f"quantize:{variant.name}"],
+                   "device": self.recipe.bench.device}
+        if not is_ref:
+            payload["reference"] = self.keys[f"eval:{ref.name}"]
+        ref_dir = self.state / "reference"
+
+        def compute() -> dict[str, Any]:
+            if is_ref and ref_dir.exists():
+                shutil.rmtree(ref_dir)  # stale windows of an older eval definition must not linger
+            rt = runtimes.load(self.artifact_dir(variant), self.recipe.bench.device)
+            try:
+                return {"quality": evaluate.score(rt, windows, ref_dir, write_reference=is_ref),
+                        "runtime": rt.name, "device": rt.device}
+            finally:
+                rt.close()
+
+        return self.stage(f"eval:{variant.name}", payload, compute, artifact=ref_dir if is_ref else None)
+
+    def bench(self, variant: VariantSpec, windows: list[list[int]]) -> dict[str, Any] | None:
+        spec = self.recipe.bench
+        if not spec.enabled:
+            self.step += 1
+            return None
+        hw = sysinfo.hardware()
+        payload = {"bench": spec.model_dump(mode="json"), "artifact": self.keys[f"quantize:{variant.name}"],
+                   "hardware": {k: hw.get(k) for k in ("cpu", "cpu_count", "gpu")}}
+        cfg = spec.model_dump(mode="json")
+        prompt = [t for w in windows for t in w]
+
+        def compute() -> dict[str, Any]:
+            return bench.bench_in_subprocess(self.artifact_dir(variant), cfg, prompt, self.state / "bench")
+
+        return self.stage(f"bench:{variant.name}", payload, compute)
+
+
+def artifact_readme(meta: dict[str, Any]) -> str:
+    usage = meta.get("usage") or (
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "model = AutoModelForCausalLM.from_pretrained(\"PATH\")\n"
+        "tokenizer = AutoTokenizer.from_pretrained(\"PATH\")")
+    needs = meta.get("needs")
+    return (f"# {meta['variant']}\n\nMade by quantpipe {meta['quantpipe_version']} with method `{meta['method']}` "
+            f"({meta.get('format', '')}), params `{json.dumps(meta['params'])}`.\n\n"
+            + (f"Loading needs: `{needs}`.\n\n" if needs else "")
+            + f"```python\n{usage}\n```\n\n`quantpipe.json` holds the full metadata.\n")
+
+
+def run(recipe: Recipe, recipe_path: str, out_dir: str | None = None, force: bool = False) -> dict[str, Any]:
+    """Run every stage of the recipe; return results (also written to RUN_DIR/results.json)."""
+    run_dir = recipe.run_dir(out_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise explain_os_error(e, f"creating the run directory {run_dir}") from None
+    with run_lock(run_dir):
+        clean_stale_temps(run_dir / "artifacts")
+        return _run(Run(recipe, run_dir, force), recipe_path)
+
+
+def _run(r: Run, recipe_path: str) -> dict[str, Any]:
+    recipe = r.recipe
+    started = time.perf_counter()
+    for v in recipe.variants:  # fail on a missing extra before any work
+        m = get_method(v.method)
+        if m.missing():
+            raise QuantpipeError(f"variants({v.name}): method '{m.name}' needs {', '.join(m.missing())}: "
+                                 f"{m.install_hint()}")
+    ref = recipe.reference
+    r.quantize(ref, None)
+    windows = r.eval_tokens()
+    needs_calib = any(get_method(v.method).uses_calibration for v in recipe.variants)
+    calib = r.calibration_ids() if needs_calib else None
+    if needs_calib:
+        r.n_stages += 1
+    for v in recipe.variants:
+        if v.name != ref.name:
+            r.quantize(v, calib)
+    ordered = [ref] + [v for v in recipe.variants if v.name != ref.name]
+    for v in ordered:
+        r.evaluate(v, windows)
+    for v in ordered:
+        r.bench(v, windows)
+    results = collect(r, recipe_path)
+    write_outputs(r, results, time.perf_counter() - started)
+    return results
+
+
+def collect(r: Run, recipe_path: str) -> dict[str, Any]:
+    recipe = r.recipe
+    variants = []
+    for v in [recipe.reference] + [v for v in recipe.variants if v.name != recipe.reference.name]:
+        q = r.results[f"quantize:{v.name}"]
+        e = r.results[f"eval:{v.name}"]
+        b = r.results.get(f"bench:{v.name}")
+        variants.append({
+            "name": v.name,
+            "method": v.method,
+            "params": q["meta"]["params"],
+            "runtime": q["meta"]["runtime"],
+            "format": q["meta"].get("format"),
+            "artifact": {"path": f"artifacts/{v.name}", "size_bytes": q["size_bytes"],
+                         "n_files": len(r.cache.files(f"quantize:{v.name}"))},
+            "quality": e["quality"],
+            "speed": None if b is None else {k: b[k] for k in ("runtime", "device", "threads", "per_batch")},
+            "memory": {"peak_rss_mib": None if b is None else b["peak_rss_mib"],
+                       "load_rss_mib": None if b is None else b["load_rss_mib"],
+                       "quantize_peak_rss_mib": q["quantize_peak_rss_mib"]},
+            "timings": {"quantize_s": q["quantize_s"], "eval_s": e["wall_s"],
+                        "bench_s": None if b is None else b["wall_s"], "load_s": None if b is None else b["load_s"]},
+            "meta": q["meta"],
+        })
+    return {
+        "schema_version": report.RESULTS_SCHEMA_VERSION,
+        "quantpipe_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "recipe": {"name": recipe.name, "path": recipe_path, "sha256": recipe.sha256()},
+        "model": sources.describe(recipe.model),
+        "reference": recipe.reference.name,
+        "eval": {**recipe.eval.model_dump(mode="json"), "n_windows": r.results["eval-tokens"]["n_windows"],
+                 "tokens_sha256": r.results["eval-tokens"]["tokens_sha256"]},
+        "bench": recipe.bench.model_dump(mode="json"),
+        "hardware": sysinfo.hardware(),
+        "variants": variants,
+    }
+
+
+def write_outputs(r: Run, results: dict[str, Any], wall_s: float) -> None:
+    try:
+        write_json(r.dir / "results.json", results)
+        report.write(r.dir, results)
+        calib = r.results.get("calibration")
+        manifest = {
+            "quantpipe_version": __version__,
+            "created": results["created"],
+            "recipe": results["recipe"],
+            "recipe_content": r.recipe.model_dump(mode="json"),
+            "stage_keys": r.keys,
+            "library_versions": sysinfo.versions(),
+            "method_versions": {v.name: get_method(v.method).versions() for v in r.recipe.variants},
+            "seeds": {"calibration": r.recipe.calibration.seed},
+            "hardware": results["hardware"],
+            "calibration": None if calib is None else {"shape": calib["shape"], "sha256": calib["sha256"]},
+            "eval_tokens_sha256": results["eval"]["tokens_sha256"],
+            "artifacts": {v["name"]: r.cache.files(f"quantize:{v['name']}") for v in results["variants"]},
+            "run_wall_s": wall_s,
+        }
+        write_json(r.dir / "manifest.json", manifest)
+    except OSError as e:
+        raise explain_os_error(e, f"writing the results into {r.dir}") from None

@@ -1,0 +1,251 @@
+"""The recipe schema (the single source of truth for a run) and its loader with field-naming errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from quantpipe.errors import QuantpipeError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(Strict):
+    """Where the base model comes from: exactly one of `id`, `path`, `package`."""
+
+    id: str | None = Field(None, description="Hugging Face hub id (needs network access or a warm HF cache)")
+    path: str | None = Field(None, description="local HF model directory, or a .gguf file")
+    package: str | None = Field(None, description="installed Python package that ships a .gguf file")
+    gguf_file: str | None = Field(None, description="GGUF file name inside `path` (a directory) or `package`")
+    revision: str | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        given = [k for k in ("id", "path", "package") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of model.id (hub id), model.path (local dir or .gguf) or "
+                f"model.package (package shipping a .gguf); got {given or 'none'}"
+            )
+        if self.package and not self.gguf_file:
+            raise ValueError("model.package needs model.gguf_file: the .gguf file name inside the package")
+        return self
+
+
+class CalibrationSpec(Strict):
+    """Text every calibrated method sees, identical across methods of a run."""
+
+    source: Literal["bundled", "files", "hf_dataset", "generated"] = "bundled"
+    files: list[str] = Field(default_factory=list, description="local .txt or .jsonl files (source: files)")
+    text_field: str = Field("text", description="field holding the text in .jsonl rows and HF datasets")
+    dataset: str | None = Field(None, description="HF dataset id (source: hf_dataset)")
+    dataset_config: str | None = None
+    split: str = "train"
+    n_samples: int = Field(8, ge=1, le=4096)
+    seq_len: int = Field(256, ge=16, le=32768)
+    seed: int = 0
+    chat_template: bool = Field(False, description="wrap each text as a chat turn with the tokenizer's template")
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> CalibrationSpec:
+        if self.source == "files" and not self.files:
+            raise ValueError("calibration.source 'files' needs calibration.files: a list of .txt/.jsonl paths")
+        if self.source == "hf_dataset" and not self.dataset:
+            raise ValueError("calibration.source 'hf_dataset' needs calibration.dataset (e.g. 'wikitext')")
+        for f in self.files:
+            if not f.endswith((".txt", ".jsonl")):
+                raise ValueError(f"calibration.files: '{f}' must end in .txt or .jsonl")
+        return self
+
+
+class VariantSpec(BaseModel):
+    """One output of the run: a name, a registered method, and that method's parameters (flat keys)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    method: str
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(
+                f"'{v}' is not a valid variant name: use letters, digits, '.', '_' or '-' "
+                "(at most 64, starting with a letter or digit); it becomes a directory name"
+            )
+        return v
+
+    @property
+    def raw_params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class EvalSpec(Strict):
+    """Quality evaluation: the same token windows for every runtime."""
+
+    text: str = Field("bundled", description="'bundled' (evals/eval-text.txt) or a path to a .txt file")
+    window: int = Field(512, ge=16, le=32768, description="tokens per window; windows do not overlap")
+    max_tokens: int = Field(1024, ge=32, description="tokens of the text scored (whole windows only)")
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> EvalSpec:
+        if self.max_tokens < self.window:
+            raise ValueError(f"eval.max_tokens ({self.max_tokens}) must be at least eval.window ({self.window})")
+        return self
+
+
+class BenchSpec(Strict):
+    """Speed and memory benchmark; each variant runs in its own process so its peak memory is its own."""
+
+    enabled: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    prompt_len: int = Field(128, ge=1)
+    gen_len: int = Field(32, ge=2, description="new tokens per timed generation (at least 2)")
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 4], min_length=1)
+    warmup: int = Field(1, ge=0)
+    repeats: int = Field(3, ge=1)
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(b < 1 for b in v):
+            raise ValueError("every bench.batch_sizes entry must be >= 1")
+        return sorted(set(v))
+
+
+class OutputSpec(Strict):
+    dir: str | None = Field(None, description="run directory; default runs/<recipe name>")
+
+
+class Recipe(Strict):
+    name: str
+    model: ModelSpec
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    variants: list[VariantSpec] = Field(min_length=1)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    bench: BenchSpec = Field(default_factory=BenchSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"'{v}' is not a valid recipe name: letters, digits, '.', '_' or '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _variants(self) -> Recipe:
+        seen: set[str] = set()
+        for v in self.variants:
+            if v.name in seen:
+                raise ValueError(f"variants: the name '{v.name}' is used twice; variant names must be unique")
+            seen.add(v.name)
+        baselines = [v.name for v in self.variants if v.method == "baseline"]
+        if len(baselines) != 1:
+            raise ValueError(
+                "variants: exactly one variant must use `method: baseline` (the reference that KL divergence "
+                f"and speed-ups are measured against); found {len(baselines)}"
+            )
+        return self
+
+    @property
+    def reference(self) -> VariantSpec:
+        return next(v for v in self.variants if v.method == "baseline")
+
+    def run_dir(self, override: str | None = None) -> Path:
+        return Path(override or self.output.dir or f"runs/{self.name}")
+
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def _loc(loc: tuple[Any, ...], data: Any) -> str:
+    """Turn a pydantic error location into `variants[1].bits`, naming the variant where possible."""
+    out = ""
+    node = data
+    for part in loc:
+        if isinstance(part, int):
+            name = node[part].get("name") if isinstance(node, list) and part < len(node) and isinstance(
+                node[part], dict) else None
+            out += f"[{part}]" + (f"({name})" if name else "")
+        else:
+            out += ("." if out else "") + str(part)
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return out or "recipe"
+
+
+def _format(err: ValidationError, data: Any, prefix: str = "") -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = [p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        elif e["type"] == "literal_error":
+            msg = msg.replace("Input should be", "must be")
+        where = _loc(tuple(loc), data)
+        lines.append(f"{prefix}{where}: {msg}")
+    return lines
+
+
+def parse_recipe(data: Any, origin: str = "recipe") -> Recipe:
+    """Validate a recipe mapping, including every variant's method parameters; raise QuantpipeError."""
+    from quantpipe.methods import check_variant
+
+    if not isinstance(data, dict):
+        raise QuantpipeError(f"{origin}: the recipe must be a YAML mapping with keys name, model, variants, ...")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise QuantpipeError(f"{origin} is invalid:\n  " + "\n  ".join(_format(e, data))) from None
+    problems: list[str] = []
+    for i, v in enumerate(recipe.variants):
+        problems += [f"variants[{i}]({v.name}).{p}" for p in check_variant(v)]
+    if recipe.calibration.source == "files" or recipe.eval.text != "bundled":
+        paths = list(recipe.calibration.files if recipe.calibration.source == "files" else [])
+        paths += [recipe.eval.text] if recipe.eval.text != "bundled" else []
+        for p in paths:
+            if not Path(p).is_file():
+                field = "eval.text" if p == recipe.eval.text else "calibration.files"
+                problems.append(f"{field}: file '{p}' does not exist")
+    if recipe.model.path and not Path(recipe.model.path).exists():
+        problems.append(f"model.path: '{recipe.model.path}' does not exist")
+    if problems:
+        raise QuantpipeError(f"{origin} is invalid:\n  " + "\n  ".join(problems))
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file; every failure is a QuantpipeError naming the field."""
+    p = Path(path)
+    if not p.is_file():
+        raise QuantpipeError(f"recipe file '{p}' does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise QuantpipeError(f"{p}: YAML syntax error{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise QuantpipeError(f"{p}: not a UTF-8 text file") from None
+    return parse_recipe(data, origin=str(p))

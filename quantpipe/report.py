@@ -1,0 +1,120 @@
+"""The run's outputs for people: the comparison matrix as Markdown and HTML, and the quality-vs-memory plot.
+
+Everything here is rendered from results.json alone, so `quantpipe report RUN_DIR` can redo it at any time.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+RESULTS_SCHEMA_VERSION = 1
+
+
+def _f(x: Any, fmt: str) -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the matrix, one row per variant, reference first."""
+    batches = [str(b) for b in results.get("bench", {}).get("batch_sizes", [])]
+    head = ["variant", "method", "size MiB", "size ×", "PPL", "ΔPPL %", "KLD", "top-1 %", "prefill tok/s",
+            *[f"decode tok/s b{b}" for b in batches], "TTFT ms", "peak RSS MiB", "quantize s"]
+    ref = next(v for v in results["variants"] if v["name"] == results["reference"])
+    ref_size = ref["artifact"]["size_bytes"]
+    ref_ppl = ref["quality"].get("perplexity") if ref.get("quality") else None
+    body = []
+    for v in results["variants"]:
+        q, s = v.get("quality") or {}, v.get("speed") or {}
+        pb = s.get("per_batch", {})
+        first = pb.get(batches[0], {}) if batches else {}
+        ppl = q.get("perplexity")
+        dppl = None if ppl is None or not ref_ppl else 100 * (ppl / ref_ppl - 1)
+        body.append([
+            v["name"], v["method"],
+            _f(v["artifact"]["size_bytes"] / 2**20, ".1f"),
+            _f(v["artifact"]["size_bytes"] / ref_size, ".2f"),
+            _f(ppl, ".3f"), _f(dppl, "+.2f"),
+            _f(q.get("kld_mean"), ".5f"),
+            _f(None if q.get("top1_agreement") is None else 100 * q["top1_agreement"], ".1f"),
+            _f(first.get("prefill_tok_s"), ".1f"),
+            *[_f(pb.get(b, {}).get("decode_tok_s"), ".1f") for b in batches],
+            _f(None if first.get("ttft_s") is None else 1000 * first["ttft_s"], ".1f"),
+            _f((v.get("memory") or {}).get("peak_rss_mib"), ".0f"),
+            _f((v.get("timings") or {}).get("quantize_s"), ".1f"),
+        ])
+    return head, body
+
+
+def _context(results: dict[str, Any]) -> str:
+    ev, hw, b = results["eval"], results["hardware"], results.get("bench", {})
+    where = hw.get("gpu") or f"{hw['cpu']} ({hw['cpu_count']} cores)"
+    bench = (f"bench: {b['device']} prompt {b['prompt_len']} + {b['gen_len']} new tokens, median of "
+             f"{b['repeats']}" if b.get("enabled") else "bench: off")
+    return (f"{results['recipe']['name']} — eval: {ev['n_windows']} windows × {ev['window']} tokens, KLD vs "
+            f"'{results['reference']}'; {bench}; {where}")
+
+
+def markdown(results: dict[str, Any]) -> str:
+    head, body = rows(results)
+    lines = [f"# quantpipe matrix: {results['recipe']['name']}", "", _context(results), "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines) + "\n"
+
+
+def plot_png(results: dict[str, Any]) -> bytes:
+    """Quality (perplexity) against memory (peak RSS if benchmarked, else artifact size), one point per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    use_rss = all((v.get("memory") or {}).get("peak_rss_mib") for v in results["variants"])
+    for v in results["variants"]:
+        x = v["memory"]["peak_rss_mib"] if use_rss else v["artifact"]["size_bytes"] / 2**20
+        y = (v.get("quality") or {}).get("perplexity")
+        if y is None:
+            continue
+        ax.scatter([x], [y], s=40)
+        ax.annotate(v["name"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=9)
+    ax.set_xlabel("peak resident memory while benchmarking (MiB)" if use_rss else "artifact size (MiB)")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title(f"{results['recipe']['name']}: quality vs memory")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def html_page(results: dict[str, Any], png: bytes) -> str:
+    head, body = rows(results)
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    trs = "\n".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+    img = base64.b64encode(png).decode()
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>quantpipe: {html.escape(results['recipe']['name'])}</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child,th:first-child{{text-align:left}}</style>
+</head><body>
+<h1>quantpipe matrix: {html.escape(results['recipe']['name'])}</h1>
+<p>{html.escape(_context(results))}</p>
+<table><thead><tr>{th}</tr></thead><tbody>
+{trs}
+</tbody></table>
+<p><img alt="quality vs memory" src="data:image/png;base64,{img}"></p>
+</body></html>
+"""
+
+
+def write(run_dir: Path, results: dict[str, Any]) -> None:
+    png = plot_png(results)
+    (run_dir / "matrix.png").write_bytes(png)
+    (run_dir / "matrix.md").write_text(markdown(results))
+    (run_dir / "matrix.html").write_text(html_page(results, png))

