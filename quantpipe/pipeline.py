@@ -149,7 +149,7 @@ class Run:
             return {"shape": list(ids.shape), "sha256": file_sha256(store / "ids.safetensors")}
 
         self.stage("calibration", payload, compute, artifact=store)
-        return load_file(str(store / "ids.safetensors"))["input_ids"]
+        return load_file(str(store / "ids.safetensors"))["input_ids"].clone()  # detach from the mmap
 
     def evaluate(self, variant: VariantSpec, windows: list[list[int]]) -> dict[str, Any]:
         ref = self.recipe.reference

@@ -1,0 +1,64 @@
+"""Shared fixtures: a tiny random Llama with a byte-level BPE tokenizer trained here, and recipe helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_tiny_model(out: Path, vocab_size: int = 512, seed: int = 0) -> Path:
+    """A 2-layer Llama (hidden 128, GQA 4/2 heads) with random weights; sizes are multiples of 128."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    text = (ROOT / "calibration" / "default.txt").read_text() + (ROOT / "evals" / "eval-text.txt").read_text()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def tiny_recipe(model_dir: Path, run_dir: Path, **overrides: object) -> dict:
+    recipe = {
+        "name": "tiny",
+        "model": {"path": str(model_dir), "dtype": "float32"},
+        "calibration": {"source": "bundled", "n_samples": 4, "seq_len": 64},
+        "variants": [
+            {"name": "baseline", "method": "baseline"},
+            {"name": "int8", "method": "int8"},
+        ],
+        "eval": {"window": 128, "max_tokens": 512},
+        "bench": {"prompt_len": 16, "gen_len": 4, "batch_sizes": [1, 2], "warmup": 0, "repeats": 1},
+        "output": {"dir": str(run_dir)},
+    }
+    recipe.update(overrides)
+    return recipe
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path

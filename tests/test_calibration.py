@@ -1,0 +1,44 @@
+"""Calibration ids: shape, determinism by seed, sources, and the too-short error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from quantpipe import calibration
+from quantpipe.errors import QuantpipeError
+from quantpipe.recipe import CalibrationSpec
+
+
+def test_bundled_build_is_deterministic(tiny_model: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    spec = CalibrationSpec(n_samples=4, seq_len=64, seed=1)
+    docs = calibration.documents(spec)
+    assert len(docs) > 10
+    a, b = calibration.build(spec, tok, docs), calibration.build(spec, tok, docs)
+    assert a.shape == (4, 64) and a.equal(b)
+    c = calibration.build(CalibrationSpec(n_samples=4, seq_len=64, seed=2), tok, docs)
+    assert not a.equal(c)  # another seed, another document order
+
+
+def test_files_source_txt_and_jsonl(tiny_model: Path, tmp_path: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    (tmp_path / "a.txt").write_text("first paragraph here.\n\nsecond paragraph there.")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"body": "a row of text " * 20}) + "\n")
+    spec = CalibrationSpec(source="files", files=[str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")],
+                           text_field="body", n_samples=1, seq_len=16)
+    docs = calibration.documents(spec)
+    assert docs[:2] == ["first paragraph here.", "second paragraph there."] and len(docs) == 3
+    assert calibration.build(spec, tok, docs).shape == (1, 16)
+
+
+def test_bad_jsonl_and_short_source(tiny_model: Path, tmp_path: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    (tmp_path / "b.jsonl").write_text('{"text": 1}\n')
+    with pytest.raises(QuantpipeError, match="line 1 has no string field 'text'"):
+        calibration.documents(CalibrationSpec(source="files", files=[str(tmp_path / "b.jsonl")]))
+    with pytest.raises(QuantpipeError, match="lower calibration.n_samples or calibration.seq_len"):
+        calibration.build(CalibrationSpec(n_samples=1000, seq_len=4096), tok, ["only a little text"])

