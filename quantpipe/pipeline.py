@@ -44,7 +44,7 @@ class Run:
         self.state = run_dir / ".quantpipe"
         self.keys: dict[str, str] = {}
         self.results: dict[str, dict[str, Any]] = {}
-        self.n_stages = 2 + 3 * len(recipe.variants)
+        self.n_stages = 1 + 3 * len(recipe.variants)  # quantize, eval, bench each + eval-tokens
         self.step = 0
 
     def stage(self, name: str, payload: dict[str, Any], compute: Any, artifact: Path | None = None) -> dict:

@@ -176,3 +176,27 @@ def test_unwritable_output_dir(tiny_model: Path, tmp_path: Path, capsys) -> None
     assert main(["run", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("quantpipe: error: ") and "Traceback" not in err
+
+
+def test_disk_full_during_a_stage_keeps_finished_stages(tiny_model: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    import dataclasses
+    import errno
+
+    from quantpipe import methods
+
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_model, run_dir))
+    methods.all_methods()
+
+    def full(job):
+        raise OSError(errno.ENOSPC, "No space left on device", str(job.out_dir / "model.safetensors"))
+
+    monkeypatch.setitem(methods._REGISTRY, "int8", dataclasses.replace(methods._REGISTRY["int8"], quantize=full))
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "no space left on the device while running stage quantize:int8" in err and "Traceback" not in err
+    assert not (run_dir / "artifacts" / "int8").exists() and not list((run_dir / "artifacts").glob(".tmp-*"))
+    monkeypatch.undo()
+    assert main(["run", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "quantize:baseline: cached" in out and "quantize:int8: done" in out

@@ -29,7 +29,7 @@ def quantize(job: QuantizeJob) -> dict[str, Any]:
     copy_tokenizer(job.base_dir, job.out_dir)
     n_q = sum(1 for m in model.modules() if type(getattr(m, "weight", None)).__module__.startswith("torchao"))
     return {"format": "torchao-int8", "scheme": job.params.scheme, "bits": 8, "quantized_linears": n_q,
-            "library": f"torchao {torchao.__version__}"}
+            "library": f"torchao {torchao.__version__}", "needs": f"pip install torchao=={torchao.__version__}"}
 
 
 register(Method(
