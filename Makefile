@@ -29,7 +29,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/quantpipe run recipes/smollm2-demo.yaml --out runs/bench
-	cp runs/bench/results.json docs/bench-smollm2-demo-cpu.json
+	cp runs/bench/results.json docs/bench-smollm2-demo-cpu.json  # then update docs/benchmarks.md
 
 clean:
 	rm -rf runs .pytest_cache

@@ -52,7 +52,9 @@ def rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def _context(results: dict[str, Any]) -> str:
     ev, hw, b = results["eval"], results["hardware"], results.get("bench", {})
     where = hw.get("gpu") or f"{hw['cpu']} ({hw['cpu_count']} cores)"
-    bench = (f"bench: {b['device']} prompt {b['prompt_len']} + {b['gen_len']} new tokens, median of "
+    used = {(v.get("speed") or {}).get("device") for v in results["variants"]} - {None}
+    device = ", ".join(sorted(used)) or b.get("device")
+    bench = (f"bench: {device} prompt {b['prompt_len']} + {b['gen_len']} new tokens, median of "
              f"{b['repeats']}" if b.get("enabled") else "bench: off")
     return (f"{results['recipe']['name']} — eval: {ev['n_windows']} windows × {ev['window']} tokens, KLD vs "
             f"'{results['reference']}'; {bench}; {where}")
