@@ -35,7 +35,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from quantpipe.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
-    missing = [(v.name, get_method(v.method)) for v in recipe.variants if get_method(v.method).missing()]
+    methods = [(v.name, get_method(v.method)) for v in recipe.variants]
+    missing = [(name, m) for name, m in methods if m.missing()]
     print(f"{args.recipe}: valid ({len(recipe.variants)} variants: {', '.join(v.name for v in recipe.variants)}; "
           f"run dir {recipe.run_dir()})")
     for name, m in missing:

@@ -30,7 +30,6 @@ from quantpipe.cache import (
     run_lock,
     write_json,
 )
-from quantpipe.errors import QuantpipeError
 from quantpipe.methods import QuantizeJob, get_method, parse_params
 from quantpipe.recipe import Recipe, VariantSpec
 
@@ -76,9 +75,7 @@ class Run:
 
     def quantize(self, variant: VariantSpec, calib: torch.Tensor | None) -> dict[str, Any]:
         method = get_method(variant.method)
-        if method.missing():
-            raise QuantpipeError(f"variants({variant.name}): method '{method.name}' needs "
-                                 f"{', '.join(method.missing())}: {method.install_hint()}")
+        method.require(variant.name)
         params = parse_params(variant)
         ref = self.recipe.reference
         is_ref = variant.name == ref.name
@@ -217,10 +214,7 @@ def _run(r: Run, recipe_path: str) -> dict[str, Any]:
     recipe = r.recipe
     started = time.perf_counter()
     for v in recipe.variants:  # fail on a missing extra before any work
-        m = get_method(v.method)
-        if m.missing():
-            raise QuantpipeError(f"variants({v.name}): method '{m.name}' needs {', '.join(m.missing())}: "
-                                 f"{m.install_hint()}")
+        get_method(v.method).require(v.name)
     ref = recipe.reference
     r.quantize(ref, None)
     windows = r.eval_tokens()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +81,3 @@ def load_base(spec: Any, device: str = "cpu") -> tuple[Any, Any]:
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
     return model.to(device), tok
-
-
-def offline_env() -> None:
-    """Never reach for the hub when the model is local: an offline machine then fails fast and clearly."""
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

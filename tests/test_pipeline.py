@@ -167,6 +167,8 @@ def test_missing_library_names_the_install(monkeypatch) -> None:
                requires=("surely_not_installed_pkg",), extra="gptq")
     assert m.missing() == ["surely_not_installed_pkg"]
     assert m.install_hint() == "pip install 'quantpipe[gptq]'"
+    with pytest.raises(QuantpipeError, match=r"variants\(q\): method 'fake' needs surely_not_installed_pkg: pip inst"):
+        m.require("q")
 
 
 def test_unwritable_output_dir(tiny_model: Path, tmp_path: Path, capsys) -> None:

@@ -59,6 +59,12 @@ class Method:
     def install_hint(self) -> str:
         return f"pip install 'quantpipe[{self.extra}]'" if self.extra else "pip install " + " ".join(self.missing())
 
+    def require(self, variant: str) -> None:
+        """Stop before any work when the method's libraries are missing, naming the install command."""
+        if self.missing():
+            raise QuantpipeError(f"variants({variant}): method '{self.name}' needs {', '.join(self.missing())}: "
+                                 f"{self.install_hint()}")
+
     def versions(self) -> dict[str, str]:
         out = {}
         for dist in self.libraries:
