@@ -152,7 +152,7 @@ class Run:
         ref = self.recipe.reference
         is_ref = variant.name == ref.name
         payload = {"windows": self.keys["eval-tokens"], "artifact": self.keys[f"quantize:{variant.name}"],
-                   "device": self.recipe.bench.device}
+                   "device": runtimes.pick_device(self.recipe.bench.device)}  # the device used, not the word
         if not is_ref:
             payload["reference"] = self.keys[f"eval:{ref.name}"]
         ref_dir = self.state / "reference"
