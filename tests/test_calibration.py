@@ -42,3 +42,16 @@ def test_bad_jsonl_and_short_source(tiny_model: Path, tmp_path: Path) -> None:
         calibration.documents(CalibrationSpec(source="files", files=[str(tmp_path / "b.jsonl")]))
     with pytest.raises(QuantpipeError, match="lower calibration.n_samples or calibration.seq_len"):
         calibration.build(CalibrationSpec(n_samples=1000, seq_len=4096), tok, ["only a little text"])
+
+
+def test_generated_source_samples_from_the_model(tiny_model: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    spec = CalibrationSpec(source="generated", n_samples=2, seq_len=64, seed=3)
+    docs = calibration.documents(spec, model, tok)
+    assert len(docs) == 1 and docs[0].startswith(calibration.GENERATION_PROMPTS[0])
+    assert len(tok(docs[0]).input_ids) > 128  # the prompt plus up to 256 sampled tokens
+    assert docs == calibration.documents(spec, model, tok)  # seeded
+    assert calibration.build(spec, tok, docs).shape == (2, 64)
