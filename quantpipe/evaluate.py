@@ -57,8 +57,9 @@ def score(runtime: Any, windows: list[list[int]], ref_dir: Path, write_reference
         logits = runtime.logits(ids)
         if logits.shape[0] != len(ids):
             raise QuantpipeError(f"runtime '{runtime.name}' returned {logits.shape[0]} positions for {len(ids)} ids")
-        if max(ids) >= logits.shape[1]:
-            raise QuantpipeError(f"token id {max(ids)} is outside runtime '{runtime.name}''s vocabulary "
+        top_id = max(ids)
+        if top_id >= logits.shape[1]:
+            raise QuantpipeError(f"token id {top_id} is outside runtime '{runtime.name}''s vocabulary "
                                  f"({logits.shape[1]}); the artifact's tokenizer does not match the baseline's")
         lp = torch.log_softmax(logits.float(), dim=-1)
         if not torch.isfinite(lp).all():

@@ -38,7 +38,6 @@ class QuantizeJob:
     base_dir: Path | None  # HF dir of the baseline artifact (None for the baseline method itself)
     model: Any  # recipe ModelSpec
     calibration: torch.Tensor | None  # [n_samples, seq_len] token ids, identical for every method of a run
-    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -61,8 +60,9 @@ class Method:
 
     def require(self, variant: str) -> None:
         """Stop before any work when the method's libraries are missing, naming the install command."""
-        if self.missing():
-            raise QuantpipeError(f"variants({variant}): method '{self.name}' needs {', '.join(self.missing())}: "
+        missing = self.missing()
+        if missing:
+            raise QuantpipeError(f"variants({variant}): method '{self.name}' needs {', '.join(missing)}: "
                                  f"{self.install_hint()}")
 
     def versions(self) -> dict[str, str]:
