@@ -78,9 +78,11 @@ def run_bench(artifact_dir: Path, cfg: dict[str, Any], prompt_ids: list[int]) ->
         out["per_batch"][str(b)] = {
             "ttft_s": t1,
             "prefill_tok_s": b * x.shape[1] / t1,
-            "decode_tok_s": b * (gen_len - 1) / max(tn - t1, 1e-9),
+            # None when the decode steps took no measurable time beyond the first token (noise)
+            "decode_tok_s": b * (gen_len - 1) / (tn - t1) if tn > t1 and gen_len > 1 else None,
             "e2e_s": tn,
         }
+    out["kernel"] = rt.kernel() if hasattr(rt, "kernel") else "unknown"
     out["peak_rss_mib"] = peak_rss_mib()
     out["load_rss_mib"] = load_rss / 2**20
     if rt.device == "cuda":

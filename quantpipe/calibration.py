@@ -57,7 +57,7 @@ def read_documents(path: Path, text_field: str = "text") -> list[str]:
     return docs
 
 
-def _hf_dataset(spec: Any) -> list[str]:
+def _hf_dataset(spec: Any) -> list[str | list[dict]]:
     try:
         import datasets
     except ImportError:
@@ -70,7 +70,27 @@ def _hf_dataset(spec: Any) -> list[str]:
         raise QuantpipeError(f"calibration.dataset: could not load '{spec.dataset}': {first}") from None
     if spec.text_field not in ds.column_names:
         raise QuantpipeError(f"calibration.text_field: '{spec.text_field}' not in columns {ds.column_names}")
-    return [t for t in ds[spec.text_field] if t and t.strip()]
+    docs = []
+    for t in ds[spec.text_field]:
+        if isinstance(t, str) and t.strip():
+            docs.append(t)
+        elif isinstance(t, list) and t and all(isinstance(m, dict) and "content" in m for m in t):
+            docs.append(t)  # a conversation, e.g. ultrachat's `messages`
+        elif t:
+            raise QuantpipeError(f"calibration.text_field: '{spec.text_field}' holds {type(t).__name__} values; "
+                                 "it must hold text or conversations (lists of {role, content})")
+    return docs
+
+
+def _render(doc: str | list[dict], tok: Any, chat: bool) -> str:
+    """A document as the text the model sees: with the chat template when asked (conversations keep their
+    turns), else plain text (a conversation's turns joined by blank lines)."""
+    if chat:
+        if not getattr(tok, "chat_template", None):
+            raise QuantpipeError("calibration.chat_template: the model's tokenizer has no chat template")
+        messages = doc if isinstance(doc, list) else [{"role": "user", "content": doc}]
+        return tok.apply_chat_template(messages, tokenize=False)
+    return doc if isinstance(doc, str) else "\n\n".join(str(m["content"]) for m in doc)
 
 
 def _generated(spec: Any, model: Any, tok: Any) -> list[str]:
@@ -87,7 +107,7 @@ def _generated(spec: Any, model: Any, tok: Any) -> list[str]:
     return docs
 
 
-def documents(spec: Any, model: Any = None, tok: Any = None) -> list[str]:
+def documents(spec: Any, model: Any = None, tok: Any = None) -> list[str | list[dict]]:
     if spec.source == "bundled":
         return read_documents(data_path("calibration", "default.txt"))
     if spec.source == "files":
@@ -103,21 +123,18 @@ def documents(spec: Any, model: Any = None, tok: Any = None) -> list[str]:
     return _generated(spec, model, tok)
 
 
-def build(spec: Any, tok: Any, docs: list[str]) -> torch.Tensor:
+def build(spec: Any, tok: Any, docs: list[str | list[dict]]) -> torch.Tensor:
     """Tokenize documents into a [n_samples, seq_len] LongTensor, deterministic for a given seed."""
     if not docs:
         raise QuantpipeError(f"calibration.source '{spec.source}' produced no text")
     order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(spec.seed)).tolist()
     sep = [tok.eos_token_id] if tok.eos_token_id is not None else []
     stream: list[int] = []
-    for i in order:
-        text = docs[i]
-        if spec.chat_template:
-            if not getattr(tok, "chat_template", None):
-                raise QuantpipeError("calibration.chat_template: the model's tokenizer has no chat template")
-            text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False)
-        stream += tok(text, add_special_tokens=False).input_ids + sep
     need = spec.n_samples * spec.seq_len
+    for i in order:
+        stream += tok(_render(docs[i], tok, spec.chat_template), add_special_tokens=False).input_ids + sep
+        if len(stream) >= need:  # a large dataset is only tokenized as far as needed
+            break
     if len(stream) < need:
         raise QuantpipeError(
             f"calibration: n_samples x seq_len = {spec.n_samples} x {spec.seq_len} = {need} tokens, but the "

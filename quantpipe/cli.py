@@ -13,7 +13,7 @@ from quantpipe import __version__
 from quantpipe.errors import QuantpipeError
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Keep the terminal for quantpipe's own progress: library chatter below ERROR is dropped."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import logging
@@ -31,16 +31,25 @@ def _quiet_libraries() -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from quantpipe.methods import get_method
+    from quantpipe import sources
+    from quantpipe.methods import check_against_model, get_method, parse_params
     from quantpipe.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
-    methods = [(v.name, get_method(v.method)) for v in recipe.variants]
-    missing = [(name, m) for name, m in methods if m.missing()]
+    quiet_libraries()
+    config = sources.load_config(recipe.model)  # shapes only; None where the config is not reachable offline
+    problems = check_against_model(recipe, config) if config is not None else []
+    if problems:
+        raise QuantpipeError(f"{args.recipe}: " + "; ".join(problems))
     print(f"{args.recipe}: valid ({len(recipe.variants)} variants: {', '.join(v.name for v in recipe.variants)}; "
           f"run dir {recipe.run_dir()})")
-    for name, m in missing:
-        print(f"note: variant '{name}' needs {', '.join(m.missing())} to run: {m.install_hint()}")
+    if config is None:
+        print(f"note: the config of '{sources.describe(recipe.model)}' is not available here, so params were not "
+              "checked against the model's shapes (the run checks them before any work)")
+    for v in recipe.variants:
+        m, params = get_method(v.method), parse_params(v)
+        if m.missing(params):
+            print(f"note: variant '{v.name}' needs {', '.join(m.missing(params))} to run: {m.install_hint(params)}")
     return 0
 
 
@@ -50,7 +59,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
     for m in all_methods().values():
         state = "ready" if not m.missing() else f"needs {', '.join(m.missing())} ({m.install_hint()})"
         params = ", ".join(m.params.model_fields) or "-"
-        print(f"{m.name:<10} {state:<10} runtime={m.runtime:<5} params: {params}\n{'':<10} {m.summary}")
+        print(f"{m.name:<11} {state:<10} runtime={m.runtime:<5} params: {params}\n{'':<10} {m.summary}")
     return 0
 
 
@@ -59,7 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from quantpipe.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
-    _quiet_libraries()
+    quiet_libraries()
     t = time.perf_counter()
     results = pipeline.run(recipe, args.recipe, out_dir=args.out, force=args.force)
     run_dir = recipe.run_dir(args.out)
@@ -73,7 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from quantpipe import bench
 
-    _quiet_libraries()
+    quiet_libraries()
     if args.request:
         req = json.loads(Path(args.request).read_text())
         cfg, prompt = req["cfg"], req["prompt_ids"]

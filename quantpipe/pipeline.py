@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from quantpipe import __version__, bench, calibration, evaluate, report, runtimes, sources, sysinfo
+from quantpipe import __version__, bench, calibration, evaluate, report, runtimes, sources, sysinfo, worker
 from quantpipe.cache import (
     StageCache,
     atomic_dir,
@@ -30,7 +30,8 @@ from quantpipe.cache import (
     run_lock,
     write_json,
 )
-from quantpipe.methods import QuantizeJob, get_method, parse_params
+from quantpipe.errors import QuantpipeError
+from quantpipe.methods import QuantizeJob, check_against_model, get_method, parse_params
 from quantpipe.recipe import Recipe, VariantSpec
 
 
@@ -43,7 +44,8 @@ class Run:
         self.state = run_dir / ".quantpipe"
         self.keys: dict[str, str] = {}
         self.results: dict[str, dict[str, Any]] = {}
-        self.n_stages = 1 + 3 * len(recipe.variants)  # quantize, eval, bench each + eval-tokens
+        calib = any(get_method(v.method).uses_calibration for v in recipe.variants)
+        self.n_stages = 1 + int(calib) + 3 * len(recipe.variants)  # eval-tokens, calibration, 3 per variant
         self.step = 0
 
     def stage(self, name: str, payload: dict[str, Any], compute: Any, artifact: Path | None = None) -> dict:
@@ -75,12 +77,12 @@ class Run:
 
     def quantize(self, variant: VariantSpec, calib: torch.Tensor | None) -> dict[str, Any]:
         method = get_method(variant.method)
-        method.require(variant.name)
         params = parse_params(variant)
+        method.require(variant.name, params)
         ref = self.recipe.reference
         is_ref = variant.name == ref.name
         payload = {"variant": variant.model_dump(mode="json"), "versions": sysinfo.versions(),
-                   "method_versions": method.versions()}
+                   "method_versions": method.versions(params)}
         if is_ref:
             payload["model"] = self.recipe.model.model_dump(mode="json")
         else:
@@ -90,18 +92,19 @@ class Run:
         out = self.artifact_dir(variant)
 
         def compute() -> dict[str, Any]:
-            with atomic_dir(out) as tmp, sysinfo.PeakRSS() as peak:
-                t = time.perf_counter()
+            with atomic_dir(out) as tmp:
                 job = QuantizeJob(variant=variant.name, params=params, out_dir=tmp,
                                   base_dir=None if is_ref else self.artifact_dir(ref), model=self.recipe.model,
                                   calibration=calib if method.uses_calibration else None)
-                meta = method.quantize(job)
-                quantize_s = time.perf_counter() - t
+                done = worker.quantize_in_subprocess(method, job, self.state / "logs")
                 meta = {"quantpipe_version": __version__, "variant": variant.name, "method": method.name,
-                        "params": params.model_dump(mode="json"), "runtime": method.runtime, **meta}
+                        "params": params.model_dump(mode="json"), "runtime": method.runtime,
+                        "library_versions": method.versions(params), **done["meta"]}
+                if method.uses_calibration:
+                    meta["calibration_sha256"] = self.results["calibration"]["sha256"]
                 (tmp / runtimes.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
                 (tmp / "README.md").write_text(artifact_readme(meta))
-            return {"meta": meta, "quantize_s": quantize_s, "quantize_peak_rss_mib": peak.peak_mib,
+            return {"meta": meta, "quantize_s": done["quantize_s"], "quantize_peak_rss_mib": done["peak_rss_mib"],
                     "size_bytes": dir_size(out)}
 
         return self.stage(f"quantize:{variant.name}", payload, compute, artifact=out)
@@ -162,8 +165,9 @@ class Run:
                 shutil.rmtree(ref_dir)  # stale windows of an older eval definition must not linger
             rt = runtimes.load(self.artifact_dir(variant), self.recipe.bench.device)
             try:
-                return {"quality": evaluate.score(rt, windows, ref_dir, write_reference=is_ref),
-                        "runtime": rt.name, "device": rt.device}
+                quality = evaluate.score(rt, windows, ref_dir, write_reference=is_ref)
+                kernel = rt.kernel() if hasattr(rt, "kernel") else "unknown"
+                return {"quality": quality, "runtime": rt.name, "device": rt.device, "kernel": kernel}
             finally:
                 rt.close()
 
@@ -191,11 +195,14 @@ def artifact_readme(meta: dict[str, Any]) -> str:
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
         "model = AutoModelForCausalLM.from_pretrained(\"PATH\")\n"
         "tokenizer = AutoTokenizer.from_pretrained(\"PATH\")")
-    needs = meta.get("needs")
+    needs, serve = meta.get("needs"), meta.get("serve")
     return (f"# {meta['variant']}\n\nMade by quantpipe {meta['quantpipe_version']} with method `{meta['method']}` "
-            f"({meta.get('format', '')}), params `{json.dumps(meta['params'])}`.\n\n"
+            f"({meta.get('format', '')}), params `{json.dumps(meta['params'])}`"
+            + (f", library {meta['library']}" if meta.get("library") else "") + ".\n\n"
             + (f"Loading needs: `{needs}`.\n\n" if needs else "")
-            + f"```python\n{usage}\n```\n\n`quantpipe.json` holds the full metadata.\n")
+            + f"```python\n{usage}\n```\n\n"
+            + (f"Serving (PATH is this directory):\n\n```sh\n{serve}\n```\n\n" if serve else "")
+            + "`quantpipe.json` holds the full metadata.\n")
 
 
 def run(recipe: Recipe, recipe_path: str, out_dir: str | None = None, force: bool = False) -> dict[str, Any]:
@@ -213,15 +220,18 @@ def run(recipe: Recipe, recipe_path: str, out_dir: str | None = None, force: boo
 def _run(r: Run, recipe_path: str) -> dict[str, Any]:
     recipe = r.recipe
     started = time.perf_counter()
-    for v in recipe.variants:  # fail on a missing extra before any work
-        get_method(v.method).require(v.name)
+    config = preflight(recipe)
     ref = recipe.reference
     r.quantize(ref, None)
+    if config is None:  # the source's config was not reachable before; the baseline artifact has it
+        from transformers import AutoConfig
+
+        problems = check_against_model(recipe, AutoConfig.from_pretrained(r.artifact_dir(ref)))
+        if problems:
+            raise QuantpipeError("; ".join(problems))
     windows = r.eval_tokens()
     needs_calib = any(get_method(v.method).uses_calibration for v in recipe.variants)
     calib = r.calibration_ids() if needs_calib else None
-    if needs_calib:
-        r.n_stages += 1
     for v in recipe.variants:
         if v.name != ref.name:
             r.quantize(v, calib)
@@ -233,6 +243,18 @@ def _run(r: Run, recipe_path: str) -> dict[str, Any]:
     results = collect(r, recipe_path)
     write_outputs(r, results, time.perf_counter() - started)
     return results
+
+
+def preflight(recipe: Recipe) -> Any:
+    """Checks that need no work: every method's libraries are installed and its params fit the model's shapes
+    (read from the config alone). Returns the config, or None where it cannot be had offline."""
+    for v in recipe.variants:
+        get_method(v.method).require(v.name, parse_params(v))
+    config = sources.load_config(recipe.model)
+    problems = check_against_model(recipe, config) if config is not None else []
+    if problems:
+        raise QuantpipeError("; ".join(problems))
+    return config
 
 
 def collect(r: Run, recipe_path: str) -> dict[str, Any]:
@@ -251,7 +273,9 @@ def collect(r: Run, recipe_path: str) -> dict[str, Any]:
             "artifact": {"path": f"artifacts/{v.name}", "size_bytes": q["size_bytes"],
                          "n_files": len(r.cache.files(f"quantize:{v.name}"))},
             "quality": e["quality"],
-            "speed": None if b is None else {k: b[k] for k in ("runtime", "device", "threads", "per_batch")},
+            "speed": None if b is None else {k: b.get(k) for k in ("runtime", "device", "threads", "kernel",
+                                                                   "per_batch")},
+            "eval_kernel": e.get("kernel"),
             "memory": {"peak_rss_mib": None if b is None else b["peak_rss_mib"],
                        "load_rss_mib": None if b is None else b["load_rss_mib"],
                        "quantize_peak_rss_mib": q["quantize_peak_rss_mib"]},
@@ -286,7 +310,7 @@ def write_outputs(r: Run, results: dict[str, Any], wall_s: float) -> None:
             "recipe_content": r.recipe.model_dump(mode="json"),
             "stage_keys": r.keys,
             "library_versions": sysinfo.versions(),
-            "method_versions": {v.name: get_method(v.method).versions() for v in r.recipe.variants},
+            "method_versions": {v.name: get_method(v.method).versions(parse_params(v)) for v in r.recipe.variants},
             "seeds": {"calibration": r.recipe.calibration.seed},
             "hardware": results["hardware"],
             "calibration": None if calib is None else {"shape": calib["shape"], "sha256": calib["sha256"]},

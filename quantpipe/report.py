@@ -65,6 +65,11 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [f"# quantpipe matrix: {results['recipe']['name']}", "", _context(results), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in body]
+    lines += ["", "Formats and the code that ran each variant's matmuls (eval / bench):", ""]
+    for v in results["variants"]:
+        kernels = {k for k in (v.get("eval_kernel"), (v.get("speed") or {}).get("kernel")) if k}
+        lines.append(f"- {v['name']}: {v.get('format') or '?'}; runtime {v.get('runtime')}; "
+                     + ("; ".join(sorted(kernels)) or "kernel not recorded"))
     return "\n".join(lines) + "\n"
 
 

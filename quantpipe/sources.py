@@ -51,6 +51,24 @@ def describe(spec: Any) -> str:
     return f"{where}/{gguf}" if gguf else where
 
 
+def load_config(spec: Any) -> Any | None:
+    """The model's transformers config (shapes only, no weights), or None where it cannot be had offline."""
+    from transformers import AutoConfig
+
+    where, gguf = resolve(spec)
+    kw: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
+    if gguf:
+        if importlib.util.find_spec("gguf") is None:
+            return None
+        kw["gguf_file"] = gguf
+    if spec.revision:
+        kw["revision"] = spec.revision
+    try:
+        return AutoConfig.from_pretrained(where, **kw)
+    except (OSError, ValueError):
+        return None
+
+
 def load_base(spec: Any, device: str = "cpu") -> tuple[Any, Any]:
     """Load (model, tokenizer) in the recipe dtype. A GGUF source is dequantized by transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -55,3 +55,30 @@ def test_generated_source_samples_from_the_model(tiny_model: Path) -> None:
     assert len(tok(docs[0]).input_ids) > 128  # the prompt plus up to 256 sampled tokens
     assert docs == calibration.documents(spec, model, tok)  # seeded
     assert calibration.build(spec, tok, docs).shape == (2, 64)
+
+
+def test_conversations_render_with_and_without_chat_template(tiny_model: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    conv = [{"role": "user", "content": "how do tides work?"}, {"role": "assistant", "content": "the moon pulls."}]
+    assert calibration._render(conv, tok, chat=False) == "how do tides work?\n\nthe moon pulls."
+    with pytest.raises(QuantpipeError, match="calibration.chat_template: the model's tokenizer has no chat"):
+        calibration._render(conv, tok, chat=True)
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    assert calibration._render(conv, tok, chat=True) == "<user>how do tides work?\n<assistant>the moon pulls.\n"
+    assert calibration._render("plain", tok, chat=True) == "<user>plain\n"
+
+
+def test_build_tokenizes_only_what_it_needs(tiny_model: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    seen: list[str] = []
+
+    class CountingTokenizer:
+        eos_token_id = tok.eos_token_id
+
+        def __call__(self, text: str, **kw: object):
+            seen.append(text)
+            return tok(text, **kw)
+
+    docs = [f"document number {i} has some words in it" for i in range(1000)]
+    ids = calibration.build(CalibrationSpec(n_samples=2, seq_len=16), CountingTokenizer(), docs)
+    assert ids.shape == (2, 16) and len(seen) < 50  # a large source is not tokenized in full

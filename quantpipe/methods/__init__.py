@@ -2,6 +2,7 @@
 
 Adding a method means adding one module in this package that calls `register(...)`; it is found on import.
 A method module must not import its heavy library at import time, so `quantpipe methods` works without it.
+Modules whose name starts with `_` are helpers shared by several methods (one per backend library).
 """
 
 from __future__ import annotations
@@ -51,23 +52,34 @@ class Method:
     extra: str | None = None  # pip extra that installs them
     uses_calibration: bool = False
     libraries: tuple[str, ...] = field(default=())  # distributions whose versions key the cache
+    # Per-params requirements, for methods whose backend depends on a param (e.g. the output format):
+    # params -> (import names, pip extra, distributions). None: `requires`/`extra`/`libraries` always apply.
+    backend: Callable[[Any], tuple[tuple[str, ...], str | None, tuple[str, ...]]] | None = None
+    # Checks of params against the model's config (shapes), before any work: (params, config) -> problems.
+    check_model: Callable[[Any, Any], list[str]] | None = None
 
-    def missing(self) -> list[str]:
-        return [r for r in self.requires if importlib.util.find_spec(r) is None]
+    def _deps(self, params: Any = None) -> tuple[tuple[str, ...], str | None, tuple[str, ...]]:
+        if self.backend is not None and params is not None:
+            return self.backend(params)
+        return self.requires, self.extra, self.libraries
 
-    def install_hint(self) -> str:
-        return f"pip install 'quantpipe[{self.extra}]'" if self.extra else "pip install " + " ".join(self.missing())
+    def missing(self, params: Any = None) -> list[str]:
+        return [r for r in self._deps(params)[0] if importlib.util.find_spec(r) is None]
 
-    def require(self, variant: str) -> None:
+    def install_hint(self, params: Any = None) -> str:
+        extra = self._deps(params)[1]
+        return f"pip install 'quantpipe[{extra}]'" if extra else "pip install " + " ".join(self.missing(params))
+
+    def require(self, variant: str, params: Any = None) -> None:
         """Stop before any work when the method's libraries are missing, naming the install command."""
-        missing = self.missing()
+        missing = self.missing(params)
         if missing:
             raise QuantpipeError(f"variants({variant}): method '{self.name}' needs {', '.join(missing)}: "
-                                 f"{self.install_hint()}")
+                                 f"{self.install_hint(params)}")
 
-    def versions(self) -> dict[str, str]:
+    def versions(self, params: Any = None) -> dict[str, str]:
         out = {}
-        for dist in self.libraries:
+        for dist in self._deps(params)[2]:
             try:
                 out[dist] = importlib.metadata.version(dist)
             except importlib.metadata.PackageNotFoundError:
@@ -90,6 +102,8 @@ def _load_all() -> None:
     global _LOADED
     if not _LOADED:
         for mod in pkgutil.iter_modules(__path__):
+            if mod.name.startswith("_"):
+                continue
             importlib.import_module(f"{__name__}.{mod.name}")
         _LOADED = True
 
@@ -116,8 +130,11 @@ def check_variant(variant: Any) -> list[str]:
     except ValidationError as e:
         out = []
         for err in e.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "params"
+            loc = ".".join(str(p) for p in err["loc"])
             msg = err["msg"].removeprefix("Value error, ")
+            if not loc:  # a check across params names its field as 'field: message'
+                head, sep, rest = msg.partition(": ")
+                loc, msg = (head, rest) if sep and head.isidentifier() else ("params", msg)
             if err["type"] == "extra_forbidden":
                 allowed = ", ".join(methods[variant.method].params.model_fields) or "none"
                 msg = f"unknown parameter for method '{variant.method}'; allowed: {allowed}"
@@ -128,6 +145,40 @@ def check_variant(variant: Any) -> list[str]:
 
 def parse_params(variant: Any) -> MethodParams:
     return get_method(variant.method).params.model_validate(variant.raw_params)
+
+
+def check_against_model(recipe: Any, config: Any) -> list[str]:
+    """Problems of each variant's params with the model's shapes (e.g. a group size that does not divide a
+    layer's input size), as 'variants[i](name).field: message'. `config` is a transformers config."""
+    problems = []
+    for i, v in enumerate(recipe.variants):
+        method = get_method(v.method)
+        if method.check_model is not None:
+            problems += [f"variants[{i}]({v.name}).{p}" for p in method.check_model(parse_params(v), config)]
+    return problems
+
+
+def linear_input_sizes(config: Any) -> dict[str, int]:
+    """Input sizes (the K of each matmul) of a decoder's Linear layers, from its config."""
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return {"hidden_size (q/k/v/gate/up inputs)": hidden, "num_heads*head_dim (o_proj input)": heads * head_dim,
+            "intermediate_size (down_proj input)": config.intermediate_size}
+
+
+def check_group_size(group_size: int, config: Any) -> list[str]:
+    """A group must tile every Linear input exactly (vLLM's kernels and the packers require it)."""
+    if group_size <= 0:
+        return []
+    bad = {k: v for k, v in linear_input_sizes(config).items() if v % group_size}
+    if not bad:
+        return []
+    sizes = linear_input_sizes(config).values()
+    fits = [g for g in (32, 64, 128, 256) if all(s % g == 0 for s in sizes)]
+    what = ", ".join(f"{k} = {v}" for k, v in bad.items())
+    fix = f"use group_size {' or '.join(map(str, fits))}" if fits else "use group_size -1 (per channel)"
+    return [f"group_size: {group_size} does not divide {what}; {fix}"]
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",

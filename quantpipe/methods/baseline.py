@@ -19,7 +19,8 @@ def quantize(job: QuantizeJob) -> dict[str, Any]:
     model, tok = load_base(job.model)
     model.save_pretrained(job.out_dir, safe_serialization=True)
     tok.save_pretrained(job.out_dir)
-    return {"format": "hf-safetensors", "dtype": job.model.dtype, "bits": 8 * model.dtype.itemsize}
+    return {"format": "hf-safetensors", "dtype": job.model.dtype, "bits": 8 * model.dtype.itemsize,
+            "serve": "vllm serve PATH"}
 
 
 register(Method(

@@ -39,8 +39,35 @@ class HFRuntime:
             torch.cuda.synchronize()
         return out[:, x.shape[1]:].cpu()
 
+    def kernel(self) -> str:
+        """What computes the quantized matmuls (call after a forward: some formats decompress on the first)."""
+        return describe_linear(self.model)
+
     def close(self) -> None:
         del self.model
+
+
+def describe_linear(model: torch.nn.Module) -> str:
+    """One line on how the first attention projection computes: module class, weight type, and for
+    compressed-tensors whether the weights stay packed and whether activations are quantized."""
+    for name, m in model.named_modules():
+        if not name.endswith(("q_proj", "qkv_proj", "query_key_value", "c_attn")):
+            continue
+        cls = type(m)
+        out = f"{cls.__module__.split('.')[0]}.{cls.__name__}"
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor):
+            kind = type(w).__name__
+            out += f" weight {w.dtype}".replace("torch.", "") + ("" if kind in ("Parameter", "Tensor") else f" {kind}")
+        scheme = getattr(m, "quantization_scheme", None)
+        if scheme is not None:
+            packed = isinstance(w, torch.Tensor) and not w.dtype.is_floating_point
+            out += " (compressed-tensors: " + ("weights packed" if packed else "weights decompressed to float")
+            if scheme.input_activations is not None:
+                out += f", activations fake-quantized to int{scheme.input_activations.num_bits}"
+            out += ")"
+        return out
+    return "unknown"
 
 
 register(RuntimeInfo(name="hf", load=HFRuntime, requires=("transformers",)))

@@ -1,0 +1,57 @@
+"""Shared by the methods that GPTQModel runs in the classic formats (`format: gptq` and `format: awq`): the
+checkpoints AutoGPTQ / AutoAWQ users, TGI and vLLM load (`quant_method: gptq` / `awq`). transformers reloads
+them with `gptqmodel` (and `optimum`) installed."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+from quantpipe.methods import QuantizeJob, copy_tokenizer
+from quantpipe.sources import DTYPE
+
+EXTRA = "gptqmodel"
+IMPORTS = ("gptqmodel", "optimum")
+DISTS = ("gptqmodel", "optimum", "transformers")
+
+
+def quantize(job: QuantizeJob, kind: str, **config: Any) -> dict[str, Any]:
+    """Quantize the base dir with GPTQModel (`kind` is 'gptq' or 'awq') on the job's calibration ids."""
+    os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")  # else it compiles a CPU packing extension (~6 min)
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
+    import gptqmodel
+    import torch
+    from gptqmodel import BACKEND, GPTQModel
+    from gptqmodel.quantization import AWQConfig, GPTQConfig
+
+    ids = job.calibration
+    assert ids is not None, "GPTQModel methods calibrate"
+    calib = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in ids]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # GPTQ keeps the recipe dtype (embeddings, norms, lm_head included); GPTQModel's AWQ kernels run in 16-bit
+    # only, and the classic AWQ GEMM layout stores float16 scales, so an AWQ-format checkpoint is float16.
+    dtype = DTYPE[job.model.dtype] if kind == "gptq" or job.model.dtype != "float32" else torch.float16
+    base, out, cwd = job.base_dir.resolve(), job.out_dir.resolve(), os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="quantpipe-gptqmodel-") as scratch:
+        os.chdir(scratch)  # GPTQModel writes logs/ into the working directory; keep them out of the user's
+        try:
+            cls = GPTQConfig if kind == "gptq" else AWQConfig
+            qcfg = cls(**config, offload_to_disk_path=os.path.join(scratch, "offload"))
+            model = GPTQModel.load(str(base), qcfg, device=device, dtype=dtype)
+            backend = {} if kind == "gptq" or device == "cuda" else {"backend": BACKEND.AWQ_TORCH}
+            # calibration_sort=None keeps the rows in the order every other method sees them
+            model.quantize(calib, batch_size=1, calibration_sort=None, **backend)
+            model.save(str(out))
+        finally:
+            os.chdir(cwd)
+    copy_tokenizer(base, out)
+    version = gptqmodel.__version__ if hasattr(gptqmodel, "__version__") else "?"
+    return {
+        "format": "gptq" if kind == "gptq" else "awq (gemm)",
+        "library": f"GPTQModel {version}",
+        "needs": f"pip install gptqmodel=={version} optimum",
+        "serve": "vllm serve PATH  # vLLM picks its Marlin kernel for this format on GPUs that have it",
+        "quantize_device": device,
+        "dtype": str(dtype).removeprefix("torch."),
+    }

@@ -1,0 +1,67 @@
+"""Shared by the methods that llm-compressor runs (gptq, awq, smoothquant): calibration dataset, the one-shot
+call, and the compressed-tensors checkpoint it writes (vLLM's native format; transformers reloads it with
+`compressed-tensors` installed)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from quantpipe.methods import QuantizeJob, copy_tokenizer
+from quantpipe.sources import DTYPE
+
+EXTRA = "llmcompressor"  # the pip extra that installs llm-compressor and compressed-tensors
+IMPORTS = ("llmcompressor", "compressed_tensors")
+DISTS = ("llmcompressor", "compressed-tensors", "transformers")
+
+
+def weight_args(bits: int, group_size: int, symmetric: bool) -> Any:
+    """compressed-tensors QuantizationArgs for integer weights, per group (group_size > 0) or per channel."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    grouped = group_size > 0
+    return QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
+                            strategy="group" if grouped else "channel", group_size=group_size if grouped else None)
+
+
+def scheme(weights: Any, input_activations: Any = None) -> Any:
+    from compressed_tensors.quantization import QuantizationScheme
+
+    return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=input_activations)
+
+
+def oneshot(job: QuantizeJob, modifiers: list[Any]) -> dict[str, Any]:
+    """Run llm-compressor's one-shot calibration on the job's calibration ids; save compressed; return meta."""
+    import compressed_tensors
+    import llmcompressor
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot as run_oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not torch.cuda.is_available():
+        # llm-compressor pins its cached activations for fast host-to-device copies, which asks for an
+        # accelerator and fails on CPU-only torch; on CPU there is nothing to gain from pinning.
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, *a, **k: None  # this process only: quantize runs alone
+    ids = job.calibration
+    assert ids is not None, "llm-compressor methods calibrate"
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(job.base_dir, dtype=DTYPE[job.model.dtype], device_map=device)
+    tok = AutoTokenizer.from_pretrained(job.base_dir)
+    run_oneshot(model=model, dataset=data, recipe=modifiers, max_seq_length=ids.shape[1],
+                num_calibration_samples=ids.shape[0], processor=tok, shuffle_calibration_samples=False)
+    model.save_pretrained(job.out_dir, save_compressed=True)
+    copy_tokenizer(job.base_dir, job.out_dir)
+    qdict = json.loads((job.out_dir / "config.json").read_text())["quantization_config"]
+    ct = compressed_tensors.__version__
+    return {
+        "format": f"compressed-tensors ({qdict.get('format')})",
+        "quantization_config": {k: qdict.get(k) for k in ("quant_method", "format", "ignore")},
+        "library": f"llm-compressor {llmcompressor.__version__}, compressed-tensors {ct}",
+        "needs": f"pip install compressed-tensors=={ct}",
+        "serve": "vllm serve PATH  # compressed-tensors is vLLM's native format",
+        "quantize_device": device,
+    }

@@ -1,0 +1,73 @@
+"""`gptq`: GPTQ weight quantization (int4/int8 weights, float activations), calibrated on the run's calibration set.
+
+`format: compressed-tensors` (default) runs llm-compressor's GPTQModifier and writes vLLM's native format;
+`format: gptq` runs GPTQModel and writes the classic `quant_method: gptq` checkpoint.
+Column order: llm-compressor 0.14 always quantizes columns in activation order without changing the layout
+(its `static` actorder), close to GPTQModel's default for `desc_act: false` (group-aware reordering, no g_idx).
+`desc_act: true` (groups in activation order, stored as g_idx) exists only in `format: gptq`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from quantpipe.methods import Method, MethodParams, QuantizeJob, _gptqmodel, _llmcompressor, check_group_size, register
+
+
+class GPTQParams(MethodParams):
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: int = Field(128, description="columns per scale; -1 = one scale per output channel")
+    desc_act: bool = False
+    sym: bool = True
+    damp_percent: float = Field(0.01, gt=0, lt=1)
+    format: Literal["compressed-tensors", "gptq"] = "compressed-tensors"
+
+    @model_validator(mode="after")
+    def _fits(self) -> GPTQParams:
+        if self.group_size != -1 and (self.group_size < 16 or self.group_size & (self.group_size - 1)):
+            raise ValueError(f"group_size: {self.group_size} is not a power of two >= 16 or -1 (per channel)")
+        if self.format == "compressed-tensors" and self.desc_act:
+            raise ValueError("desc_act: true (g_idx) needs `format: gptq`; llm-compressor 0.14 dropped it, and "
+                             "already quantizes in activation order without g_idx")
+        if self.format == "compressed-tensors" and self.bits not in (4, 8):
+            raise ValueError(f"bits: {self.bits}-bit GPTQ needs `format: gptq` (compressed-tensors W*A16 "
+                             "schemes that vLLM runs are 4 and 8 bits)")
+        return self
+
+
+def _backend(p: GPTQParams) -> tuple[tuple[str, ...], str | None, tuple[str, ...]]:
+    if p.format == "gptq":
+        return _gptqmodel.IMPORTS, _gptqmodel.EXTRA, _gptqmodel.DISTS
+    return _llmcompressor.IMPORTS, _llmcompressor.EXTRA, _llmcompressor.DISTS
+
+
+def quantize(job: QuantizeJob) -> dict[str, Any]:
+    p: GPTQParams = job.params
+    if p.format == "gptq":
+        meta = _gptqmodel.quantize(job, "gptq", bits=p.bits, group_size=p.group_size, desc_act=p.desc_act,
+                                   sym=p.sym, damp_percent=p.damp_percent)
+    else:
+        from llmcompressor.modifiers.quantization import GPTQModifier
+
+        weights = _llmcompressor.weight_args(p.bits, p.group_size, p.sym)
+        modifier = GPTQModifier(config_groups={"group_0": _llmcompressor.scheme(weights)}, ignore=["lm_head"],
+                                dampening_frac=p.damp_percent, actorder="static")
+        meta = _llmcompressor.oneshot(job, [modifier])
+    return {**meta, "bits": p.bits, "group_size": p.group_size}
+
+
+register(Method(
+    name="gptq",
+    summary="GPTQ int4/int8 weights (llm-compressor -> compressed-tensors, or GPTQModel -> gptq format)",
+    params=GPTQParams,
+    quantize=quantize,
+    runtime="hf",
+    requires=_llmcompressor.IMPORTS,
+    extra=_llmcompressor.EXTRA,
+    uses_calibration=True,
+    libraries=_llmcompressor.DISTS,
+    backend=_backend,
+    check_model=lambda p, config: check_group_size(p.group_size, config),
+))

@@ -1,0 +1,51 @@
+"""`smoothquant`: SmoothQuant + W8A8 INT8 (int8 weights per channel, int8 activations per token, dynamic),
+written by llm-compressor as compressed-tensors. SmoothQuant moves activation outliers into the weights
+(`smoothing_strength`, 0 disables it); the weights are then quantized by GPTQ (or round-to-nearest).
+The second INT8 flavour beside `int8` (torchao): this one is the format vLLM serves with int8 GEMMs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from quantpipe.methods import Method, MethodParams, QuantizeJob, _llmcompressor, register
+
+
+class SmoothQuantParams(MethodParams):
+    smoothing_strength: float = Field(0.8, ge=0, lt=1)
+    weights: Literal["gptq", "rtn"] = "gptq"
+    damp_percent: float = Field(0.01, gt=0, lt=1)
+
+
+def quantize(job: QuantizeJob) -> dict[str, Any]:
+    from compressed_tensors.quantization import QuantizationArgs
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
+
+    p: SmoothQuantParams = job.params
+    weights = _llmcompressor.weight_args(8, -1, symmetric=True)
+    acts = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+    groups = {"group_0": _llmcompressor.scheme(weights, acts)}
+    modifiers: list[Any] = []
+    if p.smoothing_strength:
+        modifiers.append(SmoothQuantModifier(smoothing_strength=p.smoothing_strength))
+    if p.weights == "gptq":
+        modifiers.append(GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=p.damp_percent))
+    else:
+        modifiers.append(QuantizationModifier(config_groups=groups, ignore=["lm_head"]))
+    return {**_llmcompressor.oneshot(job, modifiers), "bits": 8, "activations": "int8 per token, dynamic"}
+
+
+register(Method(
+    name="smoothquant",
+    summary="SmoothQuant + W8A8 INT8 weights and activations (llm-compressor -> compressed-tensors)",
+    params=SmoothQuantParams,
+    quantize=quantize,
+    runtime="hf",
+    requires=_llmcompressor.IMPORTS,
+    extra=_llmcompressor.EXTRA,
+    uses_calibration=True,
+    libraries=_llmcompressor.DISTS,
+))

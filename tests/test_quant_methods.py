@@ -1,0 +1,236 @@
+"""GPTQ, AWQ and SmoothQuant W8A8 on the tiny random model: checkpoints in each format carry the params, hold
+packed low-bit tensors, reload without quantpipe, and score in the matrix; bad params fail before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import tiny_recipe, write_recipe
+from safetensors import safe_open
+
+from quantpipe.cli import main
+from quantpipe.errors import QuantpipeError
+from quantpipe.methods import get_method
+from quantpipe.recipe import parse_recipe
+
+VARIANTS = [
+    {"name": "baseline", "method": "baseline"},
+    {"name": "gptq-ct", "method": "gptq", "bits": 4, "group_size": 64},
+    {"name": "gptq-ct8", "method": "gptq", "bits": 8, "group_size": -1},
+    {"name": "gptq-fmt", "method": "gptq", "bits": 4, "group_size": 32, "desc_act": True, "format": "gptq"},
+    {"name": "awq-ct", "method": "awq", "bits": 4, "group_size": 64},
+    {"name": "awq-fmt", "method": "awq", "bits": 4, "group_size": 64, "format": "awq"},
+    {"name": "sq", "method": "smoothquant", "smoothing_strength": 0.5},
+]
+
+
+@pytest.fixture(scope="module")
+def quant_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    tmp = tmp_path_factory.mktemp("quant")
+    recipe = tiny_recipe(tiny_model, tmp / "run", variants=VARIANTS)
+    recipe["bench"]["batch_sizes"] = [1]
+    path = write_recipe(tmp / "q.yaml", recipe)
+    cwd = os.getcwd()
+    (tmp / "run").mkdir()
+    os.chdir(tmp / "run")  # the run dir is the working dir: nothing but quantpipe's outputs may appear in it
+    try:
+        assert main(["run", str(path)]) == 0
+    finally:
+        os.chdir(cwd)
+    assert sorted(p.name for p in (tmp / "run").iterdir() if not p.name.startswith(".")) == [
+        "artifacts", "manifest.json", "matrix.html", "matrix.md", "matrix.png", "results.json"]  # no library litter
+    return tmp / "run", json.loads((tmp / "run" / "results.json").read_text())
+
+
+def _qcfg(run_dir: Path, name: str) -> dict:
+    return json.loads((run_dir / "artifacts" / name / "config.json").read_text())["quantization_config"]
+
+
+def _tensors(run_dir: Path, name: str, prefix: str) -> dict[str, tuple[list[int], str]]:
+    with safe_open(str(run_dir / "artifacts" / name / "model.safetensors"), "pt") as f:
+        return {k.removeprefix(prefix): (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype())
+                for k in f.keys() if k.startswith(prefix)}
+
+
+Q_PROJ = "model.layers.0.self_attn.q_proj."  # tiny model: 128 -> 128
+DOWN = "model.layers.1.mlp.down_proj."  # 256 -> 128
+
+
+def test_compressed_tensors_gptq_checkpoint(quant_run: tuple[Path, dict]) -> None:
+    run_dir, _ = quant_run
+    q = _qcfg(run_dir, "gptq-ct")
+    assert q["quant_method"] == "compressed-tensors" and q["format"] == "pack-quantized"
+    w = q["config_groups"]["group_0"]["weights"]
+    assert (w["num_bits"], w["group_size"], w["strategy"], w["symmetric"]) == (4, 64, "group", True)
+    assert q["ignore"] == ["lm_head"]
+    t = _tensors(run_dir, "gptq-ct", DOWN)
+    assert t["weight_packed"] == ([128, 256 * 4 // 32], "I32")  # eight 4-bit values per int32
+    assert t["weight_scale"][0] == [128, 256 // 64]
+    w8 = _qcfg(run_dir, "gptq-ct8")["config_groups"]["group_0"]["weights"]
+    assert (w8["num_bits"], w8["strategy"], w8["actorder"]) == (8, "channel", "static")
+    assert _tensors(run_dir, "gptq-ct8", Q_PROJ)["weight_scale"][0] == [128, 1]
+
+
+def test_classic_gptq_checkpoint(quant_run: tuple[Path, dict]) -> None:
+    run_dir, _ = quant_run
+    q = _qcfg(run_dir, "gptq-fmt")
+    assert (q["quant_method"], q["bits"], q["group_size"], q["desc_act"], q["sym"]) == ("gptq", 4, 32, True, True)
+    t = _tensors(run_dir, "gptq-fmt", DOWN)
+    assert t["g_idx"] == ([256], "I32")  # desc_act: the group of each input column
+    assert t["qweight"] == ([256 // 8, 128], "I32")
+    assert t["scales"] == ([256 // 32, 128], "F16")
+    assert t["qzeros"][0] == [256 // 32, 128 // 8]
+
+
+def test_awq_checkpoints(quant_run: tuple[Path, dict]) -> None:
+    run_dir, _ = quant_run
+    w = _qcfg(run_dir, "awq-ct")["config_groups"]["group_0"]["weights"]
+    assert (w["num_bits"], w["group_size"], w["symmetric"]) == (4, 64, False)  # zero_point: true
+    assert "weight_zero_point" in _tensors(run_dir, "awq-ct", Q_PROJ)
+    q = _qcfg(run_dir, "awq-fmt")
+    assert (q["quant_method"], q["bits"], q["group_size"], q["zero_point"], q["version"]) == ("awq", 4, 64, True,
+                                                                                             "gemm")
+    t = _tensors(run_dir, "awq-fmt", DOWN)
+    assert t["qweight"] == ([256, 128 // 8], "I32")  # GEMM layout packs along the output dim
+    assert t["scales"] == ([256 // 64, 128], "F16")
+
+
+def test_smoothquant_w8a8_checkpoint(quant_run: tuple[Path, dict]) -> None:
+    run_dir, _ = quant_run
+    g = _qcfg(run_dir, "sq")["config_groups"]["group_0"]
+    assert g["weights"]["num_bits"] == 8 and g["input_activations"]["num_bits"] == 8
+    assert g["input_activations"]["dynamic"] is True and g["input_activations"]["strategy"] == "token"
+    assert _tensors(run_dir, "sq", Q_PROJ)["weight"] == ([128, 128], "I8")
+
+
+@pytest.mark.parametrize("name", ["gptq-ct", "gptq-fmt", "awq-ct", "awq-fmt", "sq"])
+def test_artifact_reloads_without_quantpipe(quant_run: tuple[Path, dict], name: str) -> None:
+    run_dir, _ = quant_run
+    code = (
+        "import sys, torch; from transformers import AutoModelForCausalLM as M\n"
+        f"m = M.from_pretrained({str(run_dir / 'artifacts' / name)!r})\n"
+        "assert 'quantpipe' not in sys.modules\n"
+        "out = m(torch.tensor([[1, 2, 3, 4]])).logits\n"
+        "assert torch.isfinite(out).all() and out.shape[-1] == 512\n"
+        "print('ok', type(m.model.layers[0].self_attn.q_proj).__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines()[-1].startswith("ok")
+
+
+def test_every_variant_is_scored_benchmarked_and_described(quant_run: tuple[Path, dict]) -> None:
+    run_dir, res = quant_run
+    assert [v["name"] for v in res["variants"]] == [v["name"] for v in VARIANTS]
+    base = res["variants"][0]
+    calib = json.loads((run_dir / "manifest.json").read_text())["calibration"]["sha256"]
+    for v in res["variants"][1:]:
+        q = v["quality"]
+        assert 0 < q["kld_mean"] < 1 and 0 < q["top1_agreement"] <= 1, v["name"]
+        assert v["speed"]["per_batch"]["1"]["prefill_tok_s"] > 0 and v["speed"]["kernel"] != "unknown"
+        assert v["timings"]["quantize_s"] > 0 and v["memory"]["quantize_peak_rss_mib"] > 0
+        assert v["artifact"]["size_bytes"] < base["artifact"]["size_bytes"]
+        assert v["meta"]["calibration_sha256"] == calib  # one calibration set for every method
+        readme = (run_dir / "artifacts" / v["name"] / "README.md").read_text()
+        assert "vllm serve PATH" in readme and "pip install" in readme
+    kernels = {v["name"]: v["speed"]["kernel"] for v in res["variants"]}
+    assert "TorchAtenLinear" in kernels["gptq-fmt"] and "TorchAtenAwqLinear" in kernels["awq-fmt"]
+    assert "activations fake-quantized to int8" in kernels["sq"]
+    matrix = (run_dir / "matrix.md").read_text()
+    assert "compressed-tensors (pack-quantized)" in matrix and "awq (gemm)" in matrix
+
+
+@pytest.mark.parametrize("variant,expected", [
+    ({"method": "awq", "bits": 3}, r"variants\[1\]\(v\)\.bits: Input should be 4 or 8"),
+    ({"method": "gptq", "bits": 3}, r"variants\[1\]\(v\)\.bits: 3-bit GPTQ needs `format: gptq`"),
+    ({"method": "gptq", "desc_act": True}, r"variants\[1\]\(v\)\.desc_act: true \(g_idx\) needs `format: gptq`"),
+    ({"method": "gptq", "group_size": 100}, r"variants\[1\]\(v\)\.group_size: 100 is not a power of two >= 16 or -1"),
+    ({"method": "awq", "format": "awq", "group_size": -1}, r"variants\[1\]\(v\)\.format: the AWQ GEMM format"),
+    ({"method": "gptq", "format": "exl2"}, r"variants\[1\]\(v\)\.format: Input should be 'compressed-tensors' or"),
+    ({"method": "smoothquant", "smoothing_strength": 1.5}, r"variants\[1\]\(v\)\.smoothing_strength: Input should"),
+])
+def test_bad_params_fail_validation(tiny_model: Path, tmp_path: Path, variant: dict, expected: str) -> None:
+    recipe = tiny_recipe(tiny_model, tmp_path, variants=[{"name": "baseline", "method": "baseline"},
+                                                         {"name": "v", **variant}])
+    with pytest.raises(QuantpipeError, match=expected):
+        parse_recipe(recipe)
+
+
+def test_group_size_must_divide_the_model_shapes(tiny_model: Path, tmp_path: Path, capsys) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_model, tmp_path / "run", variants=[
+        {"name": "baseline", "method": "baseline"}, {"name": "g", "method": "gptq", "group_size": 256}]))
+    want = ("variants[1](g).group_size: 256 does not divide hidden_size (q/k/v/gate/up inputs) = 128, "
+            "num_heads*head_dim (o_proj input) = 128; use group_size 32 or 64 or 128")
+    assert main(["validate", str(recipe)]) == 2
+    assert want in capsys.readouterr().err
+    assert main(["run", str(recipe)]) == 2  # before any work: no artifact, not even the baseline
+    assert want in capsys.readouterr().err
+    assert not (tmp_path / "run" / "artifacts").exists() or not any((tmp_path / "run" / "artifacts").iterdir())
+
+
+def test_format_picks_the_backend_and_its_install_hint(monkeypatch) -> None:
+    import importlib.util
+
+    from quantpipe import methods
+
+    gptq = get_method("gptq")
+    ct, classic = gptq.params(format="compressed-tensors"), gptq.params(format="gptq")
+    assert "gptqmodel" in gptq.versions(classic) and "llmcompressor" in gptq.versions(ct)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(methods.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gptqmodel" else real(name, *a))
+    assert gptq.missing(ct) == []
+    with pytest.raises(QuantpipeError, match=r"variants\(g\): method 'gptq' needs gptqmodel: "
+                                             r"pip install 'quantpipe\[gptqmodel\]'"):
+        gptq.require("g", classic)
+
+
+def _quantize_killed(job):  # module level: the worker process imports it by name
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _quantize_raises(job):
+    raise RuntimeError("simulated library failure\nsecond line")
+
+
+@pytest.mark.parametrize("fn,expected", [
+    (_quantize_killed, r"quantize:v: the quantization process was killed by signal 9 \(SIGKILL; out of memory\?\)"),
+    (_quantize_raises, r"quantize:v: method 'm' failed: RuntimeError: simulated library failure \(full log: "),
+])
+def test_quantize_worker_failures_are_one_line(tmp_path: Path, fn, expected: str) -> None:
+    from quantpipe.methods import Method, MethodParams, QuantizeJob
+    from quantpipe.worker import quantize_in_subprocess
+
+    m = Method(name="m", summary="", params=MethodParams, quantize=fn, runtime="hf")
+    job = QuantizeJob(variant="v", params=MethodParams(), out_dir=tmp_path / "out", base_dir=None, model=None,
+                      calibration=None)
+    with pytest.raises(QuantpipeError, match=expected) as e:
+        quantize_in_subprocess(m, job, tmp_path / "logs")
+    assert "\n" not in str(e.value)
+    if fn is _quantize_raises:
+        assert "Traceback" in (tmp_path / "logs" / "quantize-v.log").read_text()
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_recipes_validate(recipe: Path, capsys) -> None:
+    assert main(["validate", str(recipe)]) == 0, capsys.readouterr().err
+    assert ": valid (" in capsys.readouterr().out
+
+
+def test_hub_recipes_cover_the_promised_variants() -> None:
+    from quantpipe.recipe import load_recipe
+
+    root = Path(__file__).parent.parent / "recipes"
+    methods = {name: {(v.method, v.raw_params.get("format", "compressed-tensors")) for v in load_recipe(
+        root / f"{name}.yaml").variants} for name in ("qwen7b-awq", "qwen7b-gptq", "llama3-8b-matrix")}
+    assert {("awq", "compressed-tensors"), ("awq", "awq")} <= methods["qwen7b-awq"]
+    assert {("gptq", "compressed-tensors"), ("gptq", "gptq")} <= methods["qwen7b-gptq"]
+    assert {"int8", "smoothquant", "gptq", "awq"} <= {m for m, _ in methods["llama3-8b-matrix"]}
