@@ -1,4 +1,4 @@
-"""Slow: the demo recipe end to end on the embedded SmolLM2-135M model (about 15 minutes on 2 CPU cores)."""
+"""Slow: the demo recipe end to end on the embedded SmolLM2-135M model (about 10 minutes on 2 CPU cores)."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def test_demo_quality(demo: tuple[Path, subprocess.CompletedProcess]) -> None:
 # (docs/benchmarks.md). The bound is about twice the worst measured value: a quantizer that ignored its
 # calibration or packed the wrong order lands well above it (RTN per-channel 4-bit, no groups: see the docs).
 W4_KLD_BOUND = 0.4
-W4 = ("gptq-w4g64", "gptq-w4g64-gptq", "awq-w4g64", "awq-w4g64-awq")
+W4 = ("gptq-w4g64", "gptq-w4g64-gptq", "awq-w4g64")
 
 
 def test_demo_4bit_quality_and_size(demo: tuple[Path, subprocess.CompletedProcess]) -> None:
@@ -77,11 +77,10 @@ def test_demo_4bit_quality_and_size(demo: tuple[Path, subprocess.CompletedProces
         assert v[name]["timings"]["quantize_s"] > 0 and v[name]["memory"]["quantize_peak_rss_mib"] > 200
     # SmoothQuant moves activation outliers into the weights: W8A8 error drops below plain dynamic W8A8's.
     assert v["smoothquant-w8a8"]["quality"]["kld_mean"] < v["int8-w8a8"]["quality"]["kld_mean"]
-    # The two formats of one method: both writers implement the same algorithm with different details (see
+    # The two formats of GPTQ: both writers implement the algorithm with different details (column order; see
     # docs/benchmarks.md), so their KLDs agree within a factor of 1.5, not to the last digit.
-    for a, b in (("gptq-w4g64", "gptq-w4g64-gptq"), ("awq-w4g64", "awq-w4g64-awq")):
-        ka, kb = v[a]["quality"]["kld_mean"], v[b]["quality"]["kld_mean"]
-        assert max(ka, kb) < 1.5 * min(ka, kb), (a, ka, b, kb)
+    ka, kb = v["gptq-w4g64"]["quality"]["kld_mean"], v["gptq-w4g64-gptq"]["quality"]["kld_mean"]
+    assert max(ka, kb) < 1.5 * min(ka, kb), (ka, kb)
 
 
 def test_demo_second_run_is_cached(demo: tuple[Path, subprocess.CompletedProcess]) -> None:
