@@ -28,6 +28,12 @@ def quiet_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    import importlib.util
+
+    if importlib.util.find_spec("logbar") is not None:  # GPTQModel's logger: its banner and per-layer tables
+        from logbar import LogBar
+
+        LogBar.shared().setLevel("ERROR")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -1,6 +1,6 @@
 """Runs one method's `quantize` in its own process: its peak memory is its own, a library's global patches
 stay inside it, and a crash (or the kernel's OOM killer) ends that process with a clear message instead of
-the run. The library chatter goes to a log file; the run prints one line per stage."""
+the run. All library output goes to a log file (unfiltered, for debugging); the run prints one line per stage."""
 
 from __future__ import annotations
 
@@ -28,9 +28,7 @@ def _child(method_name: str, quantize: Callable[[QuantizeJob], dict[str, Any]], 
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
     from quantpipe.bench import peak_rss_mib
     from quantpipe.cache import explain_os_error
-    from quantpipe.cli import quiet_libraries
 
-    quiet_libraries()
     t = time.perf_counter()
     try:
         meta = quantize(job)
