@@ -234,3 +234,24 @@ def test_hub_recipes_cover_the_promised_variants() -> None:
     assert {("awq", "compressed-tensors"), ("awq", "awq")} <= methods["qwen7b-awq"]
     assert {("gptq", "compressed-tensors"), ("gptq", "gptq")} <= methods["qwen7b-gptq"]
     assert {"int8", "smoothquant", "gptq", "awq"} <= {m for m, _ in methods["llama3-8b-matrix"]}
+
+
+def test_bfloat16_recipe(tiny_model: Path, tmp_path: Path) -> None:
+    """The hub recipes quantize bfloat16 models: every backend keeps the recipe dtype, except the classic AWQ
+    format, which is float16 by definition."""
+    recipe = tiny_recipe(tiny_model, tmp_path / "run", variants=[
+        {"name": "baseline", "method": "baseline"},
+        {"name": "gptq-ct", "method": "gptq", "group_size": 64},
+        {"name": "gptq-fmt", "method": "gptq", "group_size": 64, "format": "gptq"},
+        {"name": "awq-fmt", "method": "awq", "group_size": 64, "format": "awq"},
+    ], bench={"enabled": False})
+    recipe["model"]["dtype"] = "bfloat16"
+    assert main(["run", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 0
+    res = {v["name"]: v for v in json.loads((tmp_path / "run" / "results.json").read_text())["variants"]}
+    embed = "model.embed_tokens."
+    assert _tensors(tmp_path / "run", "baseline", embed)["weight"][1] == "BF16"
+    assert _tensors(tmp_path / "run", "gptq-ct", embed)["weight"][1] == "BF16"
+    assert _tensors(tmp_path / "run", "gptq-fmt", embed)["weight"][1] == "BF16"
+    assert _tensors(tmp_path / "run", "awq-fmt", embed)["weight"][1] == "F16"
+    for name in ("gptq-ct", "gptq-fmt", "awq-fmt"):
+        assert 0 < res[name]["quality"]["kld_mean"] < 1, name

@@ -29,9 +29,9 @@ def quantize(job: QuantizeJob, kind: str, **config: Any) -> dict[str, Any]:
     assert ids is not None, "GPTQModel methods calibrate"
     calib = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in ids]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    # GPTQ keeps the recipe dtype (embeddings, norms, lm_head included); GPTQModel's AWQ kernels run in 16-bit
-    # only, and the classic AWQ GEMM layout stores float16 scales, so an AWQ-format checkpoint is float16.
-    dtype = DTYPE[job.model.dtype] if kind == "gptq" or job.model.dtype != "float32" else torch.float16
+    # GPTQ keeps the recipe dtype (embeddings, norms, lm_head included). The classic AWQ GEMM layout is float16
+    # (AutoAWQ's scales; GPTQModel's AWQ kernels run in 16-bit only), so an AWQ-format checkpoint is float16.
+    dtype = DTYPE[job.model.dtype] if kind == "gptq" else torch.float16
     base, out, cwd = job.base_dir.resolve(), job.out_dir.resolve(), os.getcwd()
     with tempfile.TemporaryDirectory(prefix="quantpipe-gptqmodel-") as scratch:
         os.chdir(scratch)  # GPTQModel writes logs/ into the working directory; keep them out of the user's
