@@ -60,12 +60,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
+    import typing
+
     from quantpipe.methods import all_methods
 
     for m in all_methods().values():
         state = "ready" if not m.missing() else f"needs {', '.join(m.missing())} ({m.install_hint()})"
         params = ", ".join(m.params.model_fields) or "-"
-        print(f"{m.name:<11} {state:<10} runtime={m.runtime:<5} params: {params}\n{'':<10} {m.summary}")
+        print(f"{m.name:<11} {state:<10} runtime={m.runtime:<5} params: {params}\n{'':<11} {m.summary}")
+        fmt = m.params.model_fields.get("format") if m.backend is not None else None
+        for choice in typing.get_args(fmt.annotation) if fmt is not None else ():
+            p = m.params.model_construct(format=choice)  # defaults + this format, no cross-field checks
+            missing = m.missing(p)
+            print(f"{'':<11} format {choice}: " + ("ready" if not missing else
+                                                   f"needs {', '.join(missing)} ({m.install_hint(p)})"))
     return 0
 
 

@@ -255,3 +255,18 @@ def test_bfloat16_recipe(tiny_model: Path, tmp_path: Path) -> None:
     assert _tensors(tmp_path / "run", "awq-fmt", embed)["weight"][1] == "F16"
     for name in ("gptq-ct", "gptq-fmt", "awq-fmt"):
         assert 0 < res[name]["quality"]["kld_mean"] < 1, name
+
+
+def test_methods_command_shows_each_format_backend(monkeypatch, capsys) -> None:
+    import importlib.util
+
+    from quantpipe import methods
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(methods.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gptqmodel" else real(name, *a))
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "format compressed-tensors: ready" in out
+    assert "format gptq: needs gptqmodel (pip install 'quantpipe[gptqmodel]')" in out
+    assert "format awq: needs gptqmodel (pip install 'quantpipe[gptqmodel]')" in out
