@@ -37,16 +37,16 @@ def quiet_libraries() -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from quantpipe import sources
-    from quantpipe.methods import check_against_model, get_method, parse_params
+    from quantpipe import pipeline, sources
+    from quantpipe.methods import get_method, parse_params
     from quantpipe.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
     quiet_libraries()
-    config = sources.load_config(recipe.model)  # shapes only; None where the config is not reachable offline
-    problems = check_against_model(recipe, config) if config is not None else []
-    if problems:
-        raise QuantpipeError(f"{args.recipe}: " + "; ".join(problems))
+    try:
+        config = pipeline.check_shapes(recipe)  # shapes only; None where the config is not reachable offline
+    except QuantpipeError as e:
+        raise QuantpipeError(f"{args.recipe}: {e}") from None
     print(f"{args.recipe}: valid ({len(recipe.variants)} variants: {', '.join(v.name for v in recipe.variants)}; "
           f"run dir {recipe.run_dir()})")
     if config is None:

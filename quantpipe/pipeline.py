@@ -44,8 +44,9 @@ class Run:
         self.state = run_dir / ".quantpipe"
         self.keys: dict[str, str] = {}
         self.results: dict[str, dict[str, Any]] = {}
-        calib = any(get_method(v.method).uses_calibration for v in recipe.variants)
-        self.n_stages = 1 + int(calib) + 3 * len(recipe.variants)  # eval-tokens, calibration, 3 per variant
+        self.uses_calibration = any(get_method(v.method).uses_calibration for v in recipe.variants)
+        # eval-tokens, calibration (if any method uses it), quantize + eval + bench per variant
+        self.n_stages = 1 + int(self.uses_calibration) + 3 * len(recipe.variants)
         self.step = 0
 
     def stage(self, name: str, payload: dict[str, Any], compute: Any, artifact: Path | None = None) -> dict:
@@ -226,12 +227,9 @@ def _run(r: Run, recipe_path: str) -> dict[str, Any]:
     if config is None:  # the source's config was not reachable before; the baseline artifact has it
         from transformers import AutoConfig
 
-        problems = check_against_model(recipe, AutoConfig.from_pretrained(r.artifact_dir(ref)))
-        if problems:
-            raise QuantpipeError("; ".join(problems))
+        check_shapes(recipe, AutoConfig.from_pretrained(r.artifact_dir(ref)))
     windows = r.eval_tokens()
-    needs_calib = any(get_method(v.method).uses_calibration for v in recipe.variants)
-    calib = r.calibration_ids() if needs_calib else None
+    calib = r.calibration_ids() if r.uses_calibration else None
     for v in recipe.variants:
         if v.name != ref.name:
             r.quantize(v, calib)
@@ -250,7 +248,14 @@ def preflight(recipe: Recipe) -> Any:
     (read from the config alone). Returns the config, or None where it cannot be had offline."""
     for v in recipe.variants:
         get_method(v.method).require(v.name, parse_params(v))
-    config = sources.load_config(recipe.model)
+    return check_shapes(recipe)
+
+
+def check_shapes(recipe: Recipe, config: Any = None) -> Any:
+    """Raise when a variant's params do not fit the model's shapes. `config` defaults to the source's, read
+    without weights; returns it, or None where it cannot be had offline (then nothing is checked)."""
+    if config is None:
+        config = sources.load_config(recipe.model)
     problems = check_against_model(recipe, config) if config is not None else []
     if problems:
         raise QuantpipeError("; ".join(problems))

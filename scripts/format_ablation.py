@@ -42,11 +42,11 @@ def main(run_dir: Path, which: str) -> dict:
                                 act_group_aware=False)
         elif which == "llmc-no-actorder":
             w = _llmcompressor.weight_args(4, 64, True)
-            _llmcompressor.oneshot(job, [GPTQModifier(config_groups={"group_0": _llmcompressor.scheme(w)},
+            _llmcompressor.oneshot(job, [GPTQModifier(config_groups=_llmcompressor.config_groups(w),
                                                       ignore=["lm_head"], dampening_frac=0.01, actorder=None)])
         elif which in ("rtn-g64", "rtn-channel"):
             w = _llmcompressor.weight_args(4, 64 if which == "rtn-g64" else -1, True)
-            _llmcompressor.oneshot(job, [QuantizationModifier(config_groups={"group_0": _llmcompressor.scheme(w)},
+            _llmcompressor.oneshot(job, [QuantizationModifier(config_groups=_llmcompressor.config_groups(w),
                                                               ignore=["lm_head"])])
         else:
             raise SystemExit(f"unknown variant {which}")

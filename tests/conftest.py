@@ -59,6 +59,20 @@ def tiny_recipe(model_dir: Path, run_dir: Path, **overrides: object) -> dict:
     return recipe
 
 
+def reload_without_quantpipe(artifact: Path, checks: str) -> str:
+    """Load an artifact with plain transformers in a fresh Python that never imports quantpipe, run `checks`
+    (code that sees `m`, `torch` and `sys`, and prints), and return what it printed."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from transformers import AutoModelForCausalLM as M\n"
+            f"m = M.from_pretrained({str(artifact)!r})\n"
+            "assert 'quantpipe' not in sys.modules\n" + checks)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path

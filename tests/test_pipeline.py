@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_recipe, write_recipe
+from conftest import reload_without_quantpipe, tiny_recipe, write_recipe
 
 from quantpipe import runtimes
 from quantpipe.cache import file_sha256
@@ -82,17 +80,12 @@ def test_manifest_digests_match_files(tiny_run: tuple[Path, Path, dict]) -> None
 
 def test_int8_artifact_reloads_without_quantpipe(tiny_run: tuple[Path, Path, dict]) -> None:
     _, run_dir, _ = tiny_run
-    code = (
-        "import sys, torch; from transformers import AutoModelForCausalLM as M\n"
-        f"m = M.from_pretrained({str(run_dir / 'artifacts' / 'int8')!r})\n"
+    out = reload_without_quantpipe(run_dir / "artifacts" / "int8", (
         "w = m.model.layers[0].self_attn.q_proj.weight\n"
-        "assert 'quantpipe' not in sys.modules\n"
         "assert type(w).__module__.startswith('torchao'), type(w)\n"
         "assert torch.isfinite(m(torch.tensor([[1, 2, 3]])).logits).all()\n"
-        "print('ok', type(w).__name__)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.startswith("ok Int8")
+        "print('ok', type(w).__name__)\n"))
+    assert out.startswith("ok Int8")
 
 
 def test_second_run_is_served_from_cache(tiny_run: tuple[Path, Path, dict], capsys) -> None:

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_recipe, write_recipe
+from conftest import reload_without_quantpipe, tiny_recipe, write_recipe
 from safetensors import safe_open
 
 from quantpipe.cli import main
@@ -111,16 +109,11 @@ def test_smoothquant_w8a8_checkpoint(quant_run: tuple[Path, dict]) -> None:
 @pytest.mark.parametrize("name", ["gptq-ct", "gptq-fmt", "awq-ct", "awq-fmt", "sq"])
 def test_artifact_reloads_without_quantpipe(quant_run: tuple[Path, dict], name: str) -> None:
     run_dir, _ = quant_run
-    code = (
-        "import sys, torch; from transformers import AutoModelForCausalLM as M\n"
-        f"m = M.from_pretrained({str(run_dir / 'artifacts' / name)!r})\n"
-        "assert 'quantpipe' not in sys.modules\n"
+    out = reload_without_quantpipe(run_dir / "artifacts" / name, (
         "out = m(torch.tensor([[1, 2, 3, 4]])).logits\n"
         "assert torch.isfinite(out).all() and out.shape[-1] == 512\n"
-        "print('ok', type(m.model.layers[0].self_attn.q_proj).__name__)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.splitlines()[-1].startswith("ok")
+        "print('ok', type(m.model.layers[0].self_attn.q_proj).__name__)\n"))
+    assert out.splitlines()[-1].startswith("ok")
 
 
 def test_every_variant_is_scored_benchmarked_and_described(quant_run: tuple[Path, dict]) -> None:

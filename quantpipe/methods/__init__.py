@@ -15,12 +15,23 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from quantpipe.errors import QuantpipeError
+
+
+def _group_size(v: int) -> int:
+    if v != -1 and (v < 16 or v & (v - 1)):
+        raise ValueError(f"{v} is not a power of two >= 16 or -1 (per channel)")
+    return v
+
+
+# The `group_size` param of the weight-quantizing methods: columns per scale, or -1 for one per output channel.
+GroupSize = Annotated[int, Field(description="columns per scale; -1 = one scale per output channel"),
+                      AfterValidator(_group_size)]
 
 
 class MethodParams(BaseModel):

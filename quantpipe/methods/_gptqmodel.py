@@ -14,6 +14,7 @@ from quantpipe.sources import DTYPE
 EXTRA = "gptqmodel"
 IMPORTS = ("gptqmodel", "optimum")
 DISTS = ("gptqmodel", "optimum", "transformers")
+DEPS = (IMPORTS, EXTRA, DISTS)  # what Method.backend returns for this library
 
 
 def quantize(job: QuantizeJob, kind: str, **config: Any) -> dict[str, Any]:

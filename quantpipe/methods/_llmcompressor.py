@@ -13,6 +13,7 @@ from quantpipe.sources import DTYPE
 EXTRA = "llmcompressor"  # the pip extra that installs llm-compressor and compressed-tensors
 IMPORTS = ("llmcompressor", "compressed_tensors")
 DISTS = ("llmcompressor", "compressed-tensors", "transformers")
+DEPS = (IMPORTS, EXTRA, DISTS)  # what Method.backend returns for this library
 
 
 def weight_args(bits: int, group_size: int, symmetric: bool) -> Any:
@@ -24,10 +25,11 @@ def weight_args(bits: int, group_size: int, symmetric: bool) -> Any:
                             strategy="group" if grouped else "channel", group_size=group_size if grouped else None)
 
 
-def scheme(weights: Any, input_activations: Any = None) -> Any:
+def config_groups(weights: Any, input_activations: Any = None) -> dict[str, Any]:
+    """The modifiers' `config_groups`: one scheme for every Linear layer (lm_head is ignored by the caller)."""
     from compressed_tensors.quantization import QuantizationScheme
 
-    return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=input_activations)
+    return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights, input_activations=input_activations)}
 
 
 def oneshot(job: QuantizeJob, modifiers: list[Any]) -> dict[str, Any]:

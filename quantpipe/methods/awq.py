@@ -9,34 +9,35 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import model_validator
 
-from quantpipe.methods import Method, MethodParams, QuantizeJob, _gptqmodel, _llmcompressor, check_group_size, register
+from quantpipe.methods import (
+    GroupSize,
+    Method,
+    MethodParams,
+    QuantizeJob,
+    _gptqmodel,
+    _llmcompressor,
+    check_group_size,
+    register,
+)
 
 
 class AWQParams(MethodParams):
     bits: Literal[4, 8] = 4
-    group_size: int = Field(128, description="columns per scale; -1 = one scale per output channel")
+    group_size: GroupSize = 128
     zero_point: bool = True
     duo_scaling: bool = True
     format: Literal["compressed-tensors", "awq"] = "compressed-tensors"
 
     @model_validator(mode="after")
     def _fits(self) -> AWQParams:
-        if self.group_size != -1 and (self.group_size < 16 or self.group_size & (self.group_size - 1)):
-            raise ValueError(f"group_size: {self.group_size} is not a power of two >= 16 or -1 (per channel)")
         if self.format == "awq" and not self.duo_scaling:
             raise ValueError("duo_scaling: only the llm-compressor backend (`format: compressed-tensors`) has it")
         if self.format == "awq" and (self.bits != 4 or self.group_size == -1):
             raise ValueError("format: the AWQ GEMM format stores 4-bit grouped weights only; use bits: 4 and a "
                              "group_size, or `format: compressed-tensors`")
         return self
-
-
-def _backend(p: AWQParams) -> tuple[tuple[str, ...], str | None, tuple[str, ...]]:
-    if p.format == "awq":
-        return _gptqmodel.IMPORTS, _gptqmodel.EXTRA, _gptqmodel.DISTS
-    return _llmcompressor.IMPORTS, _llmcompressor.EXTRA, _llmcompressor.DISTS
 
 
 def quantize(job: QuantizeJob) -> dict[str, Any]:
@@ -47,7 +48,7 @@ def quantize(job: QuantizeJob) -> dict[str, Any]:
         from llmcompressor.modifiers.awq import AWQModifier
 
         weights = _llmcompressor.weight_args(p.bits, p.group_size, symmetric=not p.zero_point)
-        modifier = AWQModifier(config_groups={"group_0": _llmcompressor.scheme(weights)}, ignore=["lm_head"],
+        modifier = AWQModifier(config_groups=_llmcompressor.config_groups(weights), ignore=["lm_head"],
                                duo_scaling=p.duo_scaling)
         meta = _llmcompressor.oneshot(job, [modifier])
     return {**meta, "bits": p.bits, "group_size": p.group_size}
@@ -63,6 +64,6 @@ register(Method(
     extra=_llmcompressor.EXTRA,
     uses_calibration=True,
     libraries=_llmcompressor.DISTS,
-    backend=_backend,
+    backend=lambda p: _gptqmodel.DEPS if p.format == "awq" else _llmcompressor.DEPS,
     check_model=lambda p, config: check_group_size(p.group_size, config),
 ))

@@ -13,12 +13,21 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from quantpipe.methods import Method, MethodParams, QuantizeJob, _gptqmodel, _llmcompressor, check_group_size, register
+from quantpipe.methods import (
+    GroupSize,
+    Method,
+    MethodParams,
+    QuantizeJob,
+    _gptqmodel,
+    _llmcompressor,
+    check_group_size,
+    register,
+)
 
 
 class GPTQParams(MethodParams):
     bits: Literal[2, 3, 4, 8] = 4
-    group_size: int = Field(128, description="columns per scale; -1 = one scale per output channel")
+    group_size: GroupSize = 128
     desc_act: bool = False
     sym: bool = True
     damp_percent: float = Field(0.01, gt=0, lt=1)
@@ -26,8 +35,6 @@ class GPTQParams(MethodParams):
 
     @model_validator(mode="after")
     def _fits(self) -> GPTQParams:
-        if self.group_size != -1 and (self.group_size < 16 or self.group_size & (self.group_size - 1)):
-            raise ValueError(f"group_size: {self.group_size} is not a power of two >= 16 or -1 (per channel)")
         if self.format == "compressed-tensors" and self.desc_act:
             raise ValueError("desc_act: true (g_idx) needs `format: gptq`; llm-compressor 0.14 dropped it, and "
                              "already quantizes in activation order without g_idx")
@@ -35,12 +42,6 @@ class GPTQParams(MethodParams):
             raise ValueError(f"bits: {self.bits}-bit GPTQ needs `format: gptq` (compressed-tensors W*A16 "
                              "schemes that vLLM runs are 4 and 8 bits)")
         return self
-
-
-def _backend(p: GPTQParams) -> tuple[tuple[str, ...], str | None, tuple[str, ...]]:
-    if p.format == "gptq":
-        return _gptqmodel.IMPORTS, _gptqmodel.EXTRA, _gptqmodel.DISTS
-    return _llmcompressor.IMPORTS, _llmcompressor.EXTRA, _llmcompressor.DISTS
 
 
 def quantize(job: QuantizeJob) -> dict[str, Any]:
@@ -52,7 +53,7 @@ def quantize(job: QuantizeJob) -> dict[str, Any]:
         from llmcompressor.modifiers.quantization import GPTQModifier
 
         weights = _llmcompressor.weight_args(p.bits, p.group_size, p.sym)
-        modifier = GPTQModifier(config_groups={"group_0": _llmcompressor.scheme(weights)}, ignore=["lm_head"],
+        modifier = GPTQModifier(config_groups=_llmcompressor.config_groups(weights), ignore=["lm_head"],
                                 dampening_frac=p.damp_percent, actorder="static")
         meta = _llmcompressor.oneshot(job, [modifier])
     return {**meta, "bits": p.bits, "group_size": p.group_size}
@@ -68,6 +69,6 @@ register(Method(
     extra=_llmcompressor.EXTRA,
     uses_calibration=True,
     libraries=_llmcompressor.DISTS,
-    backend=_backend,
+    backend=lambda p: _gptqmodel.DEPS if p.format == "gptq" else _llmcompressor.DEPS,
     check_model=lambda p, config: check_group_size(p.group_size, config),
 ))

@@ -27,7 +27,7 @@ def quantize(job: QuantizeJob) -> dict[str, Any]:
     p: SmoothQuantParams = job.params
     weights = _llmcompressor.weight_args(8, -1, symmetric=True)
     acts = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
-    groups = {"group_0": _llmcompressor.scheme(weights, acts)}
+    groups = _llmcompressor.config_groups(weights, acts)
     modifiers: list[Any] = []
     if p.smoothing_strength:
         modifiers.append(SmoothQuantModifier(smoothing_strength=p.smoothing_strength))
