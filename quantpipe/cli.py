@@ -1,4 +1,4 @@
-"""Command line: run, validate, methods, bench, report. Input errors print one clear message and exit 2."""
+"""Command line: run, validate, plan, methods, bench, report. Input errors print one clear message and exit 2."""
 
 from __future__ import annotations
 
@@ -56,6 +56,70 @@ def cmd_validate(args: argparse.Namespace) -> int:
         m, params = get_method(v.method), parse_params(v)
         if m.missing(params):
             print(f"note: variant '{v.name}' needs {', '.join(m.missing(params))} to run: {m.install_hint(params)}")
+    return 0
+
+
+def plan_config(recipe: object, arch: str | None) -> tuple[object, str]:
+    """The config `plan` works from, and where it came from: --arch (a shipped name or a config.json), else the
+    recipe model's own config (local or cached), else the shipped shapes of a known hub id."""
+    from quantpipe import archs, sources
+
+    if arch:
+        if arch.endswith(".json") or Path(arch).is_dir():
+            from transformers import AutoConfig
+
+            if not Path(arch).exists():
+                raise QuantpipeError(f"--arch: '{arch}' does not exist")
+            try:
+                return AutoConfig.from_pretrained(arch), f"config {arch}"
+            except (OSError, ValueError) as e:
+                raise QuantpipeError(f"--arch: '{arch}' is not a transformers config: {e}") from None
+        return archs.config(arch), f"shipped architecture '{arch}'"
+    config = sources.load_config(recipe.model, local_only=True)  # type: ignore[attr-defined]
+    if config is not None:
+        return config, f"the config of {sources.describe(recipe.model)}"  # type: ignore[attr-defined]
+    known = archs.for_hub_id(recipe.model.id)  # type: ignore[attr-defined]
+    if known:
+        return archs.config(known), f"shipped architecture '{known}' (the hub config is not reachable here)"
+    raise QuantpipeError(f"model: the config of '{sources.describe(recipe.model)}' is not available offline; "  # type: ignore[attr-defined]
+                         f"pass --arch with a shipped name ({', '.join(archs.ARCHS)}) or a config.json path")
+
+
+def _positive_ints(text: str, option: str) -> list[int]:
+    try:
+        values = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        values = []
+    if not values or values[0] < 1:
+        raise QuantpipeError(f"{option}: '{text}' must be positive integers separated by commas, like 1,8,32")
+    return values
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from quantpipe import plan
+    from quantpipe.methods import check_against_model
+    from quantpipe.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    quiet_libraries()
+    config, origin = plan_config(recipe, args.arch)
+    memory = plan.parse_memory(args.gpu_memory) if args.gpu_memory else plan.gpu_memory(args.gpu)
+    gpu = args.gpu_memory if args.gpu_memory else args.gpu
+    context = _positive_ints(str(args.context), "--context")[0]
+    concurrency = _positive_ints(args.concurrency, "--concurrency")
+    if not 0 < args.utilization <= 1:
+        raise QuantpipeError(f"--utilization: {args.utilization} must be in (0, 1]")
+    result = plan.plan_recipe(recipe, config, memory, context, concurrency, args.kv_dtype, args.utilization)
+    title = f"quantpipe plan: {args.recipe} on {gpu} (shapes from {origin}; nothing downloaded or loaded)"
+    print(plan.format_plan(result, title, plan.available_memory()), end="")
+    max_pos = result["shapes"]["max_positions"]
+    if max_pos and context > max_pos:
+        print(f"note: --context {context} is longer than the model's max_position_embeddings ({max_pos})")
+    for problem in check_against_model(recipe, config):
+        print(f"note: {problem} (quantpipe run refuses this recipe)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"recipe": args.recipe, "gpu": gpu, "shapes_from": origin, **result},
+                                              indent=2) + "\n")
     return 0
 
 
@@ -149,6 +213,18 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a recipe without running it")
     v.add_argument("recipe")
     v.set_defaults(fn=cmd_validate)
+    pl = sub.add_parser("plan", help="memory arithmetic before any work: weights, KV cache, what fits on a GPU")
+    pl.add_argument("recipe")
+    pl.add_argument("--gpu", default="H100-80GB", help="a known GPU (H100-80GB, A100-40GB, L4-24GB, ...)")
+    pl.add_argument("--gpu-memory", help="GPU memory instead of --gpu, e.g. 24GiB or 80GB")
+    pl.add_argument("--context", type=int, default=4096, help="tokens per sequence (prompt + output)")
+    pl.add_argument("--concurrency", default="1,8,32", help="concurrent sequences to plan for, e.g. 1,8,32")
+    pl.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", "fp8"],
+                    help="KV cache dtype; auto: the variant's float dtype")
+    pl.add_argument("--utilization", type=float, default=0.9, help="share of GPU memory usable (vLLM's default)")
+    pl.add_argument("--arch", help="shapes from a shipped architecture name or a config.json, not the recipe's")
+    pl.add_argument("--json", help="also write the plan as JSON to this file")
+    pl.set_defaults(fn=cmd_plan)
     m = sub.add_parser("methods", help="list quantization methods and whether their libraries are installed")
     m.set_defaults(fn=cmd_methods)
     b = sub.add_parser("bench", help="benchmark one artifact directory, print or write JSON")

@@ -51,8 +51,9 @@ def describe(spec: Any) -> str:
     return f"{where}/{gguf}" if gguf else where
 
 
-def load_config(spec: Any) -> Any | None:
-    """The model's transformers config (shapes only, no weights), or None where it cannot be had offline."""
+def load_config(spec: Any, local_only: bool = False) -> Any | None:
+    """The model's transformers config (shapes only, no weights), or None where it cannot be had offline.
+    `local_only`: a hub id is looked up in the local cache only (no network attempt, no retries)."""
     from transformers import AutoConfig
 
     where, gguf = resolve(spec)
@@ -63,6 +64,8 @@ def load_config(spec: Any) -> Any | None:
         kw["gguf_file"] = gguf
     if spec.revision:
         kw["revision"] = spec.revision
+    if local_only:
+        kw["local_files_only"] = True
     try:
         return AutoConfig.from_pretrained(where, **kw)
     except (OSError, ValueError):

@@ -263,3 +263,13 @@ def test_methods_command_shows_each_format_backend(monkeypatch, capsys) -> None:
     assert "format compressed-tensors: ready" in out
     assert "format gptq: needs gptqmodel (pip install 'quantpipe[gptqmodel]')" in out
     assert "format awq: needs gptqmodel (pip install 'quantpipe[gptqmodel]')" in out
+
+
+def test_predicted_weight_bytes_match_every_artifact_exactly(quant_run: tuple[Path, dict]) -> None:
+    """`quantpipe plan`'s byte arithmetic against the tensors each backend wrote (untied lm_head, 4- and 8-bit,
+    grouped and per-channel, symmetric and asymmetric, g_idx, the AWQ GEMM layout, int8 W8A8)."""
+    run_dir, res = quant_run
+    for v in res["variants"]:
+        p = v["prediction"]
+        assert p["weights_bytes"] == p["measured_weights_bytes"] > 0, v["name"]
+    assert "Memory, predicted (`quantpipe plan`) vs measured" in (run_dir / "matrix.md").read_text()

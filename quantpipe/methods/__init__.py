@@ -53,6 +53,28 @@ class QuantizeJob:
 
 
 @dataclass(frozen=True)
+class Storage:
+    """How an artifact stores the weights: the inputs of `quantpipe plan`'s byte arithmetic."""
+
+    float_bytes: int  # bytes per element of what stays float: embeddings, lm_head, norms, biases
+    # bytes of one quantized decoder Linear's weight tensors (no bias) from its (out_features, in_features);
+    # None: the Linears stay float too
+    linear: Callable[[int, int], int] | None = None
+    # transformers turns the weights back into float when it loads this format on a CPU
+    decompressed_on_cpu: bool = False
+    # what the arithmetic leaves out when this format runs on a CPU (shown beside the measured memory)
+    cpu_note: str = ""
+
+
+def float_storage(params: Any, dtype: str) -> Storage:
+    """Default: every tensor in the recipe dtype (the baseline)."""
+    return Storage(float_bytes=DTYPE_BYTES[dtype])
+
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     summary: str
@@ -68,11 +90,20 @@ class Method:
     backend: Callable[[Any], tuple[tuple[str, ...], str | None, tuple[str, ...]]] | None = None
     # Checks of params against the model's config (shapes), before any work: (params, config) -> problems.
     check_model: Callable[[Any, Any], list[str]] | None = None
+    # How the artifact stores the weights, from (params, recipe dtype); see Storage.
+    storage: Callable[[Any, str], Storage] = float_storage
+    # Memory of calibrated quantization beyond the loaded float model, from (params, plan.Shapes, n_samples,
+    # seq_len, dtype bytes) -> {component: bytes}; None for methods without calibration.
+    calibration_memory: Callable[[Any, Any, int, int, int], dict[str, int]] | None = None
 
     def _deps(self, params: Any = None) -> tuple[tuple[str, ...], str | None, tuple[str, ...]]:
         if self.backend is not None and params is not None:
             return self.backend(params)
         return self.requires, self.extra, self.libraries
+
+    def imports(self, params: Any = None) -> tuple[str, ...]:
+        """Import names of the libraries this method (with these params) runs."""
+        return self._deps(params)[0]
 
     def missing(self, params: Any = None) -> list[str]:
         return [r for r in self._deps(params)[0] if importlib.util.find_spec(r) is None]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 from quantpipe.methods import QuantizeJob, copy_tokenizer
@@ -15,6 +16,34 @@ EXTRA = "gptqmodel"
 IMPORTS = ("gptqmodel", "optimum")
 DISTS = ("gptqmodel", "optimum", "transformers")
 DEPS = (IMPORTS, EXTRA, DISTS)  # what Method.backend returns for this library
+
+
+# Measured on the SmolLM2 demo artifact (docs/benchmarks.md): the bench's RSS over its base was 545 MiB after the
+# first forward, 264 MiB after malloc_trim(0), against 211 MiB predicted.
+CPU_NOTE = ("GPTQModel's CPU kernel repacks the weights on the first forward; its transient buffers, freed but "
+            "kept by the C allocator, are in the measured peak and not in the prediction")
+
+
+def gptq_bytes(bits: int, group_size: int) -> Callable[[int, int], int]:
+    """Bytes of one Linear(out, inp) in the gptq format: `qweight` int32 [inp·bits/32, out], `qzeros` int32
+    [groups, out·bits/32] (stored even when symmetric), `scales` float16 [groups, out], `g_idx` int32 [inp]."""
+
+    def size(out: int, inp: int) -> int:
+        groups = inp // group_size if group_size > 0 else 1
+        return -(-inp * bits // 32) * out * 4 + groups * -(-out * bits // 32) * 4 + groups * out * 2 + inp * 4
+
+    return size
+
+
+def awq_bytes(bits: int, group_size: int) -> Callable[[int, int], int]:
+    """Bytes of one Linear(out, inp) in the AWQ GEMM format: `qweight` int32 [inp, out·bits/32], `qzeros` int32
+    [groups, out·bits/32], `scales` float16 [groups, out]."""
+
+    def size(out: int, inp: int) -> int:
+        groups = inp // group_size
+        return inp * -(-out * bits // 32) * 4 + groups * -(-out * bits // 32) * 4 + groups * out * 2
+
+    return size
 
 
 def quantize(job: QuantizeJob, kind: str, **config: Any) -> dict[str, Any]:

@@ -5,6 +5,7 @@ call, and the compressed-tensors checkpoint it writes (vLLM's native format; tra
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from quantpipe.methods import QuantizeJob, copy_tokenizer
@@ -23,6 +24,24 @@ def weight_args(bits: int, group_size: int, symmetric: bool) -> Any:
     grouped = group_size > 0
     return QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
                             strategy="group" if grouped else "channel", group_size=group_size if grouped else None)
+
+
+def packed_bytes(bits: int, group_size: int, zero_point: bool, scale_bytes: int) -> Callable[[int, int], int]:
+    """Bytes of one Linear(out, inp) in compressed-tensors `pack-quantized`: `weight_packed` int32 [out, inp·bits/32],
+    `weight_scale` [out, groups] in the model dtype, `weight_zero_point` int32 [out·bits/32, groups] when
+    asymmetric, and `weight_shape` (2 × int64)."""
+
+    def size(out: int, inp: int) -> int:
+        groups = inp // group_size if group_size > 0 else 1
+        zeros = -(-out * bits // 32) * groups * 4 if zero_point else 0
+        return out * -(-inp * bits // 32) * 4 + out * groups * scale_bytes + zeros + 16
+
+    return size
+
+
+def int8_bytes(scale_bytes: int) -> Callable[[int, int], int]:
+    """Bytes of one Linear(out, inp) in compressed-tensors `int-quantized`: int8 weight, one scale per channel."""
+    return lambda out, inp: out * inp + out * scale_bytes
 
 
 def config_groups(weights: Any, input_activations: Any = None) -> dict[str, Any]:

@@ -11,11 +11,13 @@ from typing import Any, Literal
 
 from pydantic import model_validator
 
+from quantpipe.methods import DTYPE_BYTES as _BYTES
 from quantpipe.methods import (
     GroupSize,
     Method,
     MethodParams,
     QuantizeJob,
+    Storage,
     _gptqmodel,
     _llmcompressor,
     check_group_size,
@@ -54,6 +56,20 @@ def quantize(job: QuantizeJob) -> dict[str, Any]:
     return {**meta, "bits": p.bits, "group_size": p.group_size}
 
 
+def storage(p: AWQParams, dtype: str) -> Storage:
+    if p.format == "awq":  # float16 throughout, whatever the recipe dtype
+        return Storage(float_bytes=2, linear=_gptqmodel.awq_bytes(p.bits, p.group_size),
+                       cpu_note=_gptqmodel.CPU_NOTE)
+    return Storage(float_bytes=_BYTES[dtype], decompressed_on_cpu=True,
+                   linear=_llmcompressor.packed_bytes(p.bits, p.group_size, p.zero_point, _BYTES[dtype]))
+
+
+def calibration_memory(p: AWQParams, shapes: Any, n_samples: int, seq_len: int, a: int) -> dict[str, int]:
+    from quantpipe.plan import awq_calibration
+
+    return awq_calibration(shapes, n_samples, seq_len, a)
+
+
 register(Method(
     name="awq",
     summary="AWQ int4 weights (llm-compressor -> compressed-tensors, or GPTQModel -> AutoAWQ GEMM format)",
@@ -66,4 +82,6 @@ register(Method(
     libraries=_llmcompressor.DISTS,
     backend=lambda p: _gptqmodel.DEPS if p.format == "awq" else _llmcompressor.DEPS,
     check_model=lambda p, config: check_group_size(p.group_size, config),
+    storage=storage,
+    calibration_memory=calibration_memory,
 ))

@@ -13,11 +13,13 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from quantpipe.methods import DTYPE_BYTES as _BYTES
 from quantpipe.methods import (
     GroupSize,
     Method,
     MethodParams,
     QuantizeJob,
+    Storage,
     _gptqmodel,
     _llmcompressor,
     check_group_size,
@@ -59,6 +61,20 @@ def quantize(job: QuantizeJob) -> dict[str, Any]:
     return {**meta, "bits": p.bits, "group_size": p.group_size}
 
 
+def storage(p: GPTQParams, dtype: str) -> Storage:
+    if p.format == "gptq":
+        return Storage(float_bytes=_BYTES[dtype], linear=_gptqmodel.gptq_bytes(p.bits, p.group_size),
+                       cpu_note=_gptqmodel.CPU_NOTE)
+    return Storage(float_bytes=_BYTES[dtype], decompressed_on_cpu=True,
+                   linear=_llmcompressor.packed_bytes(p.bits, p.group_size, not p.sym, _BYTES[dtype]))
+
+
+def calibration_memory(p: GPTQParams, shapes: Any, n_samples: int, seq_len: int, a: int) -> dict[str, int]:
+    from quantpipe.plan import gptq_calibration
+
+    return gptq_calibration(shapes, n_samples, seq_len, a)
+
+
 register(Method(
     name="gptq",
     summary="GPTQ int4/int8 weights (llm-compressor -> compressed-tensors, or GPTQModel -> gptq format)",
@@ -71,4 +87,6 @@ register(Method(
     libraries=_llmcompressor.DISTS,
     backend=lambda p: _gptqmodel.DEPS if p.format == "gptq" else _llmcompressor.DEPS,
     check_model=lambda p, config: check_group_size(p.group_size, config),
+    storage=storage,
+    calibration_memory=calibration_memory,
 ))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from quantpipe.methods import Method, MethodParams, QuantizeJob, copy_tokenizer, register
+from quantpipe.methods import DTYPE_BYTES, Method, MethodParams, QuantizeJob, Storage, copy_tokenizer, register
 from quantpipe.sources import DTYPE
 
 
@@ -41,4 +41,7 @@ register(Method(
     requires=("torchao",),
     extra=None,
     libraries=("torchao", "transformers"),
+    # torchao Int8Tensor: int8 qdata [out, in], a scale and an int8 zero point per output channel
+    storage=lambda p, dtype: Storage(float_bytes=DTYPE_BYTES[dtype],
+                                     linear=lambda out, inp: out * inp + out * DTYPE_BYTES[dtype] + out),
 ))

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from quantpipe.methods import Method, MethodParams, QuantizeJob, _llmcompressor, register
+from quantpipe.methods import DTYPE_BYTES, Method, MethodParams, QuantizeJob, Storage, _llmcompressor, register
 
 
 class SmoothQuantParams(MethodParams):
@@ -38,6 +38,15 @@ def quantize(job: QuantizeJob) -> dict[str, Any]:
     return {**_llmcompressor.oneshot(job, modifiers), "bits": 8, "activations": "int8 per token, dynamic"}
 
 
+def calibration_memory(p: SmoothQuantParams, shapes: Any, n_samples: int, seq_len: int, a: int) -> dict[str, int]:
+    """GPTQ's working set (the smoothing statistics are a few vectors per layer); RTN: the layer's inputs and
+    outputs and one sample's forward."""
+    from quantpipe.plan import gptq_calibration
+
+    need = gptq_calibration(shapes, n_samples, seq_len, a)
+    return need if p.weights == "gptq" else {k: need[k] for k in ("layer inputs+outputs", "forward")}
+
+
 register(Method(
     name="smoothquant",
     summary="SmoothQuant + W8A8 INT8 weights and activations (llm-compressor -> compressed-tensors)",
@@ -48,4 +57,7 @@ register(Method(
     extra=_llmcompressor.EXTRA,
     uses_calibration=True,
     libraries=_llmcompressor.DISTS,
+    storage=lambda p, dtype: Storage(float_bytes=DTYPE_BYTES[dtype], decompressed_on_cpu=True,
+                                     linear=_llmcompressor.int8_bytes(DTYPE_BYTES[dtype])),
+    calibration_memory=calibration_memory,
 ))

@@ -1,0 +1,364 @@
+"""`quantpipe plan`: memory arithmetic from a model's config alone (no weights): weight bytes of every variant's
+artifact, KV-cache bytes per token, an activation allowance, what fits on a GPU, and the memory calibrated
+quantization needs. The same functions predict each run's memory, shown beside the measured figures.
+
+Definitions (docs/architecture.md has them too):
+- weights: every tensor of the artifact, in the layout its method writes (`Method.storage`): embeddings,
+  lm_head (once when tied), norms and biases stay float; each decoder Linear is quantized. Exact to the byte
+  against the safetensors tensors the methods write.
+- KV cache per token: 2 (K and V) × layers × kv_heads × head_dim × KV dtype bytes (grouped-query attention
+  counts the kv heads, not the query heads).
+- activations: the workspace of one forward over `tokens` tokens of `seqs` sequences: per token the widest
+  live tensors (residual, normed input, q/k/v, attention output, gate/up/act of the MLP), the last position's
+  float32 logits and their softmax per sequence, and the attention scores when the kernel materializes them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from quantpipe.errors import QuantpipeError
+from quantpipe.methods import DTYPE_BYTES, Storage
+
+GIB, MIB = 2**30, 2**20
+
+# Total memory of each GPU in MiB, as nvidia-smi reports it (published figures; only the H100's was read here, on
+# a lent H100 80GB HBM3: 81559 MiB, docs/benchmarks.md). Part of it goes to the CUDA context and
+# the framework: `--utilization` (default 0.9, vLLM's default) is the share the model may use.
+GPUS: dict[str, int] = {name: mib * MIB for name, mib in {
+    "T4-16GB": 15360, "L4-24GB": 23034, "A10-24GB": 23028, "RTX4090-24GB": 24564, "A100-40GB": 40960,
+    "L40S-48GB": 46068, "A100-80GB": 81920, "H100-80GB": 81559, "H200-141GB": 143771}.items()}
+KV_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The numbers of a decoder-only transformer that memory depends on."""
+
+    model_type: str
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    tied: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    max_positions: int
+
+    def linears(self) -> list[tuple[str, int, int, bool]]:
+        """(name, out_features, in_features, has bias) of one decoder layer's Linears."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        h, i = self.hidden, self.intermediate
+        return [("q_proj", q, h, self.qkv_bias), ("k_proj", kv, h, self.qkv_bias), ("v_proj", kv, h, self.qkv_bias),
+                ("o_proj", h, q, self.o_bias), ("gate_proj", i, h, self.mlp_bias), ("up_proj", i, h, self.mlp_bias),
+                ("down_proj", h, i, self.mlp_bias)]
+
+    def n_params(self) -> int:
+        per_layer = sum(o * i + (o if b else 0) for _, o, i, b in self.linears()) + 2 * self.hidden
+        per_layer += 2 * self.head_dim if self.qk_norm else 0
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.layers * per_layer + self.hidden
+
+
+def shapes(config: Any) -> Shapes:
+    """Shapes of a transformers config of a Llama-like decoder (llama, mistral, qwen2, qwen3)."""
+    mt = getattr(config, "model_type", "?")
+    if mt not in SUPPORTED:
+        raise QuantpipeError(f"model: plan knows the layer shapes of {', '.join(SUPPORTED)} models, not "
+                             f"model_type '{mt}'")
+    heads = config.num_attention_heads
+    bias = bool(getattr(config, "attention_bias", False))
+    return Shapes(
+        model_type=mt, vocab=config.vocab_size, hidden=config.hidden_size, layers=config.num_hidden_layers,
+        heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        intermediate=config.intermediate_size, tied=bool(getattr(config, "tie_word_embeddings", False)),
+        qkv_bias=True if mt == "qwen2" else bias, o_bias=False if mt == "qwen2" else bias,
+        mlp_bias=bool(getattr(config, "mlp_bias", False)), qk_norm=mt == "qwen3",
+        max_positions=getattr(config, "max_position_embeddings", 0) or 0)
+
+
+def weight_bytes(s: Shapes, storage: Storage) -> dict[str, int]:
+    """Bytes of every tensor of an artifact, by part; 'total' is their sum."""
+    f = storage.float_bytes
+    linear = storage.linear or (lambda out, inp: out * inp * f)
+    per_layer_linear = sum(linear(o, i) for _, o, i, _ in s.linears())
+    per_layer_bias = sum(o for _, o, _, b in s.linears() if b) * f
+    norms = (2 * s.hidden + (2 * s.head_dim if s.qk_norm else 0)) * f
+    out = {
+        "embeddings": s.vocab * s.hidden * f,
+        "lm_head": 0 if s.tied else s.vocab * s.hidden * f,
+        "linear": s.layers * per_layer_linear,
+        "bias": s.layers * per_layer_bias,
+        "norms": s.layers * norms + s.hidden * f,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def kv_bytes_per_token(s: Shapes, kv_bytes: int) -> int:
+    """K and V of every layer for one token: 2 × layers × kv_heads × head_dim × bytes."""
+    return 2 * s.layers * s.kv_heads * s.head_dim * kv_bytes
+
+
+def activation_bytes(s: Shapes, tokens: int, seqs: int, act_bytes: int, scores_len: int = 0) -> int:
+    """Workspace of one forward over `tokens` tokens of `seqs` sequences (see the module docstring).
+    `scores_len` > 0 adds the [seqs, heads, len, len] attention scores of a kernel that materializes them."""
+    width = 4 * s.hidden + (s.heads + 2 * s.kv_heads) * s.head_dim + 3 * s.intermediate
+    logits = 2 * seqs * s.vocab * 4
+    scores = seqs * s.heads * scores_len * scores_len * act_bytes
+    return tokens * width * act_bytes + logits + scores
+
+
+# -- calibration (GPTQ, AWQ): memory beyond the loaded float model --------------------------------------------
+def gptq_calibration(s: Shapes, n_samples: int, seq_len: int, a: int) -> dict[str, int]:
+    """GPTQ, layer by layer: the layer's inputs and outputs for every calibration sample, one float32 Hessian
+    (in × in) per Linear of the layer, the largest Linear's float32 weight copy and two Hessian-sized buffers
+    (damped inverse and Cholesky factor), and one sample's forward through the layer."""
+    tokens = n_samples * seq_len
+    lin = s.linears()
+    return {
+        "layer inputs+outputs": 2 * tokens * s.hidden * a,
+        "hessians": sum(i * i * 4 for _, _, i, _ in lin),
+        "solver": max(o * i * 4 + 2 * i * i * 4 for _, o, i, _ in lin),
+        "forward": activation_bytes(s, seq_len, 1, a, scores_len=seq_len),
+    }
+
+
+def awq_calibration(s: Shapes, n_samples: int, seq_len: int, a: int) -> dict[str, int]:
+    """AWQ, layer by layer: the layer's inputs and outputs for every sample, the cached inputs of each smoothed
+    group (attention input, o_proj input, MLP input, down_proj input), float32 reference and candidate outputs
+    of a group for the scale search, and float32 copies of the largest group's weights."""
+    tokens = n_samples * seq_len
+    q = s.heads * s.head_dim
+    return {
+        "layer inputs+outputs": 2 * tokens * s.hidden * a,
+        "group inputs": tokens * (2 * s.hidden + q + s.intermediate) * a,
+        "search outputs": 2 * tokens * s.hidden * 4,
+        "weight copies": 2 * 2 * s.intermediate * s.hidden * 4,
+        "forward": activation_bytes(s, seq_len, 1, a, scores_len=seq_len),
+    }
+
+
+# -- what fits ---------------------------------------------------------------------------------------------
+def parse_memory(text: str) -> int:
+    """'24GiB', '80GB', '512MiB', '81559MiB', '1.5TiB' -> bytes (GB = 10^9, GiB = 2^30)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B)\s*", text, re.IGNORECASE)
+    if not m:
+        raise QuantpipeError(f"--gpu-memory: '{text}' is not a size like 24GiB, 80GB or 81559MiB")
+    unit = m.group(2).upper()
+    base = 1024 if "I" in unit else 1000
+    return int(float(m.group(1)) * base ** "KMGT".index(unit[0]) * base)
+
+
+def gpu_memory(name: str) -> int:
+    for k, v in GPUS.items():
+        if k.lower() == name.lower() or k.split("-")[0].lower() == name.lower():
+            return v
+    raise QuantpipeError(f"--gpu: unknown GPU '{name}'; known: {', '.join(GPUS)} (or give --gpu-memory 24GiB)")
+
+
+@dataclass
+class Fit:
+    """One variant on one GPU: its memory and the largest context × concurrency it serves."""
+
+    variant: str
+    method: str
+    weights: int
+    kv_per_token: int
+    activations: int
+    budget: int  # usable bytes: memory × utilization
+    kv_budget: int  # what is left for the KV cache
+    max_concurrency: int  # at the requested context
+    max_context: dict[int, int]  # concurrency -> largest context (capped at the model's max positions)
+
+    @property
+    def fits(self) -> bool:
+        return self.max_concurrency >= 1
+
+
+def fit(variant: str, method: str, weights: int, s: Shapes, kv_bytes: int, act_bytes: int, memory: int,
+        context: int, concurrency: list[int], utilization: float = 0.9, prefill_chunk: int = 8192) -> Fit:
+    """How many sequences of `context` tokens fit beside the weights, and the longest context per concurrency.
+    The activation allowance is one prefill chunk of min(context, prefill_chunk) tokens (flash attention:
+    no score matrix), with the logits of every concurrent sequence."""
+    per_tok = kv_bytes_per_token(s, kv_bytes)
+    acts = activation_bytes(s, min(context, prefill_chunk), max(concurrency + [1]), act_bytes)
+    budget = int(memory * utilization)
+    kv_budget = max(0, budget - weights - acts)
+    tokens = kv_budget // per_tok
+    cap = s.max_positions or tokens
+    return Fit(variant=variant, method=method, weights=weights, kv_per_token=per_tok, activations=acts,
+               budget=budget, kv_budget=kv_budget, max_concurrency=tokens // context,
+               max_context={c: min(cap, tokens // c) for c in concurrency})
+
+
+def dtype_bytes(dtype: str) -> int:
+    return DTYPE_BYTES[dtype]
+
+
+def resident_bytes(s: Shapes, storage: Storage, dtype: str, device: str) -> int:
+    """Weight bytes a loaded artifact holds: its stored layout; where transformers decompresses the format
+    on a CPU (compressed-tensors), the float weights it makes plus the stored tensors it read."""
+    stored = weight_bytes(s, storage)["total"]
+    if device == "cpu" and storage.decompressed_on_cpu:
+        return weight_bytes(s, Storage(float_bytes=DTYPE_BYTES[dtype]))["total"] + stored
+    return stored
+
+
+def bench_memory(s: Shapes, storage: Storage, dtype: str, device: str, bench: dict[str, Any]) -> dict[str, int]:
+    """Predicted memory of `quantpipe bench` at its largest batch: resident weights, the KV cache of
+    prompt_len + gen_len tokens per sequence, and one prefill's activations (CPU attention materializes the
+    scores; CUDA's flash/efficient kernels do not)."""
+    b = max(bench["batch_sizes"])
+    act = storage.float_bytes
+    out = {
+        "weights": resident_bytes(s, storage, dtype, device),
+        "kv_cache": b * (bench["prompt_len"] + bench["gen_len"]) * kv_bytes_per_token(s, act),
+        "activations": activation_bytes(s, b * bench["prompt_len"], b, act,
+                                        scores_len=bench["prompt_len"] if device == "cpu" else 0),
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def quantize_memory(s: Shapes, method: Any, params: Any, dtype: str, n_samples: int, seq_len: int
+                    ) -> dict[str, int] | None:
+    """Predicted memory of a calibrated method's quantization: the float model it loads, its calibration
+    working set (`Method.calibration_memory`), and the quantized tensors it builds to save. None for methods
+    without calibration."""
+    if method.calibration_memory is None:
+        return None
+    storage = method.storage(params, dtype)
+    a = storage.float_bytes  # the dtype the backend loads the model in
+    out = {"model": weight_bytes(s, Storage(float_bytes=a))["total"],
+           **method.calibration_memory(params, s, n_samples, seq_len, a),
+           "artifact": weight_bytes(s, storage)["total"]}
+    out["total"] = sum(out.values())
+    return out
+
+
+def safetensors_bytes(artifact_dir: Any) -> int:
+    """Sum of the tensor bytes in an artifact's .safetensors files (read from their headers)."""
+    import json
+    import struct
+    from pathlib import Path
+
+    total = 0
+    for f in sorted(Path(artifact_dir).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
+    return total
+
+
+# -- the `quantpipe plan` report ----------------------------------------------------------------------------
+def plan_recipe(recipe: Any, config: Any, memory: int, context: int, concurrency: list[int],
+                kv_dtype: str = "auto", utilization: float = 0.9) -> dict[str, Any]:
+    """Every variant's weights, KV cache and fit on a GPU of `memory` bytes, and the memory of calibrated
+    quantization for the recipe's n_samples × seq_len; plain data (printed by `format_plan`, or JSON)."""
+    from quantpipe.methods import get_method, parse_params
+
+    s = shapes(config)
+    dtype, cal = recipe.model.dtype, recipe.calibration
+    variants = []
+    for v in recipe.variants:
+        method, params = get_method(v.method), parse_params(v)
+        storage = method.storage(params, dtype)
+        kv = KV_DTYPES[kv_dtype] if kv_dtype != "auto" else storage.float_bytes
+        w = weight_bytes(s, storage)
+        f = fit(v.name, v.method, w["total"], s, kv, storage.float_bytes, memory, context, concurrency, utilization)
+        variants.append({"name": v.name, "method": v.method, "weights": w, "kv_bytes_per_token": f.kv_per_token,
+                         "kv_dtype_bytes": kv, "activations": f.activations, "kv_budget": f.kv_budget,
+                         "fits": f.fits, "max_concurrency": f.max_concurrency,
+                         "max_context": {str(c): n for c, n in f.max_context.items()},
+                         "quantize": quantize_memory(s, method, params, dtype, cal.n_samples, cal.seq_len)})
+    return {"shapes": s.__dict__, "n_params": s.n_params(), "memory": memory, "utilization": utilization,
+            "budget": int(memory * utilization), "context": context, "concurrency": concurrency,
+            "calibration": {"n_samples": cal.n_samples, "seq_len": cal.seq_len}, "variants": variants}
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:.2f}"
+
+
+def format_plan(p: dict[str, Any], title: str, available: tuple[str, int] | None = None) -> str:
+    """The plan as text: a fit table and, for calibrated methods, their quantization memory."""
+    s, ctx = p["shapes"], p["context"]
+    lines = [title,
+             f"shapes: {s['model_type']}, {s['layers']} layers, hidden {s['hidden']}, {s['heads']} query / "
+             f"{s['kv_heads']} KV heads × {s['head_dim']}, intermediate {s['intermediate']}, vocab {s['vocab']}, "
+             f"{'tied' if s['tied'] else 'untied'} embeddings, {p['n_params'] / 1e9:.3f} B params",
+             f"GPU memory {_gib(p['memory'])} GiB × {p['utilization']:.2f} = {_gib(p['budget'])} GiB for weights, "
+             f"activations and KV cache; context {ctx}", ""]
+    conc = [str(c) for c in p["concurrency"]]
+    head = ["variant", "method", "weights GiB", "KV KiB/token", "activations GiB", "KV room GiB",
+            f"max concurrency @ {ctx}", *[f"max context @ {c}" for c in conc], "fits"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v in p["variants"]:
+        room = p["budget"] - v["weights"]["total"] - v["activations"]
+        verdict = "yes" if v["fits"] else (
+            f"NO: weights + activations exceed {_gib(p['budget'])} GiB" if room <= 0 else
+            f"NO: {ctx} tokens of KV need {_gib(ctx * v['kv_bytes_per_token'])} GiB")
+        lines.append("| " + " | ".join([
+            v["name"], v["method"], _gib(v["weights"]["total"]), f"{v['kv_bytes_per_token'] / 1024:.1f}",
+            _gib(v["activations"]), _gib(v["kv_budget"]), str(v["max_concurrency"]),
+            *[str(v["max_context"][c]) for c in conc], verdict]) + " |")
+    calibrated = [v for v in p["variants"] if v["quantize"]]
+    if calibrated:
+        cal = p["calibration"]
+        lines += ["", f"Calibrated quantization, {cal['n_samples']} samples × {cal['seq_len']} tokens "
+                  "(float model + working set + quantized output):", ""]
+        for v in calibrated:
+            q = v["quantize"]
+            parts = ", ".join(f"{k} {_gib(x)}" for k, x in q.items() if k != "total")
+            warn = ""
+            if available is not None and q["total"] > WARN_SHARE * available[1]:
+                warn = f"  WARNING: this machine has {_gib(available[1])} GiB of {available[0]}; it may run out"
+            lines.append(f"- {v['name']}: {_gib(q['total'])} GiB ({parts}){warn}")
+    return "\n".join(lines) + "\n"
+
+
+def available_memory() -> tuple[str, int]:
+    """Where quantization would run here and how much memory it has: the GPU's total, or free RAM."""
+    import psutil
+    import torch
+
+    if torch.cuda.is_available():
+        return "GPU memory", torch.cuda.get_device_properties(0).total_memory
+    return "available RAM", psutil.virtual_memory().available
+
+
+# Measured quantize peaks ran up to 30% above the prediction on CPU (SmolLM2 demo, docs/benchmarks.md: the
+# process's RSS keeps freed transients), so a run warns once the prediction passes 75% of what is available.
+WARN_SHARE = 0.75
+
+
+def calibration_warnings(recipe: Any, config: Any) -> list[str]:
+    """One line per calibrated variant whose predicted quantization memory passes WARN_SHARE of what this
+    machine has."""
+    from quantpipe.methods import get_method, parse_params
+
+    try:
+        s = shapes(config)
+    except QuantpipeError:
+        return []
+    where, have = available_memory()
+    cal, out = recipe.calibration, []
+    for v in recipe.variants:
+        need = quantize_memory(s, get_method(v.method), parse_params(v), recipe.model.dtype, cal.n_samples,
+                               cal.seq_len)
+        if need is not None and need["total"] > WARN_SHARE * have:
+            out.append(f"variant '{v.name}' ({v.method}) needs about {_gib(need['total'])} GiB to quantize "
+                       f"with {cal.n_samples} × {cal.seq_len} calibration tokens (an estimate; peaks were measured "
+                       f"up to 30% above it) and this machine has {_gib(have)} GiB of {where}, so it may run out: "
+                       "lower calibration.n_samples or calibration.seq_len, or use a bigger machine "
+                       "(`quantpipe plan RECIPE` shows the parts)")
+    return out
