@@ -57,6 +57,7 @@ def run_bench(artifact_dir: Path, cfg: dict[str, Any], prompt_ids: list[int]) ->
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     proc = psutil.Process()
+    runtimes.preload(artifact_dir)
     rss0 = proc.memory_info().rss
     t = time.perf_counter()
     rt = runtimes.load(artifact_dir, cfg.get("device", "auto"))
@@ -85,6 +86,7 @@ def run_bench(artifact_dir: Path, cfg: dict[str, Any], prompt_ids: list[int]) ->
     out["kernel"] = rt.kernel() if hasattr(rt, "kernel") else "unknown"
     out["peak_rss_mib"] = peak_rss_mib()
     out["load_rss_mib"] = load_rss / 2**20
+    out["base_rss_mib"] = rss0 / 2**20  # before loading, libraries imported: peak - base is the model's share
     if rt.device == "cuda":
         out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     rt.close()

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from quantpipe import __version__, bench, calibration, evaluate, report, runtimes, sources, sysinfo, worker
+from quantpipe import __version__, bench, calibration, evaluate, plan, report, runtimes, sources, sysinfo, worker
 from quantpipe.cache import (
     StageCache,
     atomic_dir,
@@ -106,7 +106,9 @@ class Run:
                 (tmp / runtimes.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
                 (tmp / "README.md").write_text(artifact_readme(meta))
             return {"meta": meta, "quantize_s": done["quantize_s"], "quantize_peak_rss_mib": done["peak_rss_mib"],
-                    "size_bytes": dir_size(out)}
+                    "quantize_base_rss_mib": done["base_rss_mib"], "quantize_peak_gpu_mib": done.get("peak_gpu_mib"),
+                    "size_bytes": dir_size(out),
+                    "tensor_bytes": plan.safetensors_bytes(out)}
 
         return self.stage(f"quantize:{variant.name}", payload, compute, artifact=out)
 
@@ -239,6 +241,7 @@ def _run(r: Run, recipe_path: str) -> dict[str, Any]:
     for v in ordered:
         r.bench(v, windows)
     results = collect(r, recipe_path)
+    add_predictions(r, results)
     write_outputs(r, results, time.perf_counter() - started)
     return results
 
@@ -248,7 +251,11 @@ def preflight(recipe: Recipe) -> Any:
     (read from the config alone). Returns the config, or None where it cannot be had offline."""
     for v in recipe.variants:
         get_method(v.method).require(v.name, parse_params(v))
-    return check_shapes(recipe)
+    config = check_shapes(recipe)
+    if config is not None:
+        for line in plan.calibration_warnings(recipe, config):
+            print(f"warning: {line}")
+    return config
 
 
 def check_shapes(recipe: Recipe, config: Any = None) -> Any:
@@ -301,6 +308,46 @@ def collect(r: Run, recipe_path: str) -> dict[str, Any]:
         "hardware": sysinfo.hardware(),
         "variants": variants,
     }
+
+
+def add_predictions(r: Run, results: dict[str, Any]) -> None:
+    """Put `quantpipe plan`'s predictions beside each variant's measured memory (`prediction` per variant):
+    artifact tensor bytes, the bench process's memory at its largest batch, and calibrated quantization's peak.
+    Measured process memory is the peak minus the process's memory before any weights (libraries loaded)."""
+    from transformers import AutoConfig
+
+    try:
+        s = plan.shapes(AutoConfig.from_pretrained(r.artifact_dir(r.recipe.reference)))
+    except QuantpipeError as e:  # a model family plan does not know: the matrix says so
+        for v in results["variants"]:
+            v["prediction"] = {"error": str(e)}
+        return
+    dtype, cal, spec = r.recipe.model.dtype, r.recipe.calibration, r.recipe.bench.model_dump(mode="json")
+    for v in results["variants"]:
+        method = get_method(v["method"])
+        params = method.params.model_validate(v["params"])
+        storage = method.storage(params, dtype)
+        q, b = r.results[f"quantize:{v['name']}"], r.results.get(f"bench:{v['name']}")
+        pred: dict[str, Any] = {"weights_bytes": plan.weight_bytes(s, storage)["total"],
+                                "measured_weights_bytes": q.get("tensor_bytes")}
+        if b is not None:
+            device = b["device"]
+            pred["bench"] = {k: x / plan.MIB for k, x in plan.bench_memory(s, storage, dtype, device, spec).items()}
+            measured = b.get("peak_gpu_mib") if device == "cuda" else (
+                b["peak_rss_mib"] - b["base_rss_mib"] if "base_rss_mib" in b else None)
+            pred["measured_bench_mib"] = measured
+            pred["bench_measure"] = "peak CUDA memory allocated" if device == "cuda" else "peak RSS - RSS before load"
+            if device == "cpu" and storage.cpu_note:
+                pred["bench_not_modelled"] = storage.cpu_note
+        need = plan.quantize_memory(s, method, params, dtype, cal.n_samples, cal.seq_len)
+        if need is not None:
+            pred["quantize"] = {k: x / plan.MIB for k, x in need.items()}
+            base = q.get("quantize_base_rss_mib")
+            on_gpu = q["meta"].get("quantize_device") == "cuda" and q.get("quantize_peak_gpu_mib") is not None
+            pred["measured_quantize_mib"] = q["quantize_peak_gpu_mib"] if on_gpu else (
+                None if base is None else q["quantize_peak_rss_mib"] - base)
+            pred["quantize_measure"] = "peak CUDA memory allocated" if on_gpu else "peak RSS - RSS before load"
+        v["prediction"] = pred
 
 
 def write_outputs(r: Run, results: dict[str, Any], wall_s: float) -> None:

@@ -70,7 +70,46 @@ def markdown(results: dict[str, Any]) -> str:
         kernels = {k for k in (v.get("eval_kernel"), (v.get("speed") or {}).get("kernel")) if k}
         lines.append(f"- {v['name']}: {v.get('format') or '?'}; runtime {v.get('runtime')}; "
                      + ("; ".join(sorted(kernels)) or "kernel not recorded"))
+    mhead, mbody = memory_rows(results)
+    if mbody:
+        lines += ["", "Memory, predicted (`quantpipe plan`) vs measured. Weights: the artifact's tensors. Bench: the "
+                  "largest batch's weights + KV cache + activations vs the bench process's peak over its memory "
+                  "before loading. Quantize: float model + calibration working set + packed output vs the "
+                  "quantize process's peak over its memory with the libraries loaded:", "",
+                  "| " + " | ".join(mhead) + " |", "|" + "---|" * len(mhead)]
+        lines += ["| " + " | ".join(r) + " |" for r in mbody]
+    notes = {}
+    for v in results["variants"]:
+        note = (v.get("prediction") or {}).get("bench_not_modelled")
+        if note:
+            notes.setdefault(note, []).append(v["name"])
+    lines += [f"\nNote ({', '.join(names)}): {note}." for note, names in notes.items()]
+    errors = {(v.get("prediction") or {}).get("error") for v in results["variants"]} - {None}
+    lines += [f"\nMemory prediction unavailable: {e}" for e in errors]
     return "\n".join(lines) + "\n"
+
+
+def _diff(pred: float | None, meas: float | None) -> str:
+    return "–" if pred is None or not meas else f"{100 * (pred / meas - 1):+.0f}"
+
+
+def memory_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Predicted (`quantpipe plan`'s arithmetic) beside measured memory, per variant, with the difference."""
+    head = ["variant", "weights pred MiB", "in artifact MiB", "Δ %", "bench pred MiB", "bench meas MiB", "Δ %",
+            "quantize pred MiB", "quantize meas MiB", "Δ %"]
+    body = []
+    for v in results["variants"]:
+        p = v.get("prediction")
+        if not p or "error" in p:
+            continue
+        w, wm = p["weights_bytes"] / 2**20, (p.get("measured_weights_bytes") or 0) / 2**20 or None
+        b, bm = (p.get("bench") or {}).get("total"), p.get("measured_bench_mib")
+        q, qm = (p.get("quantize") or {}).get("total"), p.get("measured_quantize_mib")
+        mark = " (note)" if p.get("bench_not_modelled") else ""
+        body.append([v["name"], _f(w, ".1f"), _f(wm, ".1f"), _diff(w, wm), _f(b, ".0f"), _f(bm, ".0f"),
+                     _diff(b, bm) + mark,
+                     _f(q, ".0f"), _f(qm, ".0f"), _diff(q, qm)])
+    return head, body
 
 
 def plot_png(results: dict[str, Any]) -> bytes:

@@ -20,19 +20,30 @@ from quantpipe.methods import Method, QuantizeJob
 
 
 def _child(method_name: str, quantize: Callable[[QuantizeJob], dict[str, Any]], job: QuantizeJob, result: str,
-           log: str) -> None:
+           log: str, imports: tuple[str, ...]) -> None:
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+    import importlib
+
+    import psutil
+
     from quantpipe.bench import peak_rss_mib
     from quantpipe.cache import explain_os_error
 
     t = time.perf_counter()
     try:
+        for name in imports:  # the method's libraries first, so base_rss_mib is the process before any weights
+            importlib.import_module(name)
+        base = psutil.Process().memory_info().rss / 2**20
         meta = quantize(job)
-        out: dict[str, Any] = {"meta": meta, "quantize_s": time.perf_counter() - t, "peak_rss_mib": peak_rss_mib()}
+        out: dict[str, Any] = {"meta": meta, "quantize_s": time.perf_counter() - t, "peak_rss_mib": peak_rss_mib(),
+                               "base_rss_mib": base}
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     except QuantpipeError as e:
         out = {"error": str(e)}
     except OSError as e:
@@ -48,13 +59,14 @@ def _child(method_name: str, quantize: Callable[[QuantizeJob], dict[str, Any]], 
 
 
 def quantize_in_subprocess(method: Method, job: QuantizeJob, work: Path) -> dict[str, Any]:
-    """Return {'meta', 'quantize_s', 'peak_rss_mib'} of `method.quantize(job)` run in a fresh process, or raise
-    a QuantpipeError naming the log file. The function travels by reference (module and name)."""
+    """Return {'meta', 'quantize_s', 'peak_rss_mib', 'base_rss_mib'} of `method.quantize(job)` run in a fresh
+    process, or raise a QuantpipeError naming the log file. The function travels by reference (module and name)."""
     work.mkdir(parents=True, exist_ok=True)
     result, log = work / f"quantize-{job.variant}.json", work / f"quantize-{job.variant}.log"
     result.unlink(missing_ok=True)
     proc = multiprocessing.get_context("spawn").Process(
-        target=_child, args=(method.name, method.quantize, job, str(result), str(log)),
+        target=_child, args=(method.name, method.quantize, job, str(result), str(log),
+                             method.imports(job.params)),
         name=f"quantpipe-quantize-{job.variant}")
     proc.start()
     try:

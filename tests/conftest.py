@@ -12,6 +12,31 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Predicted (`quantpipe plan`'s arithmetic) vs measured process memory, and why these tolerances
+# (docs/benchmarks.md has the figures):
+# - a CPU process's first forward adds 16-18 MiB of RSS whatever the model (thread pools, kernels, allocator
+#   arenas): measured on the tiny model, whose predicted total is 1-2 MiB. BENCH_FIXED_MIB covers it.
+# - beyond that, bench predictions were within 13% of the measured peak on SmolLM2 (2 CPU cores) and within 2.1%
+#   on 7B shapes (H100): BENCH_SHARE = 20%. GPTQModel formats on a CPU are only bounded below (their kernel's
+#   first-forward repack is not modelled: Storage.cpu_note).
+# - calibrated quantization's peak RSS keeps freed transients: measured 9-29% above and 15% below the
+#   prediction on SmolLM2; QUANTIZE_SHARE = 35%.
+BENCH_FIXED_MIB, BENCH_SHARE, QUANTIZE_SHARE = 24.0, 0.20, 0.35
+
+
+def check_memory_prediction(name: str, p: dict) -> None:
+    """A variant's `prediction` in results.json against its measured figures, within the tolerances above."""
+    assert p["weights_bytes"] == p["measured_weights_bytes"] > 0, name  # artifact tensors: to the byte
+    b, bm = p["bench"], p["measured_bench_mib"]
+    assert b["total"] == sum(x for k, x in b.items() if k != "total") and bm > 0, name
+    if p.get("bench_not_modelled"):
+        assert bm >= b["total"], (name, b["total"], bm)
+    else:
+        assert abs(b["total"] - bm) <= BENCH_SHARE * bm + BENCH_FIXED_MIB, (name, b["total"], bm)
+    if "quantize" in p:
+        q, qm = p["quantize"]["total"], p["measured_quantize_mib"]
+        assert abs(q - qm) <= QUANTIZE_SHARE * qm, (name, q, qm)
+
 
 def build_tiny_model(out: Path, vocab_size: int = 512, seed: int = 0) -> Path:
     """A 2-layer Llama (hidden 128, GQA 4/2 heads) with random weights; sizes are multiples of 128."""

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import reload_without_quantpipe, tiny_recipe, write_recipe
+from conftest import check_memory_prediction, reload_without_quantpipe, tiny_recipe, write_recipe
 
-from quantpipe import runtimes
+from quantpipe import report, runtimes
 from quantpipe.cache import file_sha256
 from quantpipe.cli import main
 from quantpipe.errors import QuantpipeError
@@ -203,3 +203,13 @@ def test_disk_full_during_a_stage_keeps_finished_stages(tiny_model: Path, tmp_pa
     assert main(["run", str(recipe)]) == 0
     out = capsys.readouterr().out
     assert "quantize:baseline: cached" in out and "quantize:int8: done" in out
+
+
+
+def test_memory_predicted_beside_measured(tiny_run: tuple[Path, Path, dict]) -> None:
+    _, _, res = tiny_run
+    for v in res["variants"]:
+        check_memory_prediction(v["name"], v["prediction"])
+    matrix = report.markdown(res)  # the run dir's matrix.md is rewritten by later tests of this module
+    table = matrix[matrix.index("Memory, predicted"):]
+    assert all(f"| {v} | " in table for v in ("baseline", "int8", "int8-dyn"))

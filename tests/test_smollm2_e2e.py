@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, check_memory_prediction
 
 pytestmark = pytest.mark.slow
 
@@ -81,6 +81,16 @@ def test_demo_4bit_quality_and_size(demo: tuple[Path, subprocess.CompletedProces
     # docs/benchmarks.md), so their KLDs agree within a factor of 1.5, not to the last digit.
     ka, kb = v["gptq-w4g64"]["quality"]["kld_mean"], v["gptq-w4g64-gptq"]["quality"]["kld_mean"]
     assert max(ka, kb) < 1.5 * min(ka, kb), (ka, kb)
+
+
+def test_demo_memory_predicted_beside_measured(demo: tuple[Path, subprocess.CompletedProcess]) -> None:
+    out, _ = demo
+    variants = json.loads((out / "results.json").read_text())["variants"]
+    for v in variants:
+        check_memory_prediction(v["name"], v["prediction"])
+    calibrated = [v["name"] for v in variants if "quantize" in v["prediction"]]
+    assert set(calibrated) == {"smoothquant-w8a8", "gptq-w4g64", "gptq-w4g64-gptq", "awq-w4g64"}
+    assert "Memory, predicted" in (out / "matrix.md").read_text()
 
 
 def test_demo_second_run_is_cached(demo: tuple[Path, subprocess.CompletedProcess]) -> None:

@@ -48,6 +48,9 @@ class RuntimeInfo:
     load: Callable[[Path, str], Runtime]
     requires: tuple[str, ...] = ()
     extra: str | None = None
+    # Import what loading this artifact will import, without loading weights: bench takes its memory
+    # baseline after this, so "memory the model takes" excludes the libraries' own code and data.
+    preload: Callable[[Path], None] | None = None
 
 
 _REGISTRY: dict[str, RuntimeInfo] = {}
@@ -80,6 +83,16 @@ def pick_device(wanted: str = "auto") -> str:
     if wanted == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return wanted
+
+
+def preload(artifact_dir: Path) -> None:
+    """Import the libraries the artifact's runtime will need to load it (best effort: errors surface in load)."""
+    info = all_runtimes().get(read_meta(artifact_dir).get("runtime"))
+    if info is not None and info.preload is not None:
+        try:
+            info.preload(Path(artifact_dir))
+        except Exception:  # noqa: BLE001 - load() reports a broken artifact properly
+            pass
 
 
 def load(artifact_dir: Path, device: str = "auto") -> Runtime:

@@ -70,4 +70,23 @@ def describe_linear(model: torch.nn.Module) -> str:
     return "unknown"
 
 
-register(RuntimeInfo(name="hf", load=HFRuntime, requires=("transformers",)))
+# quantization_config.quant_method -> the modules transformers imports to load that format
+QUANT_LIBRARIES = {"compressed-tensors": ("compressed_tensors",), "gptq": ("gptqmodel", "optimum"),
+                   "awq": ("gptqmodel", "optimum"), "torchao": ("torchao",)}
+
+
+def preload(artifact_dir: Path) -> None:
+    """Import the model class and the quantization library of the artifact's format."""
+    import importlib
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(artifact_dir)
+    AutoModelForCausalLM._model_mapping[type(config)]  # imports the modeling module
+    method = (getattr(config, "quantization_config", None) or {})
+    method = method.get("quant_method") if isinstance(method, dict) else getattr(method, "quant_method", None)
+    for name in QUANT_LIBRARIES.get(str(method), ()):
+        importlib.import_module(name)
+
+
+register(RuntimeInfo(name="hf", load=HFRuntime, requires=("transformers",), preload=preload))
