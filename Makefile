@@ -25,7 +25,7 @@ test-fast: setup
 	$(BIN)/pytest -m "not slow"
 
 lint: setup
-	$(BIN)/ruff check quantpipe tests
+	$(BIN)/ruff check quantpipe tests scripts
 
 bench: setup
 	$(BIN)/quantpipe run recipes/smollm2-demo.yaml --out runs/bench
