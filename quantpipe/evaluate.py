@@ -39,6 +39,13 @@ def kl_divergence(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.T
     return (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1).clamp_min(0.0)
 
 
+# Bumped when score()'s output changes, so cached eval stages are redone (2: block means).
+OUTPUT_VERSION = 2
+# Tokens per block of the block means: long enough that blocks are nearly independent samples of a metric
+# (the tokens of one block are not), short enough that a few eval windows give a usable number of blocks.
+BLOCK = 64
+
+
 def perplexity(nll: torch.Tensor) -> float:
     return math.exp(nll.double().mean().item())
 
@@ -86,4 +93,14 @@ def score(runtime: Any, windows: list[list[int]], ref_dir: Path, write_reference
         "top1_agreement": top1.mean().item(),
         "n_windows": len(windows),
         "n_tokens_scored": int(nll.numel()),
+        # means of consecutive blocks of BLOCK tokens of each window, in order: `quantpipe gate --baseline` pairs
+        # them across runs (batch means) to estimate the noise of a change
+        "block_tokens": BLOCK,
+        "blocks": {"nll": block_means(nlls), "kld": block_means(klds), "top1": block_means(agree)},
     }
+
+
+def block_means(series: list[torch.Tensor], block: int = 0) -> list[float]:
+    """Means of consecutive blocks of `block` (default BLOCK) values of each window's series; a window's last
+    block may be shorter."""
+    return [c.double().mean().item() for x in series for c in torch.split(x, block or BLOCK)]

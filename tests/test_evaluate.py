@@ -44,7 +44,7 @@ def test_kld_identical_is_zero_and_known_value() -> None:
     assert evaluate.kl_divergence(p, q).item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_score_against_reference(tmp_path: Path) -> None:
+def test_score_against_reference(tmp_path: Path, monkeypatch) -> None:
     torch.manual_seed(0)
     ref_logits = {}
 
@@ -65,6 +65,11 @@ def test_score_against_reference(tmp_path: Path) -> None:
         lp = torch.log_softmax(ref_fn(w), -1)
         nll += [-lp[i, w[i + 1]].item() for i in range(len(w) - 1)]
     assert ref["perplexity"] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-6)
+    # block means (the gate's noise estimate): blocks of 8 tokens within each window, in order
+    monkeypatch.setattr(evaluate, "BLOCK", 8)
+    blocks = evaluate.score(FixedRuntime(ref_fn), windows, tmp_path / "ref", write_reference=False)["blocks"]
+    assert blocks["nll"] == pytest.approx([sum(nll[a:b]) / (b - a) for a, b in ((0, 8), (8, 15), (15, 23), (23, 30))])
+    assert len(blocks["kld"]) == len(blocks["top1"]) == 4 and blocks["kld"] == [0.0] * 4
 
 
 def test_vocab_mismatch_is_an_error(tmp_path: Path) -> None:
