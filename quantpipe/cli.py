@@ -154,7 +154,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(report.markdown(results))
     print(f"run directory: {run_dir}  (results.json, matrix.md, matrix.html, matrix.png, manifest.json, "
           f"artifacts/)\nwall time: {time.perf_counter() - t:.1f} s")
-    return 0
+    if not args.gate:
+        return 0
+    from quantpipe import gate
+
+    print()
+    return gate.gate(run_dir, _path(args.gates), _path(args.baseline), _path(args.junit), gates=recipe.gates)[0]
+
+
+def _path(p: str | None) -> Path | None:
+    return None if p is None else Path(p)
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    from quantpipe import gate
+
+    return gate.gate(Path(args.run_dir), _path(args.gates), _path(args.baseline), _path(args.junit))[0]
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -209,6 +224,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("recipe")
     r.add_argument("--out", help="run directory (default: the recipe's output.dir or runs/<name>)")
     r.add_argument("--force", action="store_true", help="redo every stage, ignoring the cache")
+    r.add_argument("--gate", action="store_true", help="run `quantpipe gate` on the results; its exit code is "
+                   "the run's (0 pass, 1 regression, 2 broken inputs)")
+    _gate_options(r)
     r.set_defaults(fn=cmd_run)
     v = sub.add_parser("validate", help="check a recipe without running it")
     v.add_argument("recipe")
@@ -237,10 +255,23 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     b.add_argument("--repeats", type=int, default=3)
     b.set_defaults(fn=cmd_bench)
+    g = sub.add_parser("gate", help="check a run against thresholds and a previous run: exit 0 pass, "
+                       "1 regression, 2 broken inputs")
+    g.add_argument("run_dir", help="a run directory (or its results.json)")
+    _gate_options(g)
+    g.set_defaults(fn=cmd_gate)
+
     rep = sub.add_parser("report", help="re-render matrix.md/html/png from a run's results.json")
     rep.add_argument("run_dir")
     rep.set_defaults(fn=cmd_report)
     return p
+
+
+def _gate_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gates", help="thresholds file (YAML: the recipe's `gates:` mapping); default: the recipe's")
+    p.add_argument("--baseline", help="a previous results.json (or run directory): flag quality regressions "
+                   "beyond the eval's noise")
+    p.add_argument("--junit", help="also write the checks as JUnit XML to this file")
 
 
 def main(argv: list[str] | None = None) -> int:

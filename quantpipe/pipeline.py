@@ -158,7 +158,8 @@ class Run:
         ref = self.recipe.reference
         is_ref = variant.name == ref.name
         payload = {"windows": self.keys["eval-tokens"], "artifact": self.keys[f"quantize:{variant.name}"],
-                   "device": runtimes.pick_device(self.recipe.bench.device)}  # the device used, not the word
+                   "device": runtimes.pick_device(self.recipe.bench.device),  # the device used, not the word
+                   "output_version": evaluate.OUTPUT_VERSION}
         if not is_ref:
             payload["reference"] = self.keys[f"eval:{ref.name}"]
         ref_dir = self.state / "reference"
@@ -290,6 +291,7 @@ def collect(r: Run, recipe_path: str) -> dict[str, Any]:
             "eval_kernel": e.get("kernel"),
             "memory": {"peak_rss_mib": None if b is None else b["peak_rss_mib"],
                        "load_rss_mib": None if b is None else b["load_rss_mib"],
+                       "peak_gpu_mib": None if b is None else b.get("peak_gpu_mib"),
                        "quantize_peak_rss_mib": q["quantize_peak_rss_mib"]},
             "timings": {"quantize_s": q["quantize_s"], "eval_s": e["wall_s"],
                         "bench_s": None if b is None else b["wall_s"], "load_s": None if b is None else b["load_s"]},
@@ -307,6 +309,7 @@ def collect(r: Run, recipe_path: str) -> dict[str, Any]:
         "bench": recipe.bench.model_dump(mode="json"),
         "hardware": sysinfo.hardware(),
         "variants": variants,
+        "gates": recipe.gates.model_dump(mode="json") if recipe.gates else None,
     }
 
 

@@ -127,6 +127,33 @@ class BenchSpec(Strict):
         return sorted(set(v))
 
 
+class GateThresholds(Strict):
+    """Thresholds of `quantpipe gate`; each one left out is not checked. Relative ones are fractions."""
+
+    max_kld: float | None = Field(None, ge=0, description="mean KL(baseline || variant), nats per token")
+    min_top1: float | None = Field(None, ge=0, le=1, description="share of positions whose argmax agrees")
+    max_ppl_increase: float | None = Field(None, ge=0, description="perplexity / baseline's - 1; 0.05 = +5 %")
+    min_lm_eval_recovery: float | None = Field(None, ge=0, description="mean over tasks of score / baseline's")
+    max_peak_memory_mib: float | None = Field(None, gt=0, description="bench peak: GPU allocated, else RSS")
+    min_decode_speedup: float | None = Field(None, gt=0, description="decode tok/s / baseline's at speedup_batch")
+    max_size_mib: float | None = Field(None, gt=0, description="artifact directory size")
+    max_size_ratio: float | None = Field(None, gt=0, description="artifact size / baseline's")
+
+
+class GatesSpec(Strict):
+    """What `quantpipe gate` (and `quantpipe run --gate`) checks: `all` applies to every variant but the
+    baseline; `variants.NAME` adds to or overrides it for one variant (the baseline included)."""
+
+    all: GateThresholds = Field(default_factory=GateThresholds)
+    variants: dict[str, GateThresholds] = Field(default_factory=dict)
+    speedup_batch: int | None = Field(None, ge=1, description="batch size of min_decode_speedup; default the "
+                                      "smallest benchmarked")
+    confidence: float = Field(0.99, gt=0.5, lt=1, description="one-sided confidence of a regression call "
+                              "against --baseline")
+    min_change: float = Field(0.005, ge=0, description="relative change vs --baseline below which nothing is "
+                              "called a regression, however small the noise")
+
+
 class OutputSpec(Strict):
     dir: str | None = Field(None, description="run directory; default runs/<recipe name>")
 
@@ -139,6 +166,7 @@ class Recipe(Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     bench: BenchSpec = Field(default_factory=BenchSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    gates: GatesSpec | None = None
 
     @field_validator("name")
     @classmethod
@@ -154,6 +182,11 @@ class Recipe(Strict):
             if v.name in seen:
                 raise ValueError(f"variants: the name '{v.name}' is used twice; variant names must be unique")
             seen.add(v.name)
+        if self.gates is not None:
+            for name in self.gates.variants:
+                if name not in seen:
+                    raise ValueError(f"gates.variants: no variant is named '{name}'; the variants are "
+                                     f"{', '.join(sorted(seen))}")
         baselines = [v.name for v in self.variants if v.method == "baseline"]
         if len(baselines) != 1:
             raise ValueError(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import check_memory_prediction, reload_without_quantpipe, tiny_recipe, write_recipe
 
 from quantpipe import report, runtimes
@@ -97,6 +99,29 @@ def test_second_run_is_served_from_cache(tiny_run: tuple[Path, Path, dict], caps
     assert stages and all(line.endswith(": cached") for line in stages), stages
     again = json.loads((run_dir / "results.json").read_text())
     assert [v["quality"] for v in again["variants"]] == [v["quality"] for v in first["variants"]]
+
+
+def test_run_with_gate(tiny_run: tuple[Path, Path, dict], tiny_model: Path, capsys) -> None:
+    """`run --gate` gates the run's results with the recipe's thresholds (stages cached: gates are not part of
+    any stage's key), against the previous results too; its exit code is the run's."""
+    recipe, run_dir, first = tiny_run
+    previous = run_dir.parent / "previous-results.json"
+    previous.write_text(json.dumps(first))
+    data = yaml.safe_load(recipe.read_text())
+    data["gates"] = {"all": {"max_kld": 1.0, "max_size_ratio": 0.8}, "variants": {"int8": {"min_top1": 0.5}}}
+    gated = write_recipe(recipe.parent / "gated.yaml", data)
+    junit = run_dir.parent / "gate.xml"
+    capsys.readouterr()
+    assert main(["run", str(gated), "--gate", "--baseline", str(previous), "--junit", str(junit)]) == 0
+    out = capsys.readouterr().out
+    assert all(line.endswith(": cached") for line in out.splitlines() if line.startswith("["))
+    assert "quantpipe gate" in out and "| int8 | min_top1 | ≥ 0.5 |" in out and "| int8-dyn | kld vs previous |" in out
+    assert json.loads((run_dir / "results.json").read_text())["gates"]["variants"]["int8"]["min_top1"] == 0.5
+    assert int(ET.parse(junit).getroot().get("tests")) == 5 + 2 * 3  # 5 thresholds, 3 metrics × 2 variants
+    data["gates"]["all"]["max_kld"] = 1e-9  # quantized rows cannot pass it: exit 1
+    assert main(["run", str(write_recipe(recipe.parent / "strict.yaml", data)), "--gate"]) == 1
+    assert "| int8 | max_kld | ≤ 1e-09 |" in capsys.readouterr().out
+    assert main(["gate", str(run_dir)]) == 1  # the recorded gates, without running anything
 
 
 def test_corrupted_artifact_is_rebuilt(tiny_run: tuple[Path, Path, dict], capsys) -> None:

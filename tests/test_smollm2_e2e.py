@@ -7,9 +7,11 @@ import json
 import os
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import ROOT, check_memory_prediction
 
 pytestmark = pytest.mark.slow
@@ -102,3 +104,32 @@ def test_demo_second_run_is_cached(demo: tuple[Path, subprocess.CompletedProcess
     assert stages and all(line.endswith(": cached") for line in stages), stages
     after = json.loads((out / "results.json").read_text())
     assert [x["quality"] for x in after["variants"]] == [x["quality"] for x in before["variants"]]
+
+
+def test_demo_passes_its_shipped_gates(demo: tuple[Path, subprocess.CompletedProcess]) -> None:
+    out, _ = demo
+    junit = out.parent / "gate.xml"
+    gated = quantpipe("gate", str(out), "--baseline", str(out / "results.json"), "--junit", str(junit))
+    assert gated.returncode == 0, gated.stdout + gated.stderr
+    assert "passed" in gated.stdout and "FAIL" not in gated.stdout
+    assert int(ET.parse(junit).getroot().get("failures")) == 0
+
+
+def test_planted_regression_fails_the_gate(demo: tuple[Path, subprocess.CompletedProcess]) -> None:
+    """Quantizing harder (2-bit GPTQ) in the same run directory: the 4-bit and INT8 rows keep passing the
+    shipped thresholds, the 2-bit row fails them, and `run --gate` exits 1. Runs last: it adds a variant."""
+    out, _ = demo
+    recipe = yaml.safe_load((ROOT / "recipes" / "smollm2-demo.yaml").read_text())
+    recipe["variants"].append({"name": "gptq-w2g64", "method": "gptq", "bits": 2, "group_size": 64,
+                               "desc_act": False, "sym": True, "format": "gptq"})
+    planted = out.parent / "planted.yaml"
+    planted.write_text(yaml.safe_dump(recipe))
+    gated = quantpipe("run", str(planted), "--out", str(out), "--gate")
+    assert gated.returncode == 1, gated.stdout[-3000:] + gated.stderr[-3000:]
+    rows = [line.split(" | ") for line in gated.stdout.splitlines() if line.startswith("| ")]
+    verdict = {(r[0][2:], r[1]): r[4] for r in rows if len(r) == 6 and r[4] in ("PASS", "FAIL", "ERROR")}
+    assert len(verdict) == 6 * 5 + 5  # the shipped thresholds: 5 checks of each quantized variant
+    assert verdict[("gptq-w2g64", "max_kld")] == "FAIL"
+    assert all(v == "PASS" for (name, _), v in verdict.items() if name != "gptq-w2g64"), verdict
+    kld = {v["name"]: v["quality"]["kld_mean"] for v in json.loads((out / "results.json").read_text())["variants"]}
+    assert kld["gptq-w2g64"] > 0.3 > kld["gptq-w4g64"]
