@@ -146,6 +146,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from quantpipe.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
+    gates, previous = None, None
+    if args.gate:  # the gate's inputs are read now: a broken one fails before any work, and a --baseline
+        from quantpipe import gate  # that is this run's own results.json is the previous run's, not this one's
+
+        gates = gate.load_gates(Path(args.gates)) if args.gates else recipe.gates
+        previous = gate.load_results(Path(args.baseline), "--baseline") if args.baseline else None
+        if gates is None and previous is None:
+            raise QuantpipeError("--gate: the recipe has no `gates:`; add one, or pass --gates FILE or "
+                                 "--baseline OLD_RESULTS.json")
+    elif args.gates or args.baseline or args.junit:
+        raise QuantpipeError("--gates, --baseline and --junit go with --gate (or run `quantpipe gate RUN_DIR` later)")
     quiet_libraries()
     t = time.perf_counter()
     results = pipeline.run(recipe, args.recipe, out_dir=args.out, force=args.force)
@@ -159,7 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from quantpipe import gate
 
     print()
-    return gate.gate(run_dir, _path(args.gates), _path(args.baseline), _path(args.junit), gates=recipe.gates)[0]
+    return gate.gate(run_dir, junit=_path(args.junit), gates=gates, previous=previous)[0]
 
 
 def _path(p: str | None) -> Path | None:

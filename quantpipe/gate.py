@@ -308,22 +308,25 @@ def junit_xml(rows: list[Row], suite: str, seconds: float) -> bytes:
 
 
 def gate(run: Path, gates_file: Path | None = None, baseline: Path | None = None, junit: Path | None = None,
-         gates: GatesSpec | None = None) -> tuple[int, list[Row]]:
+         gates: GatesSpec | None = None, previous: dict[str, Any] | None = None) -> tuple[int, list[Row]]:
     """Check a run; print the table; write JUnit XML and the GitHub step summary if asked. Returns the exit code.
-    Thresholds: `gates_file`, else `gates`, else the `gates` the run's recipe recorded in results.json."""
+    Thresholds: `gates_file`, else `gates`, else the `gates` the run's recipe recorded in results.json.
+    Previous run: `previous` (already loaded), else the results file `baseline`."""
     t = time.perf_counter()
     results = load_results(run, "run")
     if gates_file is not None:
         gates = load_gates(gates_file)
     elif gates is None and results.get("gates"):
         gates = GatesSpec.model_validate(results["gates"])
-    if gates is None and baseline is None:
+    if previous is None and baseline is not None:
+        previous = load_results(baseline, "--baseline")
+    if gates is None and previous is None:
         raise QuantpipeError("nothing to check: the run's recipe has no `gates:`; add one, or pass --gates FILE "
                              "or --baseline OLD_RESULTS.json")
     gates = gates or GatesSpec()
     rows = check_thresholds(results, gates)
-    if baseline is not None:
-        rows += check_regressions(results, load_results(baseline, "--baseline"), gates)
+    if previous is not None:
+        rows += check_regressions(results, previous, gates)
     if not rows:
         raise QuantpipeError("nothing to check: the gates hold no threshold for any variant of this run")
     title = str(run)

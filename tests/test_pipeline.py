@@ -122,6 +122,13 @@ def test_run_with_gate(tiny_run: tuple[Path, Path, dict], tiny_model: Path, caps
     assert main(["run", str(write_recipe(recipe.parent / "strict.yaml", data)), "--gate"]) == 1
     assert "| int8 | max_kld | ≤ 1e-09 |" in capsys.readouterr().out
     assert main(["gate", str(run_dir)]) == 1  # the recorded gates, without running anything
+    capsys.readouterr()
+    # the gate's inputs are checked before any work
+    assert main(["run", str(gated), "--junit", str(junit)]) == 2
+    assert "go with --gate" in capsys.readouterr().err
+    assert main(["run", str(gated), "--gate", "--baseline", str(run_dir / "missing.json")]) == 2
+    out, err = capsys.readouterr()
+    assert "--baseline" in err and "does not exist" in err and "[1/" not in out
 
 
 def test_corrupted_artifact_is_rebuilt(tiny_run: tuple[Path, Path, dict], capsys) -> None:

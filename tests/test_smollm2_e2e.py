@@ -113,23 +113,38 @@ def test_demo_passes_its_shipped_gates(demo: tuple[Path, subprocess.CompletedPro
     assert gated.returncode == 0, gated.stdout + gated.stderr
     assert "passed" in gated.stdout and "FAIL" not in gated.stdout
     assert int(ET.parse(junit).getroot().get("failures")) == 0
+    assert len([line for line in gated.stdout.splitlines() if "| PASS |" in line]) == 6 * 5 + 6 * 3
 
 
-def test_planted_regression_fails_the_gate(demo: tuple[Path, subprocess.CompletedProcess]) -> None:
-    """Quantizing harder (2-bit GPTQ) in the same run directory: the 4-bit and INT8 rows keep passing the
-    shipped thresholds, the 2-bit row fails them, and `run --gate` exits 1. Runs last: it adds a variant."""
-    out, _ = demo
+BENCH_CHECKS = ("max_peak_memory_mib", "min_decode_speedup")
+
+
+def planted_recipe(run_dir: Path) -> dict:
+    """The demo recipe with its baseline and a variant quantized much harder (2-bit GPTQ), no benchmark:
+    GPTQModel's 2-bit CPU kernel takes about 2 minutes per 32-token generation here. Its gates are the
+    shipped ones without the two that need a benchmark."""
     recipe = yaml.safe_load((ROOT / "recipes" / "smollm2-demo.yaml").read_text())
-    recipe["variants"].append({"name": "gptq-w2g64", "method": "gptq", "bits": 2, "group_size": 64,
-                               "desc_act": False, "sym": True, "format": "gptq"})
-    planted = out.parent / "planted.yaml"
-    planted.write_text(yaml.safe_dump(recipe))
-    gated = quantpipe("run", str(planted), "--out", str(out), "--gate")
+    recipe["variants"] = [recipe["variants"][0], {"name": "gptq-w2g64", "method": "gptq", "bits": 2,
+                                                  "group_size": 64, "desc_act": False, "sym": True,
+                                                  "format": "gptq"}]
+    recipe["bench"]["enabled"] = False
+    recipe["gates"] = {"all": {k: x for k, x in recipe["gates"]["all"].items() if k not in BENCH_CHECKS}}
+    recipe["output"]["dir"] = str(run_dir)
+    return recipe
+
+
+def test_planted_regression_fails_the_gate(tmp_path: Path) -> None:
+    """Quantizing harder (2-bit GPTQ, same calibration and eval) fails the shipped quality thresholds that
+    the demo's 4-bit rows pass (test_demo_passes_its_shipped_gates): `run --gate` exits 1."""
+    planted = tmp_path / "planted.yaml"
+    planted.write_text(yaml.safe_dump(planted_recipe(tmp_path / "run")))
+    gated = quantpipe("run", str(planted), "--gate", "--junit", str(tmp_path / "gate.xml"))
     assert gated.returncode == 1, gated.stdout[-3000:] + gated.stderr[-3000:]
     rows = [line.split(" | ") for line in gated.stdout.splitlines() if line.startswith("| ")]
-    verdict = {(r[0][2:], r[1]): r[4] for r in rows if len(r) == 6 and r[4] in ("PASS", "FAIL", "ERROR")}
-    assert len(verdict) == 6 * 5 + 5  # the shipped thresholds: 5 checks of each quantized variant
-    assert verdict[("gptq-w2g64", "max_kld")] == "FAIL"
-    assert all(v == "PASS" for (name, _), v in verdict.items() if name != "gptq-w2g64"), verdict
-    kld = {v["name"]: v["quality"]["kld_mean"] for v in json.loads((out / "results.json").read_text())["variants"]}
-    assert kld["gptq-w2g64"] > 0.3 > kld["gptq-w4g64"]
+    verdict = {r[1]: r[4] for r in rows if len(r) == 6 and r[0] == "| gptq-w2g64"}
+    assert verdict["max_kld"] == verdict["min_top1"] == verdict["max_ppl_increase"] == "FAIL", verdict
+    assert verdict["max_size_ratio"] == "PASS"  # smaller still: size alone does not catch it
+    assert int(ET.parse(tmp_path / "gate.xml").getroot().get("failures")) == 3
+    kld = {v["name"]: v["quality"]["kld_mean"] for v in
+           json.loads((tmp_path / "run" / "results.json").read_text())["variants"]}
+    assert kld["gptq-w2g64"] > 0.3
