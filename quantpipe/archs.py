@@ -33,10 +33,8 @@ ARCHS: dict[str, dict[str, Any]] = {
     "qwen2-7b": {**_QWEN2, "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
                  "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
                  "max_position_embeddings": 131072},
-    "qwen2.5-7b": {**_QWEN2, "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
-                   "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
-                   "max_position_embeddings": 32768},
 }
+ARCHS["qwen2.5-7b"] = {**ARCHS["qwen2-7b"], "max_position_embeddings": 32768}  # Qwen2's shapes, shorter context
 
 # hub ids (lower case) whose shapes are one of the above
 HUB_IDS = {

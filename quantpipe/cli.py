@@ -151,7 +151,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from quantpipe import gate  # that is this run's own results.json is the previous run's, not this one's
 
         gates = gate.load_gates(Path(args.gates)) if args.gates else recipe.gates
-        previous = gate.load_results(Path(args.baseline), "--baseline") if args.baseline else None
+        previous = report.load_results(Path(args.baseline), "--baseline") if args.baseline else None
         if gates is None and previous is None:
             raise QuantpipeError("--gate: the recipe has no `gates:`; add one, or pass --gates FILE or "
                                  "--baseline OLD_RESULTS.json")
@@ -212,17 +212,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from quantpipe import report
 
-    path = Path(args.run_dir) / "results.json"
-    if not path.is_file():
-        raise QuantpipeError(f"{path} does not exist; run `quantpipe run RECIPE` first")
-    try:
-        results = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise QuantpipeError(f"{path} is not valid JSON ({e})") from None
-    if results.get("schema_version") != report.RESULTS_SCHEMA_VERSION:
-        raise QuantpipeError(f"{path}: results schema {results.get('schema_version')} is not "
-                             f"{report.RESULTS_SCHEMA_VERSION}, the one this quantpipe reads")
-    report.write(Path(args.run_dir), results)
+    run = Path(args.run_dir)
+    results = report.load_results(run, "report")
+    report.write(run if run.is_dir() else run.parent, results)
     print(report.markdown(results))
     return 0
 

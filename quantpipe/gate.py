@@ -14,7 +14,6 @@ normal quantile), and the table says that this understates the noise.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -28,7 +27,7 @@ from pydantic import ValidationError
 
 from quantpipe.errors import QuantpipeError
 from quantpipe.recipe import GatesSpec, _format
-from quantpipe.report import RESULTS_SCHEMA_VERSION as SCHEMA_VERSION
+from quantpipe.report import load_results
 
 MIB = 2**20
 PASS, FAIL, ERROR, NEW = "PASS", "FAIL", "ERROR", "NEW"
@@ -82,24 +81,6 @@ class Row:
 
 
 # -- inputs --------------------------------------------------------------------------------------------------
-def load_results(path: Path, what: str) -> dict[str, Any]:
-    """A results.json (or a run directory holding one), checked for the schema this gate reads."""
-    p = path / "results.json" if path.is_dir() else path
-    if not p.is_file():
-        raise QuantpipeError(f"{what}: '{p}' does not exist (give a run directory or its results.json)")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QuantpipeError(f"{what}: '{p}' is not valid JSON ({e}); re-render it with `quantpipe run`") from None
-    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
-        got = data.get("schema_version") if isinstance(data, dict) else type(data).__name__
-        raise QuantpipeError(f"{what}: '{p}' has schema_version {got!r}; this quantpipe reads "
-                             f"{SCHEMA_VERSION} (re-run it with this version)")
-    if not isinstance(data.get("variants"), list) or not data.get("reference"):
-        raise QuantpipeError(f"{what}: '{p}' has no 'variants' list or 'reference'; not a quantpipe results file")
-    return data
-
-
 def load_gates(path: Path) -> GatesSpec:
     """A gates file: YAML or JSON holding a `gates:` mapping (at top level, under `gates:`, or a whole recipe)."""
     if not path.is_file():

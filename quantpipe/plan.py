@@ -200,10 +200,6 @@ def fit(variant: str, method: str, weights: int, s: Shapes, kv_bytes: int, act_b
                max_context={c: min(cap, tokens // c) for c in concurrency})
 
 
-def dtype_bytes(dtype: str) -> int:
-    return DTYPE_BYTES[dtype]
-
-
 def resident_bytes(s: Shapes, storage: Storage, dtype: str, device: str) -> int:
     """Weight bytes a loaded artifact holds: its stored layout; where transformers decompresses the format
     on a CPU (compressed-tensors), the float weights it makes plus the stored tensors it read."""

@@ -8,10 +8,32 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 from pathlib import Path
 from typing import Any
 
+from quantpipe.errors import QuantpipeError
+
 RESULTS_SCHEMA_VERSION = 1
+
+
+def load_results(path: Path, what: str) -> dict[str, Any]:
+    """A results.json (or a run directory holding one), checked for the schema this quantpipe reads; `what`
+    names the command or option in the error."""
+    p = path / "results.json" if path.is_dir() else path
+    if not p.is_file():
+        raise QuantpipeError(f"{what}: '{p}' does not exist (give a run directory or its results.json)")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QuantpipeError(f"{what}: '{p}' is not valid JSON ({e}); re-render it with `quantpipe run`") from None
+    if not isinstance(data, dict) or data.get("schema_version") != RESULTS_SCHEMA_VERSION:
+        got = data.get("schema_version") if isinstance(data, dict) else type(data).__name__
+        raise QuantpipeError(f"{what}: '{p}' has schema_version {got!r}; this quantpipe reads "
+                             f"{RESULTS_SCHEMA_VERSION} (re-run it with this version)")
+    if not isinstance(data.get("variants"), list) or not data.get("reference"):
+        raise QuantpipeError(f"{what}: '{p}' has no 'variants' list or 'reference'; not a quantpipe results file")
+    return data
 
 
 def _f(x: Any, fmt: str) -> str:
