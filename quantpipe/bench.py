@@ -63,7 +63,8 @@ def run_bench(artifact_dir: Path, cfg: dict[str, Any], prompt_ids: list[int]) ->
     rt = runtimes.load(artifact_dir, cfg.get("device", "auto"))
     load_s = time.perf_counter() - t
     load_rss = proc.memory_info().rss - rss0
-    out: dict[str, Any] = {"runtime": rt.name, "device": rt.device, "threads": torch.get_num_threads(),
+    out: dict[str, Any] = {"runtime": rt.name, "device": rt.device,
+                           "threads": getattr(rt, "threads", torch.get_num_threads()),
                            "load_s": load_s, "per_batch": {}}
     gen_len = int(cfg["gen_len"])
     for b in cfg["batch_sizes"]:

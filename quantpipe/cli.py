@@ -198,8 +198,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         cfg = BenchSpec(device=args.device, prompt_len=args.prompt_len, gen_len=args.gen_len,
                         batch_sizes=args.batch_sizes, repeats=args.repeats).model_dump(mode="json")
-        tok = AutoTokenizer.from_pretrained(args.artifact)
-        prompt = tok(data_path("evals", "eval-text.txt").read_text(), add_special_tokens=False).input_ids
+        from quantpipe import runtimes
+
+        text = data_path("evals", "eval-text.txt").read_text()
+        meta = runtimes.read_meta(Path(args.artifact))
+        if meta.get("format") == "gguf":  # the vocabulary is inside the .gguf: llama.cpp tokenizes
+            from quantpipe import llamacpp
+
+            gguf = Path(args.artifact) / str(meta.get("file"))
+            llamacpp.check_gguf(gguf)
+            prompt = llamacpp.tokenize(gguf, text)
+        else:
+            try:
+                tok = AutoTokenizer.from_pretrained(args.artifact)
+            except (OSError, ValueError) as e:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise QuantpipeError(f"{args.artifact}: no usable tokenizer for the prompt ({first})") from None
+            prompt = tok(text, add_special_tokens=False).input_ids
     result = bench.run_bench(Path(args.artifact), cfg, prompt)
     text = json.dumps(result, indent=2)
     if args.out:
@@ -216,6 +231,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     results = report.load_results(run, "report")
     report.write(run if run.is_dir() else run.parent, results)
     print(report.markdown(results))
+    return 0
+
+
+def cmd_setup_gguf(args: argparse.Namespace) -> int:
+    from quantpipe import llamacpp
+
+    script = llamacpp.converter_script(fetch=True)
+    print(f"llama.cpp {llamacpp.version()} converter: {script}")
+    print(f"llama.cpp build: {llamacpp.system_info()}")
     return 0
 
 
@@ -264,6 +288,9 @@ def parser() -> argparse.ArgumentParser:
     _gate_options(g)
     g.set_defaults(fn=cmd_gate)
 
+    sg = sub.add_parser("setup-gguf", help="fetch llama.cpp's HF->GGUF converter of the installed llama-cpp-python "
+                        "(once, from its sdist on the package index) for the gguf method")
+    sg.set_defaults(fn=cmd_setup_gguf)
     rep = sub.add_parser("report", help="re-render matrix.md/html/png from a run's results.json")
     rep.add_argument("run_dir")
     rep.set_defaults(fn=cmd_report)

@@ -44,7 +44,7 @@ class Run:
         self.state = run_dir / ".quantpipe"
         self.keys: dict[str, str] = {}
         self.results: dict[str, dict[str, Any]] = {}
-        self.uses_calibration = any(get_method(v.method).uses_calibration for v in recipe.variants)
+        self.uses_calibration = any(get_method(v.method).calibrates(parse_params(v)) for v in recipe.variants)
         # eval-tokens, calibration (if any method uses it), quantize + eval + bench per variant
         self.n_stages = 1 + int(self.uses_calibration) + 3 * len(recipe.variants)
         self.step = 0
@@ -83,12 +83,12 @@ class Run:
         ref = self.recipe.reference
         is_ref = variant.name == ref.name
         payload = {"variant": variant.model_dump(mode="json"), "versions": sysinfo.versions(),
-                   "method_versions": method.versions(params)}
+                   "method_versions": method.versions(params), "method_revision": method.version}
         if is_ref:
             payload["model"] = self.recipe.model.model_dump(mode="json")
         else:
             payload["base"] = self.keys[f"quantize:{ref.name}"]
-            if method.uses_calibration:
+            if method.calibrates(params):
                 payload["calibration"] = self.keys["calibration"]
         out = self.artifact_dir(variant)
 
@@ -96,19 +96,19 @@ class Run:
             with atomic_dir(out) as tmp:
                 job = QuantizeJob(variant=variant.name, params=params, out_dir=tmp,
                                   base_dir=None if is_ref else self.artifact_dir(ref), model=self.recipe.model,
-                                  calibration=calib if method.uses_calibration else None)
+                                  calibration=calib if method.calibrates(params) else None)
                 done = worker.quantize_in_subprocess(method, job, self.state / "logs")
                 meta = {"quantpipe_version": __version__, "variant": variant.name, "method": method.name,
                         "params": params.model_dump(mode="json"), "runtime": method.runtime,
                         "library_versions": method.versions(params), **done["meta"]}
-                if method.uses_calibration:
+                if method.calibrates(params):
                     meta["calibration_sha256"] = self.results["calibration"]["sha256"]
                 (tmp / runtimes.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
                 (tmp / "README.md").write_text(artifact_readme(meta))
             return {"meta": meta, "quantize_s": done["quantize_s"], "quantize_peak_rss_mib": done["peak_rss_mib"],
                     "quantize_base_rss_mib": done["base_rss_mib"], "quantize_peak_gpu_mib": done.get("peak_gpu_mib"),
                     "size_bytes": dir_size(out),
-                    "tensor_bytes": plan.safetensors_bytes(out)}
+                    "tensor_bytes": plan.tensor_bytes(out)}
 
         return self.stage(f"quantize:{variant.name}", payload, compute, artifact=out)
 
@@ -333,6 +333,8 @@ def add_predictions(r: Run, results: dict[str, Any]) -> None:
         q, b = r.results[f"quantize:{v['name']}"], r.results.get(f"bench:{v['name']}")
         pred: dict[str, Any] = {"weights_bytes": plan.weight_bytes(s, storage)["total"],
                                 "measured_weights_bytes": q.get("tensor_bytes")}
+        if not storage.exact:
+            pred["weights_nominal"] = "the backend picks some tensors' types itself: nominal bytes of the main type"
         if b is not None:
             device = b["device"]
             pred["bench"] = {k: x / plan.MIB for k, x in plan.bench_memory(s, storage, dtype, device, spec).items()}

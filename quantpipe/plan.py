@@ -92,9 +92,10 @@ def weight_bytes(s: Shapes, storage: Storage) -> dict[str, int]:
     per_layer_linear = sum(linear(o, i) for _, o, i, _ in s.linears())
     per_layer_bias = sum(o for _, o, _, b in s.linears() if b) * f
     norms = (2 * s.hidden + (2 * s.head_dim if s.qk_norm else 0)) * f
+    embedding = storage.embedding or (lambda vocab, hidden: vocab * hidden * f)
     out = {
-        "embeddings": s.vocab * s.hidden * f,
-        "lm_head": 0 if s.tied else s.vocab * s.hidden * f,
+        "embeddings": embedding(s.vocab, s.hidden),
+        "lm_head": 0 if s.tied else embedding(s.vocab, s.hidden),
         "linear": s.layers * per_layer_linear,
         "bias": s.layers * per_layer_bias,
         "norms": s.layers * norms + s.hidden * f,
@@ -241,13 +242,17 @@ def quantize_memory(s: Shapes, method: Any, params: Any, dtype: str, n_samples: 
     return out
 
 
-def safetensors_bytes(artifact_dir: Any) -> int:
-    """Sum of the tensor bytes in an artifact's .safetensors files (read from their headers)."""
+def tensor_bytes(artifact_dir: Any) -> int:
+    """Sum of the tensor bytes in an artifact's .safetensors and model .gguf files (read from their headers)."""
     import json
     import struct
     from pathlib import Path
 
     total = 0
+    for f in sorted(Path(artifact_dir).glob("model*.gguf")):
+        from quantpipe.llamacpp import check_gguf
+
+        total += check_gguf(f)["tensor_bytes"]
     for f in sorted(Path(artifact_dir).glob("*.safetensors")):
         with open(f, "rb") as fh:
             header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))

@@ -82,6 +82,20 @@ def _context(results: dict[str, Any]) -> str:
             f"'{results['reference']}'; {bench}; {where}")
 
 
+def vocab_note(v: dict[str, Any]) -> str:
+    """For formats that carry their own vocabulary (GGUF): whether its ids are the baseline tokenizer's."""
+    voc = (v.get("meta") or {}).get("vocab")
+    if not voc:
+        return ""
+    if not voc.get("one_to_one"):
+        return (f"; **vocabulary NOT one to one with the baseline's** ({voc['n_different']} of {voc['n_baseline']} "
+                "ids differ): its PPL/KLD/top-1 score different tokens and are not comparable")
+    tok = "" if voc.get("tokenization_matches") is None else (
+        "; llama.cpp tokenizes the eval text as the baseline does" if voc["tokenization_matches"]
+        else "; llama.cpp tokenizes the eval text differently (scores use the baseline's ids)")
+    return f"; vocabulary one to one with the baseline's ({voc['n_baseline']} ids){tok}"
+
+
 def markdown(results: dict[str, Any]) -> str:
     head, body = rows(results)
     lines = [f"# quantpipe matrix: {results['recipe']['name']}", "", _context(results), "",
@@ -91,7 +105,7 @@ def markdown(results: dict[str, Any]) -> str:
     for v in results["variants"]:
         kernels = {k for k in (v.get("eval_kernel"), (v.get("speed") or {}).get("kernel")) if k}
         lines.append(f"- {v['name']}: {v.get('format') or '?'}; runtime {v.get('runtime')}; "
-                     + ("; ".join(sorted(kernels)) or "kernel not recorded"))
+                     + ("; ".join(sorted(kernels)) or "kernel not recorded") + vocab_note(v))
     mhead, mbody = memory_rows(results)
     if mbody:
         lines += ["", "Memory, predicted (`quantpipe plan`) vs measured. Weights: the artifact's tensors. Bench: the "
@@ -128,7 +142,8 @@ def memory_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         b, bm = (p.get("bench") or {}).get("total"), p.get("measured_bench_mib")
         q, qm = (p.get("quantize") or {}).get("total"), p.get("measured_quantize_mib")
         mark = " (note)" if p.get("bench_not_modelled") else ""
-        body.append([v["name"], _f(w, ".1f"), _f(wm, ".1f"), _diff(w, wm), _f(b, ".0f"), _f(bm, ".0f"),
+        nominal = " (nominal)" if p.get("weights_nominal") else ""
+        body.append([v["name"], _f(w, ".1f") + nominal, _f(wm, ".1f"), _diff(w, wm), _f(b, ".0f"), _f(bm, ".0f"),
                      _diff(b, bm) + mark,
                      _f(q, ".0f"), _f(qm, ".0f"), _diff(q, qm)])
     return head, body

@@ -102,3 +102,53 @@ def load_base(spec: Any, device: str = "cpu") -> tuple[Any, Any]:
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
     return model.to(device), tok
+
+
+def repair_gguf_tokenizer(tok_dir: Path, gguf_path: Path) -> list[str]:
+    """Fix what transformers' GGUF import gets wrong in a tokenizer it saved to `tok_dir`, from the GGUF's own
+    metadata, and return what was changed. Seen with SmolLM2 (transformers 5.17): the special tokens are taken
+    from the wrong ids (eos and pad became <|im_start|>, the GGUF says <|im_end|>), and a byte-level BPE
+    ('gpt2') vocabulary is saved with byte_fallback and a SentencePiece-style decoder, so llama.cpp's converter
+    mistakes it for a Llama SentencePiece vocabulary. Encoding is unchanged by the repair (every byte has a
+    byte-level token, so the fallback never fires); decoding and the special tokens become the GGUF's."""
+    import json
+
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf_path).fields
+
+    def value(key: str) -> Any:
+        f = fields.get(key)
+        return f.contents() if f is not None else None
+
+    tokens = value("tokenizer.ggml.tokens") or []
+    changed = []
+    tj_path, tc_path = Path(tok_dir) / "tokenizer.json", Path(tok_dir) / "tokenizer_config.json"
+    if value("tokenizer.ggml.model") == "gpt2" and tj_path.is_file():
+        tj = json.loads(tj_path.read_text(encoding="utf-8"))
+        model = tj.get("model") or {}
+        if model.get("type") == "BPE" and (tj.get("pre_tokenizer") or {}).get("type") == "ByteLevel":
+            if model.get("byte_fallback"):
+                model["byte_fallback"] = False
+                changed.append("byte_fallback off (byte-level BPE)")
+            if (tj.get("decoder") or {}).get("type") != "ByteLevel":
+                tj["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                                 "use_regex": True}
+                changed.append("ByteLevel decoder")
+            if changed:
+                tj_path.write_text(json.dumps(tj, ensure_ascii=False, indent=2), encoding="utf-8")
+    if tc_path.is_file():
+        tc = json.loads(tc_path.read_text(encoding="utf-8"))
+        for kind, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id"),
+                          ("unk", "unknown_token_id")):
+            tid = value(f"tokenizer.ggml.{key}")
+            if tid is None or not 0 <= int(tid) < len(tokens):
+                continue
+            text = tokens[int(tid)]
+            if tc.get(f"{kind}_token") != text:
+                changed.append(f"{kind}_token {tc.get(f'{kind}_token')!r} -> {text!r} (id {int(tid)})")
+                tc[f"{kind}_token"] = text
+            if f"{kind}_token_id" in tc:
+                tc[f"{kind}_token_id"] = int(tid)
+        tc_path.write_text(json.dumps(tc, ensure_ascii=False, indent=2), encoding="utf-8")
+    return changed

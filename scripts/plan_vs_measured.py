@@ -55,7 +55,7 @@ def main() -> int:
             measured["peak_rss_mib"] - measured["base_rss_mib"]
         rows.append({"batch": b, "predicted_mib": {k: v / 2**20 for k, v in pred.items()}, "measured_mib": meas,
                      "diff_pct": 100 * (pred["total"] / 2**20 / meas - 1),
-                     "weights_in_artifact_bytes": plan.safetensors_bytes(out),
+                     "weights_in_artifact_bytes": plan.tensor_bytes(out),
                      "weights_predicted_bytes": pred["weights"],
                      "decode_tok_s": measured["per_batch"][str(b)]["decode_tok_s"]})
     print(json.dumps({"arch": a.arch, "dtype": a.dtype, "device": a.device, "prompt_len": a.prompt_len,

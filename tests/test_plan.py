@@ -12,7 +12,7 @@ import pytest
 
 from quantpipe import archs, cli, plan
 from quantpipe.errors import QuantpipeError
-from quantpipe.methods import Storage, get_method
+from quantpipe.methods import Storage, get_method, parse_params
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -147,6 +147,6 @@ def test_calibration_warning_before_a_run(monkeypatch):
     monkeypatch.setattr(plan, "available_memory", lambda: ("available RAM", 8 * 2**30))
     warnings = plan.calibration_warnings(recipe, config)
     assert warnings and all("calibration.n_samples" in w for w in warnings)
-    assert len(warnings) == sum(1 for v in recipe.variants if get_method(v.method).uses_calibration)
+    assert len(warnings) == sum(1 for v in recipe.variants if get_method(v.method).calibrates(parse_params(v)))
     monkeypatch.setattr(plan, "available_memory", lambda: ("available RAM", 2**50))
     assert plan.calibration_warnings(recipe, config) == []

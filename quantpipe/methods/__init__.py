@@ -64,6 +64,10 @@ class Storage:
     decompressed_on_cpu: bool = False
     # what the arithmetic leaves out when this format runs on a CPU (shown beside the measured memory)
     cpu_note: str = ""
+    # bytes of the token embedding (and of an untied lm_head) from (vocab, hidden); None: float_bytes each
+    embedding: Callable[[int, int], int] | None = None
+    # False where the backend picks some tensors' types itself (llama.cpp's k-quant mixes): nominal bytes
+    exact: bool = True
 
 
 def float_storage(params: Any, dtype: str) -> Storage:
@@ -83,7 +87,8 @@ class Method:
     runtime: str  # runtime module that serves the artifact
     requires: tuple[str, ...] = ()  # import names of the libraries it needs
     extra: str | None = None  # pip extra that installs them
-    uses_calibration: bool = False
+    # whether it reads the calibration ids: always, or a function of its params
+    uses_calibration: bool | Callable[[Any], bool] = False
     libraries: tuple[str, ...] = field(default=())  # distributions whose versions key the cache
     # Per-params requirements, for methods whose backend depends on a param (e.g. the output format):
     # params -> (import names, pip extra, distributions). None: `requires`/`extra`/`libraries` always apply.
@@ -95,6 +100,13 @@ class Method:
     # Memory of calibrated quantization beyond the loaded float model, from (params, plan.Shapes, n_samples,
     # seq_len, dtype bytes) -> {component: bytes}; None for methods without calibration.
     calibration_memory: Callable[[Any, Any, int, int, int], dict[str, int]] | None = None
+    # Bumped when the method's artifact changes for the same inputs, so cached quantize stages are redone.
+    version: int = 1
+
+    def calibrates(self, params: Any) -> bool:
+        """Whether this method, with these params, reads the run's calibration ids."""
+        u = self.uses_calibration
+        return bool(u(params)) if callable(u) else u
 
     def _deps(self, params: Any = None) -> tuple[tuple[str, ...], str | None, tuple[str, ...]]:
         if self.backend is not None and params is not None:

@@ -1,14 +1,16 @@
 """`baseline`: the base model materialized as a plain HF safetensors directory in the recipe dtype.
 
 It is the reference every other variant is compared with, and the directory every other method starts from.
+From a .gguf source, the tokenizer transformers saves is repaired from the GGUF's metadata (sources.py says what).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from quantpipe.methods import Method, MethodParams, QuantizeJob, register
-from quantpipe.sources import load_base
+from quantpipe.sources import load_base, repair_gguf_tokenizer, resolve
 
 
 class BaselineParams(MethodParams):
@@ -19,8 +21,12 @@ def quantize(job: QuantizeJob) -> dict[str, Any]:
     model, tok = load_base(job.model)
     model.save_pretrained(job.out_dir, safe_serialization=True)
     tok.save_pretrained(job.out_dir)
-    return {"format": "hf-safetensors", "dtype": job.model.dtype, "bits": 8 * model.dtype.itemsize,
+    meta = {"format": "hf-safetensors", "dtype": job.model.dtype, "bits": 8 * model.dtype.itemsize,
             "serve": "vllm serve PATH"}
+    where, gguf = resolve(job.model)
+    if gguf:  # transformers' GGUF import gets some tokenizer metadata wrong: repair it from the GGUF itself
+        meta["tokenizer_repairs"] = repair_gguf_tokenizer(job.out_dir, Path(where) / gguf)
+    return meta
 
 
 register(Method(
@@ -31,4 +37,5 @@ register(Method(
     runtime="hf",
     requires=("transformers",),
     libraries=("transformers",),
+    version=2,  # 2: tokenizer of a .gguf source repaired
 ))
