@@ -352,6 +352,8 @@ def add_predictions(r: Run, results: dict[str, Any]) -> None:
             pred["measured_quantize_mib"] = q["quantize_peak_gpu_mib"] if on_gpu else (
                 None if base is None else q["quantize_peak_rss_mib"] - base)
             pred["quantize_measure"] = "peak CUDA memory allocated" if on_gpu else "peak RSS - RSS before load"
+            if storage.quantize_upper_bound:
+                pred["quantize_upper_bound"] = storage.quantize_upper_bound
         v["prediction"] = pred
 
 

@@ -114,11 +114,12 @@ def markdown(results: dict[str, Any]) -> str:
                   "quantize process's peak over its memory with the libraries loaded:", "",
                   "| " + " | ".join(mhead) + " |", "|" + "---|" * len(mhead)]
         lines += ["| " + " | ".join(r) + " |" for r in mbody]
-    notes = {}
+    notes: dict[str, list[str]] = {}
     for v in results["variants"]:
-        note = (v.get("prediction") or {}).get("bench_not_modelled")
-        if note:
-            notes.setdefault(note, []).append(v["name"])
+        for key in ("bench_not_modelled", "quantize_upper_bound"):
+            note = (v.get("prediction") or {}).get(key)
+            if note:
+                notes.setdefault(note, []).append(v["name"])
     lines += [f"\nNote ({', '.join(names)}): {note}." for note, names in notes.items()]
     errors = {(v.get("prediction") or {}).get("error") for v in results["variants"]} - {None}
     lines += [f"\nMemory prediction unavailable: {e}" for e in errors]
@@ -143,9 +144,10 @@ def memory_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         q, qm = (p.get("quantize") or {}).get("total"), p.get("measured_quantize_mib")
         mark = " (note)" if p.get("bench_not_modelled") else ""
         nominal = " (nominal)" if p.get("weights_nominal") else ""
+        bound = " (upper bound)" if p.get("quantize_upper_bound") else ""
         body.append([v["name"], _f(w, ".1f") + nominal, _f(wm, ".1f"), _diff(w, wm), _f(b, ".0f"), _f(bm, ".0f"),
                      _diff(b, bm) + mark,
-                     _f(q, ".0f"), _f(qm, ".0f"), _diff(q, qm)])
+                     _f(q, ".0f") + bound, _f(qm, ".0f"), _diff(q, qm)])
     return head, body
 
 

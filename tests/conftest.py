@@ -20,7 +20,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 #   on 7B shapes (H100): BENCH_SHARE = 20%. GPTQModel formats on a CPU are only bounded below (their kernel's
 #   first-forward repack is not modelled: Storage.cpu_note).
 # - calibrated quantization's peak RSS keeps freed transients: measured 9-29% above and 15% below the
-#   prediction on SmolLM2; QUANTIZE_SHARE = 35%.
+#   prediction on SmolLM2; QUANTIZE_SHARE = 35%. GPTQModel's formats offload finished layers to disk (its
+#   default): their prediction is an upper bound (measured 505-647 MiB against 743 predicted on SmolLM2).
 BENCH_FIXED_MIB, BENCH_SHARE, QUANTIZE_SHARE = 24.0, 0.20, 0.35
 
 
@@ -40,7 +41,10 @@ def check_memory_prediction(name: str, p: dict) -> None:
         assert abs(b["total"] - bm) <= BENCH_SHARE * bm + BENCH_FIXED_MIB, (name, b["total"], bm)
     if "quantize" in p:
         q, qm = p["quantize"]["total"], p["measured_quantize_mib"]
-        assert abs(q - qm) <= QUANTIZE_SHARE * qm, (name, q, qm)
+        if p.get("quantize_upper_bound"):  # the float model is not all resident at once: only the rest is sure
+            assert q - p["quantize"]["model"] <= qm <= (1 + QUANTIZE_SHARE) * q, (name, q, qm)
+        else:
+            assert abs(q - qm) <= QUANTIZE_SHARE * qm, (name, q, qm)
 
 
 def build_tiny_model(out: Path, vocab_size: int = 512, seed: int = 0) -> Path:

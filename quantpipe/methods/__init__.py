@@ -68,6 +68,9 @@ class Storage:
     embedding: Callable[[int, int], int] | None = None
     # False where the backend picks some tensors' types itself (llama.cpp's k-quant mixes): nominal bytes
     exact: bool = True
+    # non-empty where the quantization's float model is not all resident at once (why): the prediction's
+    # `model` term is then an upper bound, and the measured peak may fall below the prediction
+    quantize_upper_bound: str = ""
 
 
 def float_storage(params: Any, dtype: str) -> Storage:

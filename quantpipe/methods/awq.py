@@ -59,7 +59,8 @@ def quantize(job: QuantizeJob) -> dict[str, Any]:
 def storage(p: AWQParams, dtype: str) -> Storage:
     if p.format == "awq":  # float16 throughout, whatever the recipe dtype
         return Storage(float_bytes=2, linear=_gptqmodel.awq_bytes(p.bits, p.group_size),
-                       cpu_note=_gptqmodel.CPU_NOTE)
+                       cpu_note=_gptqmodel.CPU_NOTE,
+                       quantize_upper_bound=_gptqmodel.OFFLOAD_NOTE)
     return Storage(float_bytes=_BYTES[dtype], decompressed_on_cpu=True,
                    linear=_llmcompressor.packed_bytes(p.bits, p.group_size, p.zero_point, _BYTES[dtype]))
 

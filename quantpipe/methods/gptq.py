@@ -64,7 +64,8 @@ def quantize(job: QuantizeJob) -> dict[str, Any]:
 def storage(p: GPTQParams, dtype: str) -> Storage:
     if p.format == "gptq":
         return Storage(float_bytes=_BYTES[dtype], linear=_gptqmodel.gptq_bytes(p.bits, p.group_size),
-                       cpu_note=_gptqmodel.CPU_NOTE)
+                       cpu_note=_gptqmodel.CPU_NOTE,
+                       quantize_upper_bound=_gptqmodel.OFFLOAD_NOTE)
     return Storage(float_bytes=_BYTES[dtype], decompressed_on_cpu=True,
                    linear=_llmcompressor.packed_bytes(p.bits, p.group_size, not p.sym, _BYTES[dtype]))
 
