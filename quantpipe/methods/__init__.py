@@ -71,6 +71,12 @@ class Storage:
     # non-empty where the quantization's float model is not all resident at once (why): the prediction's
     # `model` term is then an upper bound, and the measured peak may fall below the prediction
     quantize_upper_bound: str = ""
+    # decoder Linears (names as plan.Shapes.linears gives them, matched as substrings) that stay float
+    float_linears: tuple[str, ...] = ()
+    # bytes of an untied lm_head, and of the one tensor a tied embedding and lm_head share, from (vocab, hidden);
+    # None: as `embedding`
+    lm_head: Callable[[int, int], int] | None = None
+    tied_embedding: Callable[[int, int], int] | None = None
 
 
 def float_storage(params: Any, dtype: str) -> Storage:
