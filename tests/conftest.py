@@ -113,3 +113,27 @@ def reload_without_quantpipe(artifact: Path, checks: str) -> str:
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def run_tiny_recipe(model_dir: Path, root: Path, variants: list[dict]) -> tuple[Path, dict]:
+    """`quantpipe run` of the tiny recipe with these variants under `root`; (run dir, results.json)."""
+    import json
+
+    from quantpipe import cli
+
+    recipe = tiny_recipe(model_dir, root / "run", variants=variants)
+    # 32 new tokens: enough decode time beyond the first token that a loaded machine still measures it
+    recipe["bench"].update(batch_sizes=[1, 2], repeats=2, gen_len=32)
+    assert cli.main(["run", str(write_recipe(root / "r.yaml", recipe))]) == 0
+    return root / "run", json.loads((root / "run" / "results.json").read_text())
+
+
+def eval_windows(run_dir: Path, window: int, max_tokens: int) -> list[list[int]]:
+    """The eval text as the run's baseline tokenizer encodes it, cut into the eval's windows."""
+    from transformers import AutoTokenizer
+
+    from quantpipe import evaluate
+
+    tok = AutoTokenizer.from_pretrained(run_dir / "artifacts" / "baseline")
+    ids = tok((ROOT / "evals" / "eval-text.txt").read_text(), add_special_tokens=False).input_ids
+    return evaluate.make_windows(ids, window, max_tokens)

