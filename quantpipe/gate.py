@@ -128,7 +128,9 @@ def measure(check: str, v: dict[str, Any], base: dict[str, Any], gates: GatesSpe
         if not common:
             raise QuantpipeError(f"{name}: min_lm_eval_recovery needs lm-eval scores of the variant and the "
                                  "baseline on the same tasks, which this run did not record")
-        ratios = [tasks[t]["value"] / tasks0[t]["value"] for t in common]
+        # the run's recovery where it recorded one (it inverts lower-is-better metrics), else value / baseline's
+        ratios = [tasks[t]["recovery"] if tasks[t].get("recovery") is not None else
+                  tasks[t]["value"] / tasks0[t]["value"] for t in common]
         return sum(ratios) / len(ratios), "mean over " + ", ".join(common)
     if check == "max_peak_memory_mib":
         mem, speed = v.get("memory") or {}, v.get("speed") or {}

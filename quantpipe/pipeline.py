@@ -2,7 +2,8 @@
 
 Stages, in order: the baseline artifact; the eval token ids; the calibration ids (only when a method uses
 them); one quantize stage per variant; one eval stage per variant (the baseline's writes the reference
-log-probs); one bench stage per variant (own process); then results.json, manifest.json and the matrix.
+log-probs); one lm-eval stage per variant when the recipe asks for tasks; one bench stage per variant (own
+process); then results.json, manifest.json and the matrix.
 """
 
 from __future__ import annotations
@@ -18,7 +19,19 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from quantpipe import __version__, bench, calibration, evaluate, plan, report, runtimes, sources, sysinfo, worker
+from quantpipe import (
+    __version__,
+    bench,
+    calibration,
+    evaluate,
+    lmeval,
+    plan,
+    report,
+    runtimes,
+    sources,
+    sysinfo,
+    worker,
+)
 from quantpipe.cache import (
     StageCache,
     atomic_dir,
@@ -45,8 +58,9 @@ class Run:
         self.keys: dict[str, str] = {}
         self.results: dict[str, dict[str, Any]] = {}
         self.uses_calibration = any(get_method(v.method).calibrates(parse_params(v)) for v in recipe.variants)
-        # eval-tokens, calibration (if any method uses it), quantize + eval + bench per variant
-        self.n_stages = 1 + int(self.uses_calibration) + 3 * len(recipe.variants)
+        # eval-tokens, calibration (if any method uses it), quantize + eval (+ lm-eval) + bench per variant
+        per_variant = 3 + int(recipe.eval.lm_eval is not None)
+        self.n_stages = 1 + int(self.uses_calibration) + per_variant * len(recipe.variants)
         self.step = 0
 
     def stage(self, name: str, payload: dict[str, Any], compute: Any, artifact: Path | None = None) -> dict:
@@ -116,7 +130,9 @@ class Run:
         spec = self.recipe.eval
         path = calibration.data_path("evals", "eval-text.txt") if spec.text == "bundled" else Path(spec.text)
         text = path.read_text(encoding="utf-8")
-        payload = {"eval": spec.model_dump(mode="json"), "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        # lm-eval's settings are not part of the windows: changing them leaves every window stage cached
+        payload = {"eval": spec.model_dump(mode="json", exclude={"lm_eval"}),
+                   "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
                    "base": self.keys[f"quantize:{self.recipe.reference.name}"]}
 
         def compute() -> dict[str, Any]:
@@ -176,6 +192,33 @@ class Run:
                 rt.close()
 
         return self.stage(f"eval:{variant.name}", payload, compute, artifact=ref_dir if is_ref else None)
+
+    def lm_eval(self, variant: VariantSpec) -> dict[str, Any] | None:
+        """lm-eval's tasks on the variant through its runtime, tokenized by the baseline's tokenizer."""
+        spec = self.recipe.eval.lm_eval
+        if spec is None:
+            return None
+        work = self.state / "lm_eval"
+        _, _, tasks_sha = lmeval.prepare_tasks(spec.tasks, spec.include_path, work / "tasks")
+        artifact_key = self.keys[f"quantize:{variant.name}"]
+        payload = {"lm_eval": spec.model_dump(mode="json"), "task_files_sha256": tasks_sha,
+                   "artifact": artifact_key, "tokenizer": self.keys[f"quantize:{self.recipe.reference.name}"],
+                   "device": runtimes.pick_device(self.recipe.bench.device),
+                   "versions": {**sysinfo.versions(("lm-eval", "datasets")),
+                                "adapter": str(lmeval.ADAPTER_VERSION)}}
+
+        def compute() -> dict[str, Any]:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(self.artifact_dir(self.recipe.reference))
+            rt = runtimes.load(self.artifact_dir(variant), self.recipe.bench.device)
+            try:
+                cache = work / "responses" / f"{variant.name}-{artifact_key[:16]}.sqlite"
+                return lmeval.evaluate(rt, tok, spec, work, cache)
+            finally:
+                rt.close()
+
+        return self.stage(f"lm-eval:{variant.name}", payload, compute)
 
     def bench(self, variant: VariantSpec, windows: list[list[int]]) -> dict[str, Any] | None:
         spec = self.recipe.bench
@@ -240,6 +283,8 @@ def _run(r: Run, recipe_path: str) -> dict[str, Any]:
     for v in ordered:
         r.evaluate(v, windows)
     for v in ordered:
+        r.lm_eval(v)
+    for v in ordered:
         r.bench(v, windows)
     results = collect(r, recipe_path)
     add_predictions(r, results)
@@ -252,6 +297,8 @@ def preflight(recipe: Recipe) -> Any:
     (read from the config alone). Returns the config, or None where it cannot be had offline."""
     for v in recipe.variants:
         get_method(v.method).require(v.name, parse_params(v))
+    if recipe.eval.lm_eval is not None:
+        lmeval.check_tasks(recipe.eval.lm_eval)
     config = check_shapes(recipe)
     if config is not None:
         for line in plan.calibration_warnings(recipe, config):
@@ -277,6 +324,7 @@ def collect(r: Run, recipe_path: str) -> dict[str, Any]:
         q = r.results[f"quantize:{v.name}"]
         e = r.results[f"eval:{v.name}"]
         b = r.results.get(f"bench:{v.name}")
+        lm = r.results.get(f"lm-eval:{v.name}")
         variants.append({
             "name": v.name,
             "method": v.method,
@@ -289,14 +337,18 @@ def collect(r: Run, recipe_path: str) -> dict[str, Any]:
             "speed": None if b is None else {k: b.get(k) for k in ("runtime", "device", "threads", "kernel",
                                                                    "per_batch")},
             "eval_kernel": e.get("kernel"),
+            "lm_eval": None if lm is None else lm["tasks"],
+            "lm_eval_meta": None if lm is None else {**lm["_meta"], "wall_s": lm["wall_s"]},
             "memory": {"peak_rss_mib": None if b is None else b["peak_rss_mib"],
                        "load_rss_mib": None if b is None else b["load_rss_mib"],
                        "peak_gpu_mib": None if b is None else b.get("peak_gpu_mib"),
                        "quantize_peak_rss_mib": q["quantize_peak_rss_mib"]},
             "timings": {"quantize_s": q["quantize_s"], "eval_s": e["wall_s"],
+                        "lm_eval_s": None if lm is None else lm["wall_s"],
                         "bench_s": None if b is None else b["wall_s"], "load_s": None if b is None else b["load_s"]},
             "meta": q["meta"],
         })
+    lmeval.add_recoveries(variants, recipe.reference.name)
     return {
         "schema_version": report.RESULTS_SCHEMA_VERSION,
         "quantpipe_version": __version__,

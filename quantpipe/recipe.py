@@ -93,12 +93,49 @@ class VariantSpec(BaseModel):
         return dict(self.model_extra or {})
 
 
+class LMEvalSpec(Strict):
+    """EleutherAI lm-evaluation-harness tasks, scored on every variant through its runtime (any format)."""
+
+    tasks: list[str] = Field(min_length=1, description="task names: quantpipe's offline ones (qp_arith, qp_order, "
+                             "qp_sequence, qp_copy, or the tag 'quantpipe'), lm-eval's own (need their dataset), "
+                             "or ones in include_path")
+    limit: int | float | None = Field(None, gt=0, description="documents per task: a count, or a share in (0, 1); "
+                                      "default all")
+    num_fewshot: int | None = Field(0, ge=0, description="examples in each prompt (None: the task's default)")
+    metrics: dict[str, str] = Field(default_factory=dict, description="task -> metric to report (e.g. "
+                                    "{hellaswag: acc_norm}); default the task's first metric")
+    include_path: list[str] = Field(default_factory=list, description="directories of your own task YAMLs")
+    max_length: int = Field(2048, ge=16, le=131072, description="tokens of context a request may use")
+    max_gen_toks: int | None = Field(None, ge=1, description="cap on generated tokens per request")
+    seed: int = 0
+    bootstrap_iters: int = Field(1000, ge=0, description="lm-eval's bootstrap for non-mean metrics' stderr")
+    cache_requests: bool = Field(False, description="lm-eval's request-building cache (pickle files in the run "
+                                 "dir); model responses are cached by quantpipe either way")
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, v: int | float | None) -> int | float | None:
+        if isinstance(v, float) and not v.is_integer() and v >= 1:
+            raise ValueError("a fractional limit is a share of each task's documents and must be below 1")
+        return int(v) if isinstance(v, float) and v >= 1 else v
+
+    @model_validator(mode="after")
+    def _known_fields(self) -> LMEvalSpec:
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError("tasks: a task is listed twice")
+        for t in self.metrics:
+            if t not in self.tasks:
+                raise ValueError(f"metrics: '{t}' is not one of the tasks ({', '.join(self.tasks)})")
+        return self
+
+
 class EvalSpec(Strict):
-    """Quality evaluation: the same token windows for every runtime."""
+    """Quality evaluation: the same token windows for every runtime, and optionally lm-eval tasks."""
 
     text: str = Field("bundled", description="'bundled' (evals/eval-text.txt) or a path to a .txt file")
     window: int = Field(512, ge=16, le=32768, description="tokens per window; windows do not overlap")
     max_tokens: int = Field(1024, ge=32, description="tokens of the text scored (whole windows only)")
+    lm_eval: LMEvalSpec | None = Field(None, description="lm-evaluation-harness tasks (pip extra 'eval')")
 
     @model_validator(mode="after")
     def _window_fits(self) -> EvalSpec:
@@ -260,6 +297,9 @@ def parse_recipe(data: Any, origin: str = "recipe") -> Recipe:
             if not Path(p).is_file():
                 field = "eval.text" if p == recipe.eval.text else "calibration.files"
                 problems.append(f"{field}: file '{p}' does not exist")
+    for d in recipe.eval.lm_eval.include_path if recipe.eval.lm_eval else []:
+        if not Path(d).is_dir():
+            problems.append(f"eval.lm_eval.include_path: '{d}' is not a directory")
     if recipe.model.path and not Path(recipe.model.path).exists():
         problems.append(f"model.path: '{recipe.model.path}' does not exist")
     if problems:

@@ -43,7 +43,9 @@ def _f(x: Any, fmt: str) -> str:
 def rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the matrix, one row per variant, reference first."""
     batches = [str(b) for b in results.get("bench", {}).get("batch_sizes", [])]
-    head = ["variant", "method", "size MiB", "size ×", "PPL", "ΔPPL %", "KLD", "top-1 %", "prefill tok/s",
+    tasks = lm_eval_tasks(results)
+    lm_head = [f"{t} {m}" for t, m in tasks] + (["lm-eval recovery %"] if tasks else [])
+    head = ["variant", "method", "size MiB", "size ×", "PPL", "ΔPPL %", "KLD", "top-1 %", *lm_head, "prefill tok/s",
             *[f"decode tok/s b{b}" for b in batches], "TTFT ms", "peak RSS MiB", "quantize s"]
     ref = next(v for v in results["variants"] if v["name"] == results["reference"])
     ref_size = ref["artifact"]["size_bytes"]
@@ -62,6 +64,7 @@ def rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             _f(ppl, ".3f"), _f(dppl, "+.2f"),
             _f(q.get("kld_mean"), ".5f"),
             _f(None if q.get("top1_agreement") is None else 100 * q["top1_agreement"], ".1f"),
+            *lm_eval_cells(v, tasks),
             _f(first.get("prefill_tok_s"), ".1f"),
             *[_f(pb.get(b, {}).get("decode_tok_s"), ".1f") for b in batches],
             _f(None if first.get("ttft_s") is None else 1000 * first["ttft_s"], ".1f"),
@@ -71,6 +74,39 @@ def rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return head, body
 
 
+def lm_eval_tasks(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """(task, metric) of every lm-eval score in the run, in task order."""
+    seen: dict[str, str] = {}
+    for v in results["variants"]:
+        for t, sc in sorted((v.get("lm_eval") or {}).items()):
+            seen.setdefault(t, sc.get("metric", "?"))
+    return list(seen.items())
+
+
+def mean_recovery(v: dict[str, Any]) -> float | None:
+    """Mean over tasks of the score recovery vs the baseline (what the gate's min_lm_eval_recovery checks)."""
+    rec = [sc["recovery"] for sc in (v.get("lm_eval") or {}).values() if sc.get("recovery") is not None]
+    return sum(rec) / len(rec) if rec else None
+
+
+def lm_eval_cells(v: dict[str, Any], tasks: list[tuple[str, str]]) -> list[str]:
+    if not tasks:
+        return []
+    cells = []
+    for t, _ in tasks:
+        sc = (v.get("lm_eval") or {}).get(t)
+        if not sc or sc.get("value") is None:
+            cells.append("–")
+            continue
+        cell = f"{sc['value']:.3f}" + (f" ± {sc['stderr']:.3f}" if sc.get("stderr") is not None else "")
+        if sc.get("recovery") is not None:
+            se = sc.get("recovery_se")
+            cell += f" ({100 * sc['recovery']:.0f}" + (f" ± {100 * se:.0f}" if se else "") + " %)"
+        cells.append(cell)
+    rec = mean_recovery(v)
+    return [*cells, _f(None if rec is None else 100 * rec, ".1f")]
+
+
 def _context(results: dict[str, Any]) -> str:
     ev, hw, b = results["eval"], results["hardware"], results.get("bench", {})
     where = hw.get("gpu") or f"{hw['cpu']} ({hw['cpu_count']} cores)"
@@ -78,8 +114,13 @@ def _context(results: dict[str, Any]) -> str:
     device = ", ".join(sorted(used)) or b.get("device")
     bench = (f"bench: {device} prompt {b['prompt_len']} + {b['gen_len']} new tokens, median of "
              f"{b['repeats']}" if b.get("enabled") else "bench: off")
+    lm = ev.get("lm_eval")
+    lm_line = "" if not lm else (
+        f"; lm-eval: {', '.join(lm['tasks'])}, {lm.get('num_fewshot')}-shot, "
+        + (f"first {lm['limit']} documents per task" if lm.get("limit") else "all documents")
+        + ", score ± stderr (recovery vs the baseline)")
     return (f"{results['recipe']['name']} — eval: {ev['n_windows']} windows × {ev['window']} tokens, KLD vs "
-            f"'{results['reference']}'; {bench}; {where}")
+            f"'{results['reference']}'{lm_line}; {bench}; {where}")
 
 
 def vocab_note(v: dict[str, Any]) -> str:

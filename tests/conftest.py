@@ -115,13 +115,20 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     return path
 
 
-def run_tiny_recipe(model_dir: Path, root: Path, variants: list[dict]) -> tuple[Path, dict]:
+# lm-eval in the tiny runs: two bundled tasks (a multiple-choice and a generation one), a few documents each
+TINY_LM_EVAL = {"tasks": ["qp_sequence", "qp_copy"], "limit": 10}
+
+
+def run_tiny_recipe(model_dir: Path, root: Path, variants: list[dict], lm_eval: dict | None = None
+                    ) -> tuple[Path, dict]:
     """`quantpipe run` of the tiny recipe with these variants under `root`; (run dir, results.json)."""
     import json
 
     from quantpipe import cli
 
     recipe = tiny_recipe(model_dir, root / "run", variants=variants)
+    if lm_eval is not None:
+        recipe["eval"]["lm_eval"] = lm_eval
     # 32 new tokens: enough decode time beyond the first token that a loaded machine still measures it
     recipe["bench"].update(batch_sizes=[1, 2], repeats=2, gen_len=32)
     assert cli.main(["run", str(write_recipe(root / "r.yaml", recipe))]) == 0
@@ -137,3 +144,15 @@ def eval_windows(run_dir: Path, window: int, max_tokens: int) -> list[list[int]]
     tok = AutoTokenizer.from_pretrained(run_dir / "artifacts" / "baseline")
     ids = tok((ROOT / "evals" / "eval-text.txt").read_text(), add_special_tokens=False).input_ids
     return evaluate.make_windows(ids, window, max_tokens)
+
+
+def check_lm_eval_agrees(res: dict, variant: str, reference: str = "baseline") -> None:
+    """The same bundled tasks scored through `variant`'s runtime and the reference's agree within their
+    standard errors (every row has scores in [0, 1] with a standard error)."""
+    v = {x["name"]: x for x in res["variants"]}
+    for name in (variant, reference):
+        for s in v[name]["lm_eval"].values():
+            assert 0 <= s["value"] <= 1 and s["stderr"] is not None and s["n"] == TINY_LM_EVAL["limit"], (name, s)
+    for task, s in v[variant]["lm_eval"].items():
+        r = v[reference]["lm_eval"][task]
+        assert abs(s["value"] - r["value"]) <= s["stderr"] + r["stderr"] + 1e-9, (variant, task, s, r)

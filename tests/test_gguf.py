@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, eval_windows, run_tiny_recipe, tiny_recipe, write_recipe
+from conftest import ROOT, TINY_LM_EVAL, check_lm_eval_agrees, eval_windows, run_tiny_recipe, tiny_recipe, write_recipe
 
 from quantpipe import cli, llamacpp, runtimes
 from quantpipe.errors import QuantpipeError
@@ -57,7 +57,7 @@ def build_smol_tokenizer_model(out: Path) -> Path:
 def gguf_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("gguf")
     model = build_smol_tokenizer_model(root / "model")
-    return run_tiny_recipe(model, root, VARIANTS)
+    return run_tiny_recipe(model, root, VARIANTS, lm_eval=TINY_LM_EVAL)
 
 
 def _windows(run_dir: Path) -> list[list[int]]:
@@ -222,3 +222,11 @@ def test_repaired_tokenizer_encodes_as_before(gguf_run: tuple[Path, dict]) -> No
     assert raw(text).input_ids == fixed(text).input_ids
     assert fixed.decode(fixed(text, add_special_tokens=False).input_ids) == text
     assert fixed.eos_token == "<|im_end|>" and raw.eos_token == "<|im_start|>"  # the import's mistake
+
+
+def test_lm_eval_through_the_llamacpp_runtime_agrees_with_transformers(gguf_run: tuple[Path, dict]) -> None:
+    """lm-eval's requests through quantpipe's adapter: the gguf-f16 row (llama.cpp) scores what the HF baseline scores,
+    within the standard errors, and every row of the run has task scores."""
+    _, res = gguf_run
+    check_lm_eval_agrees(res, "gguf-f16")
+    assert {v["runtime"] for v in res["variants"] if v["lm_eval"]} == {"hf", "llama.cpp"}

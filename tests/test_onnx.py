@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import check_memory_prediction, eval_windows, run_tiny_recipe, tiny_recipe, write_recipe
+from conftest import (
+    TINY_LM_EVAL,
+    check_lm_eval_agrees,
+    check_memory_prediction,
+    eval_windows,
+    run_tiny_recipe,
+    tiny_recipe,
+    write_recipe,
+)
 
 from quantpipe import cli, runtimes
 from quantpipe.errors import QuantpipeError
@@ -37,7 +45,7 @@ FP32 = ("onnx-fp32", "onnx-fp32-torch")
 @pytest.fixture(scope="module")
 def onnx_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("onnx")
-    return run_tiny_recipe(tiny_model, root, VARIANTS)
+    return run_tiny_recipe(tiny_model, root, VARIANTS, lm_eval=TINY_LM_EVAL)
 
 
 def _windows(run_dir: Path) -> list[list[int]]:
@@ -192,3 +200,11 @@ def test_corrupt_onnx_is_a_clear_error(onnx_run: tuple[Path, dict], tmp_path: Pa
     assert str(bad) in str(e.value) and "\n" not in str(e.value)
     out = subprocess.run([sys.executable, "-m", "quantpipe", "bench", str(bad)], capture_output=True, text=True)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "could not load" in out.stderr, out.stderr
+
+
+def test_lm_eval_through_the_ort_runtime_agrees_with_transformers(onnx_run: tuple[Path, dict]) -> None:
+    """lm-eval's requests through quantpipe's adapter: the onnx-fp32 row (onnxruntime) scores what the HF
+    baseline scores, within the standard errors, and every row of the run has task scores."""
+    _, res = onnx_run
+    check_lm_eval_agrees(res, "onnx-fp32")
+    assert {v["runtime"] for v in res["variants"] if v["lm_eval"]} == {"hf", "onnxruntime"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -23,12 +24,20 @@ def quantpipe(*args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT)
 
 
+# lm-eval documents per task in the suite's copy of the demo (the demo scores 40): every row gets task scores
+# through its runtime; test_lm_eval_hf_and_gguf_f16_agree_on_smollm2 scores more documents on two rows.
+SUITE_LM_EVAL_LIMIT = 8
+
+
 def demo_recipe(path: Path) -> Path:
-    """The shipped demo recipe with one benchmark repeat instead of three (after the warm-up): every variant,
-    calibration, eval and gate as shipped; the tests check the benchmark's structure, and its speeds are
+    """The shipped demo recipe with one benchmark repeat instead of three (after the warm-up), batches 1 and 2
+    instead of 1 and 4, and 8 lm-eval documents per task instead of 40: every variant, calibration, eval and
+    gate as shipped; the tests check the benchmark's and lm-eval's structure, and the speeds and scores are
     `make demo`'s to measure. This keeps the slow suite inside CI's time."""
     recipe = yaml.safe_load((ROOT / "recipes" / "smollm2-demo.yaml").read_text())
     recipe["bench"]["repeats"] = 1
+    recipe["bench"]["batch_sizes"] = [1, 2]
+    recipe["eval"]["lm_eval"]["limit"] = SUITE_LM_EVAL_LIMIT
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
 
@@ -114,7 +123,7 @@ def test_demo_gguf_rows(demo: tuple[Path, subprocess.CompletedProcess]) -> None:
     for n in kld:
         voc = v[n]["meta"]["vocab"]
         assert voc["one_to_one"] and voc["tokenization_matches"] and voc["n_gguf"] == 49152, (n, voc)
-        assert v[n]["speed"]["runtime"] == "llama.cpp" and v[n]["speed"]["per_batch"]["4"]["decode_tok_s"] > 0
+        assert v[n]["speed"]["runtime"] == "llama.cpp" and v[n]["speed"]["per_batch"]["2"]["decode_tok_s"] > 0
     # the baseline repaired the tokenizer transformers imported from the GGUF: chat turns end at <|im_end|>
     assert json.loads((out / "artifacts" / "baseline" / "tokenizer_config.json").read_text())["eos_token"] == \
         "<|im_end|>"
@@ -136,7 +145,7 @@ def test_demo_onnx_rows(demo: tuple[Path, subprocess.CompletedProcess]) -> None:
         assert "calibration rows" in v[n]["meta"]["quantization"]["activations"] or n == "onnx-int8"
     assert size["onnx-int8-static"] < size["onnx-int8"]  # its tied embedding is served from the int8 lm_head
     for n in names:
-        assert v[n]["runtime"] == "onnxruntime" and v[n]["speed"]["per_batch"]["4"]["decode_tok_s"] > 0
+        assert v[n]["runtime"] == "onnxruntime" and v[n]["speed"]["per_batch"]["2"]["decode_tok_s"] > 0
         assert v[n]["meta"]["exporter"]["name"] == "onnxruntime-genai model builder"
 
 
@@ -183,19 +192,32 @@ def planted_recipe(run_dir: Path) -> dict:
     recipe["variants"] = [recipe["variants"][0], {"name": "onnx-int8-static-all", "method": "onnx",
                                                   "quantize": "static"}]
     recipe["bench"]["enabled"] = False
+    del recipe["eval"]["lm_eval"]
     recipe["gates"] = {"all": {k: x for k, x in recipe["gates"]["all"].items() if k not in BENCH_CHECKS}}
     recipe["output"]["dir"] = str(run_dir)
     return recipe
 
 
-def test_planted_regression_fails_the_gate(tmp_path: Path) -> None:
+def reuse_baseline(demo_run: Path, run_dir: Path) -> None:
+    """Give a new run dir the demo run's stage records, calibration and baseline artifact (hard links): stages
+    whose keys match are cached (the baseline's quantize and eval, the eval ids, the calibration)."""
+    run_dir.mkdir(parents=True)
+    shutil.copytree(demo_run / ".quantpipe", run_dir / ".quantpipe", copy_function=os.link,
+                    ignore=shutil.ignore_patterns("lm_eval", "bench", "logs", "lock"))
+    shutil.copytree(demo_run / "artifacts" / "baseline", run_dir / "artifacts" / "baseline", copy_function=os.link)
+
+
+def test_planted_regression_fails_the_gate(demo: tuple[Path, subprocess.CompletedProcess], tmp_path: Path) -> None:
     """Quantizing harder (INT8 on every MatMul, same calibration and eval) fails the shipped quality thresholds
     that the demo's rows pass (test_demo_passes_its_shipped_gates): `run --gate` exits 1. (It was 2-bit GPTQ
-    until the ONNX rows came: that took 224 s of CI here, this about 2 minutes.)"""
+    until the ONNX rows came: that took 224 s of CI here, this about 2 minutes; the baseline's stages now come
+    from the demo run's cache.)"""
+    reuse_baseline(demo[0], tmp_path / "run")
     planted = tmp_path / "planted.yaml"
     planted.write_text(yaml.safe_dump(planted_recipe(tmp_path / "run")))
     gated = quantpipe("run", str(planted), "--gate", "--junit", str(tmp_path / "gate.xml"))
     assert gated.returncode == 1, gated.stdout[-3000:] + gated.stderr[-3000:]
+    assert "quantize:baseline: cached" in gated.stdout and "eval:baseline: cached" in gated.stdout
     rows = [line.split(" | ") for line in gated.stdout.splitlines() if line.startswith("| ")]
     verdict = {r[1]: r[4] for r in rows if len(r) == 6 and r[0] == "| onnx-int8-static-all"}
     assert verdict["max_kld"] == verdict["min_top1"] == verdict["max_ppl_increase"] == "FAIL", verdict
@@ -204,3 +226,52 @@ def test_planted_regression_fails_the_gate(tmp_path: Path) -> None:
     kld = {v["name"]: v["quality"]["kld_mean"] for v in
            json.loads((tmp_path / "run" / "results.json").read_text())["variants"]}
     assert kld["onnx-int8-static-all"] > 0.3
+
+
+def test_demo_lm_eval_rows(demo: tuple[Path, subprocess.CompletedProcess]) -> None:
+    """Every row, whatever its runtime (transformers, llama.cpp, ONNX Runtime), has the bundled tasks' scores
+    with standard errors and a recovery against the baseline, and the matrix shows them."""
+    out, _ = demo
+    res = json.loads((out / "results.json").read_text())
+    tasks = {"qp_arith", "qp_order", "qp_sequence", "qp_copy"}
+    for v in res["variants"]:
+        assert set(v["lm_eval"]) == tasks, v["name"]
+        for t, s in v["lm_eval"].items():
+            assert 0 <= s["value"] <= 1 and s["stderr"] is not None and s["n"] == SUITE_LM_EVAL_LIMIT, (v["name"], t)
+            assert s["recovery"] is not None or res["variants"][0]["lm_eval"][t]["value"] == 0
+    assert {v["runtime"] for v in res["variants"]} == {"hf", "llama.cpp", "onnxruntime"}
+    assert "qp_copy exact_match" in (out / "matrix.md").read_text()
+    # the F16 GGUF is the same model: the same answer on (nearly) every document
+    v = {x["name"]: x for x in res["variants"]}
+    same = [a == b for t in tasks for a, b in zip(v["gguf-f16"]["lm_eval"][t]["per_doc"],
+                                                  v["baseline"]["lm_eval"][t]["per_doc"], strict=True)]
+    assert sum(same) >= len(same) - 2, same
+
+
+def test_lm_eval_hf_and_gguf_f16_agree_on_smollm2(demo: tuple[Path, subprocess.CompletedProcess], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same offline tasks, 60 documents each, through the HF runtime (fp32 baseline) and the llama.cpp
+    runtime (F16 GGUF) with HF_HUB_OFFLINE/HF_DATASETS_OFFLINE set: scores within their standard errors
+    (measured on 100 documents of each task: the same answer on all 400)."""
+    from transformers import AutoTokenizer
+
+    from quantpipe import lmeval, runtimes
+    from quantpipe.recipe import LMEvalSpec
+
+    out, _ = demo
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    spec = LMEvalSpec(tasks=["qp_sequence", "qp_copy"], limit=60)
+    tok = AutoTokenizer.from_pretrained(out / "artifacts" / "baseline")
+    scores = {}
+    for name in ("baseline", "gguf-f16"):
+        rt = runtimes.load(out / "artifacts" / name, "cpu")
+        try:
+            scores[name] = lmeval.evaluate(rt, tok, spec, tmp_path / "work", None)["tasks"]
+        finally:
+            rt.close()
+    print("lm-eval HF vs GGUF F16:", {n: {t: s["value"] for t, s in x.items()} for n, x in scores.items()})
+    for t in spec.tasks:
+        a, b = scores["baseline"][t], scores["gguf-f16"][t]
+        assert a["n"] == b["n"] == 60 and 0 < a["value"] < 1, (t, a)  # the real model solves some, not all
+        assert abs(a["value"] - b["value"]) <= a["stderr"] + b["stderr"], (t, a, b)

@@ -2,14 +2,15 @@
 
 `format: compressed-tensors` (default) runs llm-compressor's AWQModifier and writes vLLM's native format;
 `format: awq` runs GPTQModel and writes the classic AutoAWQ GEMM checkpoint (`quant_method: awq`).
-`zero_point: true` is asymmetric quantization (AutoAWQ's default).
+`zero_point: true` is asymmetric quantization (AutoAWQ's default). `n_grid` is the number of scale ratios the
+llm-compressor backend tries per mapping (its default 20; the search is most of AWQ's time, so 10 halves it).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from quantpipe.methods import DTYPE_BYTES as _BYTES
 from quantpipe.methods import (
@@ -30,10 +31,13 @@ class AWQParams(MethodParams):
     group_size: GroupSize = 128
     zero_point: bool = True
     duo_scaling: bool = True
+    n_grid: int = Field(20, ge=2, le=100)
     format: Literal["compressed-tensors", "awq"] = "compressed-tensors"
 
     @model_validator(mode="after")
     def _fits(self) -> AWQParams:
+        if self.format == "awq" and self.n_grid != 20:
+            raise ValueError("n_grid: only the llm-compressor backend (`format: compressed-tensors`) has it")
         if self.format == "awq" and not self.duo_scaling:
             raise ValueError("duo_scaling: only the llm-compressor backend (`format: compressed-tensors`) has it")
         if self.format == "awq" and (self.bits != 4 or self.group_size == -1):
@@ -51,7 +55,7 @@ def quantize(job: QuantizeJob) -> dict[str, Any]:
 
         weights = _llmcompressor.weight_args(p.bits, p.group_size, symmetric=not p.zero_point)
         modifier = AWQModifier(config_groups=_llmcompressor.config_groups(weights), ignore=["lm_head"],
-                               duo_scaling=p.duo_scaling)
+                               duo_scaling=p.duo_scaling, n_grid=p.n_grid)
         meta = _llmcompressor.oneshot(job, [modifier])
     return {**meta, "bits": p.bits, "group_size": p.group_size}
 

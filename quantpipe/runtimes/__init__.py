@@ -42,6 +42,15 @@ class Runtime(Protocol):
     def close(self) -> None: ...
 
 
+def logits_batch(runtime: Runtime, seqs: list[list[int]]) -> list[torch.Tensor]:
+    """Next-token logits of several sequences: the runtime's own `logits_batch` where it has one (one padded
+    forward: about twice the throughput of single sequences on CPU), else one `logits` call each."""
+    fn = getattr(runtime, "logits_batch", None)
+    if fn is not None and len(seqs) > 1:
+        return fn(seqs)
+    return [runtime.logits(s) for s in seqs]
+
+
 @dataclass(frozen=True)
 class RuntimeInfo:
     name: str

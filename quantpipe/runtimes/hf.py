@@ -30,6 +30,19 @@ class HFRuntime:
         return out.logits[0].float().cpu()
 
     @torch.inference_mode()
+    def logits_batch(self, seqs: list[list[int]]) -> list[torch.Tensor]:
+        """One forward of the sequences padded on the right (causal: real positions never see the padding)."""
+        n = max(len(s) for s in seqs)
+        x = torch.full((len(seqs), n), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(x)
+        for i, s in enumerate(seqs):
+            x[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, :len(s)] = 1
+        out = self.model(input_ids=x.to(self.device), attention_mask=mask.to(self.device), use_cache=False)
+        logits = out.logits.float().cpu()
+        return [logits[i, :len(s)] for i, s in enumerate(seqs)]
+
+    @torch.inference_mode()
     def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         x = ids.to(self.device)
         out = self.model.generate(

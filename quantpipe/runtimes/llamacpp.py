@@ -98,6 +98,19 @@ class LlamaCppRuntime:
         rows = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n, self.n_vocab))
         return torch.from_numpy(rows.copy())
 
+    def logits_batch(self, seqs: list[list[int]]) -> list[torch.Tensor]:
+        """The sequences in one llama_decode, a sequence id each, an output for every position."""
+        if max(max(s) for s in seqs) >= self.n_vocab:
+            raise QuantpipeError(f"a token id is outside the GGUF's vocabulary ({self.n_vocab})")
+        ctx = self._context(max(len(s) for s in seqs), len(seqs))
+        toks = [t for s in seqs for t in s]
+        self._decode(ctx, toks, [p for s in seqs for p in range(len(s))],
+                     [i for i, s in enumerate(seqs) for _ in s], [True] * len(toks))
+        ptr = self.lib.llama_get_logits(ctx)
+        rows = torch.from_numpy(np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)),
+                                                      shape=(len(toks), self.n_vocab)).copy())
+        return list(torch.split(rows, [len(s) for s in seqs]))
+
     def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         b, t = ids.shape
         ctx = self._context(t + new_tokens, b)

@@ -1,0 +1,461 @@
+"""lm-evaluation-harness on every artifact format: quantpipe's runtime contract as lm-eval's model interface.
+
+`RuntimeLM` implements lm-eval's `loglikelihood`, `loglikelihood_rolling` and `generate_until` with nothing but
+the runtime contract (`logits(ids)`, `generate(ids, n)`) and the baseline's tokenizer, so HF, llama.cpp (GGUF)
+and ONNX Runtime rows are scored by the same harness on the same token ids. Generation is greedy (the
+contract's); a task that asks to sample is scored greedily and says so in its result.
+
+Model responses are cached per artifact in a SQLite file of JSON values (`ResponseCache`), so a re-run, or a
+run that adds a task, only computes what is new; nothing is unpickled. lm-eval's own request-building cache
+stores pickles and is off unless the recipe sets `cache_requests: true`.
+
+The bundled tasks live in `evals/lm_eval/` (task YAMLs over jsonl files that scripts/make_eval_tasks.py
+generated); `prepare_tasks` copies them with their data paths made absolute, so they run fully offline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import sqlite3
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from quantpipe.calibration import PROJECT_ROOT
+from quantpipe.errors import QuantpipeError
+
+# Bumped when the adapter's scoring changes, so cached lm-eval stages and responses are redone.
+ADAPTER_VERSION = 1
+# Greedy generation runs in chunks of this many tokens (doubling) until a stop string, EOS or max_gen_toks.
+FIRST_CHUNK = 8
+
+
+def bundled_dir() -> Path:
+    for base in (PROJECT_ROOT / "evals" / "lm_eval", Path(__file__).resolve().parent / "_data" / "evals" / "lm_eval"):
+        if base.is_dir():
+            return base
+    raise QuantpipeError("the bundled lm-eval tasks (evals/lm_eval) are missing from this installation")
+
+
+def _yaml_tasks(directory: Path) -> dict[str, Path]:
+    """{task, tag or group name: YAML file} of the task YAMLs in a directory tree (unparsable files skipped)."""
+    out: dict[str, Path] = {}
+    for path in sorted(directory.rglob("*.yaml")):
+        try:
+            cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+        except (yaml.YAMLError, OSError, UnicodeDecodeError):
+            continue
+        if not isinstance(cfg, dict):
+            continue
+        names = [cfg.get("task"), cfg.get("group")]
+        tags = cfg.get("tag") or []
+        names += [tags] if isinstance(tags, str) else list(tags)
+        for n in names:
+            if isinstance(n, str):
+                out.setdefault(n, path)
+    return out
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that tolerates lm-eval's `!function module.name` tags (read as plain strings)."""
+
+
+_Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+
+
+def bundled_tasks() -> dict[str, Path]:
+    """{name: YAML} of quantpipe's offline tasks (and their tag `quantpipe`)."""
+    return _yaml_tasks(bundled_dir())
+
+
+def prepare_tasks(tasks: list[str], include_path: list[str], work: Path) -> tuple[list[str], bool, str]:
+    """Write the bundled task YAMLs with absolute data paths into `work`; return (include paths for lm-eval's
+    TaskManager, whether lm-eval's built-in tasks must be indexed, a digest of every local task file used)."""
+    work.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    src = bundled_dir()
+    for path in sorted(src.glob("*.yaml")):
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+        files = (cfg.get("dataset_kwargs") or {}).get("data_files") or {}
+        for split, rel in files.items():
+            data = src / Path(rel).name
+            files[split] = str(data)
+            h.update(data.read_bytes())
+        (work / path.name).write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+        h.update(path.read_bytes())
+    local = set(bundled_tasks())
+    for p in include_path:
+        d = Path(p)
+        local |= set(_yaml_tasks(d))
+        for f in sorted(d.rglob("*")):
+            if f.is_file() and f.suffix in (".yaml", ".jsonl", ".json", ".py", ".txt", ".csv"):
+                h.update(f.name.encode() + f.read_bytes())
+    return [str(work), *include_path], any(t not in local for t in tasks), h.hexdigest()
+
+
+class ResponseCache:
+    """Model responses keyed by the sha256 of a request, JSON values in one SQLite table (no pickle)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.db = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(str(path))
+            self.db.execute("CREATE TABLE IF NOT EXISTS r (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(*parts: Any) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+    def get(self, key: str) -> Any:
+        row = None if self.db is None else self.db.execute("SELECT v FROM r WHERE k = ?", (key,)).fetchone()
+        if row is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return json.loads(row[0])
+
+    def put(self, key: str, value: Any) -> None:
+        if self.db is not None:
+            self.db.execute("INSERT OR REPLACE INTO r VALUES (?, ?)", (key, json.dumps(value)))
+
+    def commit(self) -> None:
+        if self.db is not None:
+            self.db.commit()
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.commit()
+            self.db.close()
+            self.db = None
+
+
+def _lm_base() -> type:
+    from lm_eval.api.model import TemplateLM
+
+    return TemplateLM
+
+
+def make_lm(runtime: Any, tokenizer: Any, max_length: int, max_gen_toks: int | None = None,
+            cache: ResponseCache | None = None) -> Any:
+    """An lm-eval model (a TemplateLM) over a loaded quantpipe runtime."""
+
+    class RuntimeLM(_lm_base()):
+        backend = "causal"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.runtime, self.tokenizer, self.max_length = runtime, tokenizer, max_length
+            self.max_gen_toks_cap = max_gen_toks
+            self.cache = cache or ResponseCache(None)
+            self.sampled_requests = 0  # generate_until requests that asked to sample (scored greedily)
+            self.forwards = 0
+
+        # -- tokenization: the baseline's tokenizer, no special tokens (the eval's convention) --------------
+        @property
+        def eot_token_id(self) -> int:
+            eos = self.tokenizer.eos_token_id
+            return int(eos if eos is not None else 0)
+
+        @property
+        def prefix_token_id(self) -> int:
+            bos = self.tokenizer.bos_token_id
+            return int(bos if bos is not None else self.eot_token_id)
+
+        def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+            return self.tokenizer(string, add_special_tokens=bool(add_special_tokens)).input_ids
+
+        def tok_decode(self, ids: list[int]) -> str:
+            return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+        # -- scoring --------------------------------------------------------------------------------------
+        def _logprobs(self, ids: list[int]) -> torch.Tensor:
+            self.forwards += 1
+            return torch.log_softmax(self.runtime.logits(ids).float(), dim=-1)
+
+        def _scores(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+            """Log-probability of each `cont` after its `ctx` and whether it is the greedy continuation, in one
+            batched call (`runtimes.logits_batch`); the oldest context tokens are dropped to fit max_length."""
+            from quantpipe.runtimes import logits_batch
+
+            wholes = [(ctx + cont)[-(self.max_length + 1):] for ctx, cont in pairs]
+            self.forwards += len(pairs)
+            out = []
+            for (_, cont), logits in zip(pairs, logits_batch(self.runtime, [w[:-1] for w in wholes]), strict=True):
+                lp = torch.log_softmax(logits.float(), dim=-1)[-len(cont):]
+                target = torch.tensor(cont, dtype=torch.long)
+                out.append((float(lp.gather(1, target[:, None]).sum().item()), bool((lp.argmax(-1) == target).all())))
+            return out
+
+        def _score(self, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+            return self._scores([(ctx, cont)])[0]
+
+        def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str], list[int], list[int]]],
+                                  disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+            out: list[tuple[float, bool] | None] = [None] * len(requests)
+            todo: dict[tuple[int, ...], list[int]] = defaultdict(list)  # context -> request indices
+            for i, (_, ctx, cont) in enumerate(requests):
+                hit = self.cache.get(self.cache.key("ll", ADAPTER_VERSION, ctx, cont))
+                if hit is not None:
+                    out[i] = (float(hit[0]), bool(hit[1]))
+                else:
+                    todo[tuple(ctx)].append(i)
+            for ctx_t, idx in todo.items():
+                ctx = list(ctx_t)
+                conts = [requests[i][2] for i in idx]
+                if all(len(c) == 1 for c in conts) and len(ctx) <= self.max_length:
+                    # one forward of the context scores every one-token continuation (causal: the last
+                    # position's distribution does not depend on what follows)
+                    last = self._logprobs(ctx)[-1]
+                    best = int(last.argmax())
+                    res = [(float(last[c[0]]), c[0] == best) for c in conts]
+                else:  # the choices of one question in one batched call
+                    res = self._scores([(ctx, c) for c in conts])
+                for i, r in zip(idx, res, strict=True):
+                    out[i] = r
+                    self.cache.put(self.cache.key("ll", ADAPTER_VERSION, ctx, requests[i][2]), list(r))
+            self.cache.commit()
+            return out  # type: ignore[return-value]
+
+        def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+            from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+            out = []
+            for req in requests:
+                (text,) = req.args[:1]
+                tokens = self.tok_encode(text)
+                key = self.cache.key("rolling", ADAPTER_VERSION, self.max_length, tokens)
+                hit = self.cache.get(key)
+                if hit is None:
+                    windows = map(make_disjoint_window, get_rolling_token_windows(
+                        tokens, self.prefix_token_id, self.max_length, context_len=1))
+                    hit = sum(self._score(ctx, cont)[0] for ctx, cont in windows)
+                    self.cache.put(key, hit)
+                out.append(float(hit))
+            self.cache.commit()
+            return out
+
+        def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+            out = []
+            for req in requests:
+                context, kwargs = req.args[0], dict(req.args[1] or {})
+                until = kwargs.get("until") or []
+                until = [until] if isinstance(until, str) else list(until)
+                limit = int(kwargs.get("max_gen_toks") or 256)
+                if self.max_gen_toks_cap:
+                    limit = min(limit, self.max_gen_toks_cap)
+                if kwargs.get("do_sample"):
+                    self.sampled_requests += 1
+                ids = self.tok_encode(context)[-max(1, self.max_length - limit):]
+                key = self.cache.key("gen", ADAPTER_VERSION, ids, until, limit)
+                hit = self.cache.get(key)
+                if hit is None:
+                    hit = self._generate(ids, until, limit)
+                    self.cache.put(key, hit)
+                out.append(hit)
+            self.cache.commit()
+            return out
+
+        def _generate(self, ids: list[int], until: list[str], limit: int) -> str:
+            eos = {self.eot_token_id} | set(_eos_ids(self.tokenizer))
+            new: list[int] = []
+            chunk = FIRST_CHUNK
+            while len(new) < limit:
+                n = min(chunk, limit - len(new))
+                step = self.runtime.generate(torch.tensor([ids + new], dtype=torch.long), n)[0].tolist()
+                stop_at = next((k for k, t in enumerate(step) if t in eos), None)
+                new += step if stop_at is None else step[:stop_at]
+                text = self.tok_decode(new)
+                cut = min((text.find(s) for s in until if s and s in text), default=-1)
+                if cut >= 0:
+                    return text[:cut]
+                if stop_at is not None:
+                    return text
+                chunk *= 2
+            return self.tok_decode(new)
+
+    return RuntimeLM()
+
+
+def _eos_ids(tokenizer: Any) -> list[int]:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+@contextlib.contextmanager
+def _quiet(offline: bool) -> Iterator[None]:
+    """lm-eval and datasets log at INFO and draw progress bars; the run prints one line per stage. Offline
+    tasks also set the hub's offline switches, so nothing tries the network."""
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TQDM_DISABLE")}
+    os.environ["TQDM_DISABLE"] = "1"
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    levels = {name: logging.getLogger(name).level for name in ("lm_eval", "lm-eval", "datasets")}
+    for name in levels:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.config.HF_DATASETS_OFFLINE = offline or datasets.config.HF_DATASETS_OFFLINE
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def primary_metric(task_results: dict[str, Any], wanted: str | None) -> tuple[str, str]:
+    """(metric, filter) reported for a task: `wanted` (a metric name, optionally `name,filter`), else the
+    task's first metric with a value; lm-eval keys results as 'metric,filter'."""
+    keys = [k for k in task_results if "," in k and "_stderr" not in k and k != "alias"]
+    if wanted:
+        match = [k for k in keys if k == wanted or k.split(",")[0] == wanted]
+        if not match:
+            have = sorted({k.split(",")[0] for k in keys})
+            raise QuantpipeError(f"eval.lm_eval.metrics: the task has no metric '{wanted}'; it has {', '.join(have)}")
+        keys = match
+    if not keys:
+        raise QuantpipeError("lm-eval returned no metric for a task")
+    metric, filt = keys[0].split(",", 1)
+    return metric, filt
+
+
+def evaluate(runtime: Any, tokenizer: Any, spec: Any, work: Path, cache_path: Path | None) -> dict[str, Any]:
+    """Run lm-eval's `simple_evaluate` with the runtime as the model; return {task: score dict}, plus
+    '_meta' with the harness version, request counts and cache hits."""
+    import importlib.metadata
+
+    include, needs_defaults, _ = prepare_tasks(spec.tasks, spec.include_path, work / "tasks")
+    if spec.cache_requests:
+        os.environ["LM_HARNESS_CACHE_PATH"] = str(work / "requests")
+    cache = ResponseCache(cache_path)
+    lm = make_lm(runtime, tokenizer, spec.max_length, spec.max_gen_toks, cache)
+    with _quiet(offline=not needs_defaults):
+        from lm_eval import simple_evaluate
+        from lm_eval.tasks import TaskManager
+
+        tm = TaskManager(include_path=include, include_defaults=needs_defaults)
+        unknown = [t for t in spec.tasks if t not in tm.all_tasks]
+        if unknown:
+            local = ", ".join(sorted(bundled_tasks()))
+            raise QuantpipeError(f"eval.lm_eval.tasks: unknown task {', '.join(unknown)}; bundled (offline): "
+                                 f"{local}; lm-eval's own tasks: `lm_eval ls tasks`")
+        try:
+            res = simple_evaluate(
+                model=lm, tasks=list(spec.tasks), num_fewshot=spec.num_fewshot, limit=spec.limit,
+                task_manager=tm, cache_requests=spec.cache_requests, log_samples=True,
+                random_seed=spec.seed, numpy_random_seed=spec.seed, torch_random_seed=spec.seed,
+                fewshot_random_seed=spec.seed, bootstrap_iters=spec.bootstrap_iters)
+        except QuantpipeError:
+            raise
+        except Exception as e:  # a task that needs the hub while offline, a broken task YAML, ...
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            net = any(w in f"{type(e).__name__} {first}".lower() for w in ("offline", "connect", "reach", "hub"))
+            hint = "; lm-eval's own tasks need network access or their datasets in the HF cache" if (
+                needs_defaults and net) else ""
+            raise QuantpipeError(f"lm-eval failed: {type(e).__name__}: {first}{hint}") from None
+        finally:
+            cache.close()
+    scores = {}
+    for task in sorted(res["results"]):
+        if task not in res.get("samples", {}):
+            continue  # a group or tag line: its member tasks carry the scores
+        tr = res["results"][task]
+        metric, filt = primary_metric(tr, spec.metrics.get(task))
+        value, se = tr.get(f"{metric},{filt}"), tr.get(f"{metric}_stderr,{filt}")
+        samples = sorted(res["samples"][task], key=lambda s: s["doc_id"])
+        per_doc = [float(s[metric]) if s.get(metric) is not None else None for s in samples]
+        hib = (res.get("higher_is_better", {}).get(task) or {}).get(metric, True)
+        cfg = res.get("configs", {}).get(task, {})
+        scores[task] = {
+            "metric": metric, "filter": filt, "value": _num(value), "stderr": _num(se),
+            "higher_is_better": bool(hib), "n": len(samples), "num_fewshot": res.get("n-shot", {}).get(task),
+            "output_type": cfg.get("output_type"),
+            "all_metrics": {k: _num(v) for k, v in tr.items() if "," in k and isinstance(v, (int, float))},
+            "per_doc": per_doc,
+        }
+    return {"tasks": scores, "_meta": {
+        "lm_eval_version": importlib.metadata.version("lm-eval"), "adapter_version": ADAPTER_VERSION,
+        "forwards": lm.forwards, "cache_hits": cache.hits, "cache_misses": cache.misses,
+        "sampled_requests_scored_greedily": lm.sampled_requests, "decoding": "greedy"}}
+
+
+def _num(x: Any) -> float | None:
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def recovery(v: dict[str, Any], base: dict[str, Any]) -> tuple[float | None, float | None]:
+    """Score recovery (variant / baseline, or baseline / variant for lower-is-better metrics) and its standard
+    error from the per-document differences (paired: both rows scored the same documents), delta method."""
+    x, b = v.get("value"), base.get("value")
+    if x is None or not b:
+        return None, None
+    hib = base.get("higher_is_better", True)
+    if not hib and not x:
+        return None, None
+    r = x / b if hib else b / x
+    pv, pb = v.get("per_doc") or [], base.get("per_doc") or []
+    if len(pv) != len(pb) or len(pv) < 2 or any(a is None for a in pv + pb):
+        return r, None
+    # r = mean(x)/mean(b): var(r) ≈ var(x_i - r b_i) / (n mean(b)^2) (ratio estimator), paired by document
+    n = len(pv)
+    mb, mx = sum(pb) / n, sum(pv) / n
+    if not hib:
+        pv, pb, mx, mb = pb, pv, mb, mx
+    d = [xi - r * bi for xi, bi in zip(pv, pb, strict=True)]
+    md = sum(d) / n
+    var = sum((di - md) ** 2 for di in d) / (n - 1)
+    return r, math.sqrt(var / n) / abs(mb) if mb else None
+
+
+def check_tasks(spec: Any) -> None:
+    """Before any work: lm-eval is installed and every task name is known (bundled, include_path, or lm-eval's
+    own, whose index takes a few seconds to build)."""
+    import importlib.util
+    import tempfile
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise QuantpipeError("eval.lm_eval needs EleutherAI's lm-evaluation-harness: pip install 'quantpipe[eval]'")
+    with tempfile.TemporaryDirectory() as tmp:
+        include, needs_defaults, _ = prepare_tasks(spec.tasks, spec.include_path, Path(tmp))
+        if not needs_defaults:
+            return
+        with _quiet(offline=False):
+            from lm_eval.tasks import TaskManager
+
+            known = TaskManager(include_path=include, include_defaults=True).all_tasks
+    unknown = [t for t in spec.tasks if t not in known]
+    if unknown:
+        raise QuantpipeError(f"eval.lm_eval.tasks: unknown task {', '.join(unknown)}; bundled (offline): "
+                             f"{', '.join(sorted(bundled_tasks()))}; lm-eval's own: `lm_eval ls tasks`")
+
+
+def add_recoveries(variants: list[dict[str, Any]], reference: str) -> None:
+    """Give every variant's lm-eval task scores their recovery against the reference's (and its stderr)."""
+    base = next((v.get("lm_eval") or {} for v in variants if v["name"] == reference), {})
+    for v in variants:
+        for task, score in (v.get("lm_eval") or {}).items():
+            b = base.get(task)
+            if b is None or b.get("metric") != score.get("metric"):
+                score["recovery"] = score["recovery_se"] = None
+                continue
+            score["recovery"], score["recovery_se"] = recovery(score, b)
