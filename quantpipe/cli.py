@@ -224,6 +224,49 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    """lm-eval tasks on one artifact directory (any format) through its runtime; prints or writes JSON."""
+    from pydantic import ValidationError
+    from transformers import AutoTokenizer
+
+    from quantpipe import lmeval, runtimes
+    from quantpipe.recipe import LMEvalSpec, _format
+
+    quiet_libraries()
+    try:
+        spec = LMEvalSpec(tasks=args.tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+                          include_path=args.include_path or [], max_gen_toks=args.max_gen_toks)
+    except ValidationError as e:
+        raise QuantpipeError("; ".join(_format(e, {}, prefix="--"))) from None
+    lmeval.check_tasks(spec)
+    meta = runtimes.read_meta(Path(args.artifact))
+    tok_dir = Path(args.tokenizer or args.artifact)
+    try:
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+    except (OSError, ValueError) as e:
+        if meta.get("format") == "gguf" and not args.tokenizer:
+            raise QuantpipeError(f"{tok_dir}: a GGUF artifact carries no HF tokenizer; pass --tokenizer "
+                                 "BASELINE_DIR (the run's artifacts/<baseline>)") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise QuantpipeError(f"{tok_dir}: no usable tokenizer: {first}") from None
+    rt = runtimes.load(Path(args.artifact), args.device)
+    try:
+        work = Path(args.work or Path(args.artifact).parent / ".quantpipe-lm-eval")
+        out = lmeval.evaluate(rt, tok, spec, work, work / "responses" / f"{Path(args.artifact).name}.sqlite")
+    finally:
+        rt.close()
+    for task, sc in out["tasks"].items():
+        if not args.per_doc:
+            del sc["per_doc"]
+        print(f"{task}: {sc['metric']} {sc['value']:.4f} ± {sc['stderr'] or 0:.4f} (n={sc['n']})", file=sys.stderr)
+    text = json.dumps(out, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from quantpipe import report
 
@@ -282,6 +325,19 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     b.add_argument("--repeats", type=int, default=3)
     b.set_defaults(fn=cmd_bench)
+    le = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on one artifact directory (any format)")
+    le.add_argument("artifact")
+    le.add_argument("--tasks", nargs="+", default=["quantpipe"], help="task names (default: the bundled ones)")
+    le.add_argument("--limit", type=float, help="documents per task, or a share below 1")
+    le.add_argument("--num-fewshot", type=int, default=0)
+    le.add_argument("--include-path", nargs="*", help="directories of your own task YAMLs")
+    le.add_argument("--max-gen-toks", type=int, help="cap on generated tokens per request")
+    le.add_argument("--tokenizer", help="tokenizer directory (default: the artifact's; GGUF needs its baseline)")
+    le.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    le.add_argument("--work", help="task copies and the response cache (default: ARTIFACT/../.quantpipe-lm-eval)")
+    le.add_argument("--per-doc", action="store_true", help="keep each document's value in the JSON")
+    le.add_argument("--out", help="write the JSON here instead of printing it")
+    le.set_defaults(fn=cmd_lm_eval)
     g = sub.add_parser("gate", help="check a run against thresholds and a previous run: exit 0 pass, "
                        "1 regression, 2 broken inputs")
     g.add_argument("run_dir", help="a run directory (or its results.json)")

@@ -178,6 +178,9 @@ def make_lm(runtime: Any, tokenizer: Any, max_length: int, max_gen_toks: int | N
         def tok_decode(self, ids: list[int]) -> str:
             return self.tokenizer.decode(ids, skip_special_tokens=False)
 
+        def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+            return super().loglikelihood(requests, disable_tqdm=True)  # the run prints one line per stage
+
         # -- scoring --------------------------------------------------------------------------------------
         def _logprobs(self, ids: list[int]) -> torch.Tensor:
             self.forwards += 1
@@ -303,6 +306,10 @@ def _quiet(offline: bool) -> Iterator[None]:
     levels = {name: logging.getLogger(name).level for name in ("lm_eval", "lm-eval", "datasets")}
     for name in levels:
         logging.getLogger(name).setLevel(logging.ERROR)
+    import lm_eval.api.task as task_module  # its request-building bar takes no `disable` argument
+
+    bar = task_module.tqdm
+    task_module.tqdm = lambda it=None, *a, **k: it
     try:
         import datasets
 
@@ -310,6 +317,7 @@ def _quiet(offline: bool) -> Iterator[None]:
         datasets.config.HF_DATASETS_OFFLINE = offline or datasets.config.HF_DATASETS_OFFLINE
         yield
     finally:
+        task_module.tqdm = bar
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

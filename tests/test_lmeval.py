@@ -228,3 +228,19 @@ def test_pipeline_records_scores_recovery_and_matrix_columns(tiny_model: Path, t
     assert redone and all("lm-eval:" in ln for ln in redone), redone
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert all(s["n"] == 4 for v in res["variants"] for s in v["lm_eval"].values())
+
+
+def test_lm_eval_command_on_one_artifact(tiny_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "scores.json"
+    assert cli.main(["lm-eval", str(tiny_artifact), "--tasks", "qp_order", "--limit", "4", "--device", "cpu",
+                     "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["tasks"]["qp_order"]["n"] == 4 and "per_doc" not in res["tasks"]["qp_order"]
+    assert "qp_order: acc" in capsys.readouterr().err
+    assert cli.main(["lm-eval", str(tiny_artifact), "--limit", "2.5"]) == 2
+    assert "--limit: a fractional limit" in capsys.readouterr().err
+    no_tok = tmp_path / "no-tokenizer"
+    no_tok.mkdir()
+    (no_tok / "quantpipe.json").write_text(json.dumps({"runtime": "hf"}))
+    assert cli.main(["lm-eval", str(no_tok), "--tasks", "qp_order"]) == 2
+    assert "no usable tokenizer" in capsys.readouterr().err
