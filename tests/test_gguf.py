@@ -230,3 +230,18 @@ def test_lm_eval_through_the_llamacpp_runtime_agrees_with_transformers(gguf_run:
     _, res = gguf_run
     check_lm_eval_agrees(res, "gguf-f16")
     assert {v["runtime"] for v in res["variants"] if v["lm_eval"]} == {"hf", "llama.cpp"}
+
+
+def test_llamacpp_batched_logits_equal_single_sequence_logits(gguf_run: tuple[Path, dict]) -> None:
+    """lm-eval's adapter scores the choices of a question in one llama_decode (a sequence id each)."""
+    run_dir, _ = gguf_run
+    rt = runtimes.load(run_dir / "artifacts" / "gguf-f32", "cpu")
+    try:
+        w = _windows(run_dir)[0]
+        seqs = [w[:40], w[40:45], w[50:77]]
+        for s, b in zip(seqs, runtimes.logits_batch(rt, seqs), strict=True):
+            single = rt.logits(s)
+            assert b.shape == single.shape
+            assert (b - single).abs().max() <= 1e-3 * single.abs().max()
+    finally:
+        rt.close()

@@ -244,3 +244,12 @@ def test_lm_eval_command_on_one_artifact(tiny_artifact: Path, tmp_path: Path, ca
     (no_tok / "quantpipe.json").write_text(json.dumps({"runtime": "hf"}))
     assert cli.main(["lm-eval", str(no_tok), "--tasks", "qp_order"]) == 2
     assert "no usable tokenizer" in capsys.readouterr().err
+
+
+def test_hf_batched_logits_equal_single_sequence_logits(lm_parts: tuple) -> None:
+    rt, tok = lm_parts
+    seqs = [tok("one two three four five").input_ids, tok("six").input_ids, tok("seven eight nine").input_ids]
+    batched = runtimes.logits_batch(rt, seqs)
+    for s, b in zip(seqs, batched, strict=True):
+        single = rt.logits(s)
+        assert b.shape == single.shape and torch.allclose(b, single, atol=1e-4, rtol=1e-4)
