@@ -101,7 +101,9 @@ def bench_in_subprocess(artifact_dir: Path, cfg: dict[str, Any], prompt_ids: lis
     res.unlink(missing_ok=True)
     req.write_text(json.dumps({"cfg": cfg, "prompt_ids": prompt_ids}))
     cmd = [sys.executable, "-m", "quantpipe", "bench", str(artifact_dir), "--request", str(req), "--out", str(res)]
-    proc = subprocess.run(cmd, env={**os.environ})
+    from quantpipe.worker import PARENT_ENV
+
+    proc = subprocess.run(cmd, env={**os.environ, PARENT_ENV: str(os.getpid())})  # it dies with this process
     if proc.returncode != 0 or not res.is_file():
         raise QuantpipeError(f"benchmark of {artifact_dir} failed (exit code {proc.returncode}; its message is above)")
     return json.loads(res.read_text())

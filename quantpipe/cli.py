@@ -187,7 +187,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from quantpipe import bench
 
     quiet_libraries()
-    if args.request:
+    if args.request:  # the bench stage of a run: this process dies with the run's (worker.die_with_parent)
+        from quantpipe.worker import die_with_parent
+
+        die_with_parent()
         req = json.loads(Path(args.request).read_text())
         cfg, prompt = req["cfg"], req["prompt_ids"]
     else:

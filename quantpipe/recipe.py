@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from quantpipe.errors import QuantpipeError
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch: "$" would let a newline through
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -81,7 +81,7 @@ class VariantSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
+        if not NAME_RE.fullmatch(v):
             raise ValueError(
                 f"'{v}' is not a valid variant name: use letters, digits, '.', '_' or '-' "
                 "(at most 64, starting with a letter or digit); it becomes a directory name"
@@ -208,7 +208,7 @@ class Recipe(Strict):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
+        if not NAME_RE.fullmatch(v):
             raise ValueError(f"'{v}' is not a valid recipe name: letters, digits, '.', '_' or '-'")
         return v
 

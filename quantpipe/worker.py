@@ -18,9 +18,31 @@ from typing import Any
 from quantpipe.errors import QuantpipeError
 from quantpipe.methods import Method, QuantizeJob
 
+PARENT_ENV = "QUANTPIPE_PARENT_PID"
+
+
+def die_with_parent(parent_pid: int | None = None) -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies (PR_SET_PDEATHSIG), so a killed
+    `quantpipe run` leaves no worker writing into a run directory that a re-run now owns. Also exits at once
+    if the parent is already gone. A no-op elsewhere."""
+    if parent_pid is None:
+        env = os.environ.get(PARENT_ENV)
+        parent_pid = int(env) if env and env.isdigit() else None
+    if parent_pid is None or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
 
 def _child(method_name: str, quantize: Callable[[QuantizeJob], dict[str, Any]], job: QuantizeJob, result: str,
-           log: str, imports: tuple[str, ...]) -> None:
+           log: str, imports: tuple[str, ...], parent_pid: int | None = None) -> None:
+    die_with_parent(parent_pid)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -66,7 +88,7 @@ def quantize_in_subprocess(method: Method, job: QuantizeJob, work: Path) -> dict
     result.unlink(missing_ok=True)
     proc = multiprocessing.get_context("spawn").Process(
         target=_child, args=(method.name, method.quantize, job, str(result), str(log),
-                             method.imports(job.params)),
+                             method.imports(job.params), os.getpid()),
         name=f"quantpipe-quantize-{job.variant}")
     proc.start()
     try:
