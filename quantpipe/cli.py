@@ -43,6 +43,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe)
     quiet_libraries()
+    if recipe.model.trust_remote_code:
+        print(f"warning: {pipeline.TRUST_WARNING}")
     try:
         config = pipeline.check_shapes(recipe)  # shapes only; None where the config is not reachable offline
     except QuantpipeError as e:

@@ -292,9 +292,15 @@ def _run(r: Run, recipe_path: str) -> dict[str, Any]:
     return results
 
 
+TRUST_WARNING = ("model.trust_remote_code is true: Python code shipped with the model source will run when it is "
+                 "loaded; keep it false unless you trust that source")
+
+
 def preflight(recipe: Recipe) -> Any:
     """Checks that need no work: every method's libraries are installed and its params fit the model's shapes
     (read from the config alone). Returns the config, or None where it cannot be had offline."""
+    if recipe.model.trust_remote_code:
+        print(f"warning: {TRUST_WARNING}")
     for v in recipe.variants:
         get_method(v.method).require(v.name, parse_params(v))
     if recipe.eval.lm_eval is not None:

@@ -123,16 +123,36 @@ def malformed(draw: st.DrawFn) -> tuple[str, object]:
     return kind, [("set", p, v) for p, v in parts]
 
 
-def apply(recipe: dict, ops: list) -> dict:
-    r = copy.deepcopy(recipe)
+def apply(recipe: dict, ops: list) -> tuple[dict, list]:
+    """The recipe with the ops applied, and the ops that applied (a later op of several may address a part an
+    earlier one removed: it is skipped)."""
+    r, done = copy.deepcopy(recipe), []
     for op in ops:
-        if op[0] == "set":
-            _set(r, op[1], op[2])
-        elif op[0] == "del":
-            _del(r, op[1])
-        else:
-            r["variants"].append(dict(r["variants"][op[1]]))
-    return r
+        try:
+            if op[0] == "set":
+                _set(r, op[1], op[2])
+            elif op[0] == "del":
+                _del(r, op[1])
+            else:
+                r["variants"].append(dict(r["variants"][op[1]]))
+        except (KeyError, IndexError, TypeError):
+            continue
+        done.append(op)
+    return r, done
+
+
+def field_names(kind: str, mutation: object) -> list[str]:
+    """What the message must mention: the field a mutation broke (any of them, for several), the duplicated
+    name, or, for broken YAML, where the syntax error is (or that the file is not a recipe mapping)."""
+    if kind == "yaml":
+        return ["YAML syntax error", "must be a YAML mapping", "not a UTF-8 text file"]
+    if kind == "duplicate":
+        return ["is used twice"]
+    names = []
+    for op in mutation:
+        keys = [p for p in op[1] if isinstance(p, str)]
+        names += [keys[-1] if keys else "variants"]
+    return names
 
 
 def run_cli(args: list[str]) -> tuple[int, str]:
@@ -167,7 +187,8 @@ def test_malformed_recipes_exit_2_with_one_message(case: tuple[str, object], fuz
     if kind == "yaml":
         path.write_bytes(str(mutation).encode("utf-8", "surrogateescape"))
     else:
-        path.write_text(yaml.safe_dump(apply(base_recipe(fuzz_dir), mutation), sort_keys=False))
+        broken, mutation = apply(base_recipe(fuzz_dir), mutation)
+        path.write_text(yaml.safe_dump(broken, sort_keys=False))
 
     def accepted(*a: object, **k: object) -> None:
         raise AssertionError(f"quantpipe run accepted a malformed recipe ({kind}: {mutation})")
@@ -178,6 +199,7 @@ def test_malformed_recipes_exit_2_with_one_message(case: tuple[str, object], fuz
         assert code == 2, (kind, mutation, args, text)
         assert "Traceback" not in text and text.startswith("quantpipe: error: "), (kind, mutation, text)
         assert text.count("quantpipe: error:") == 1
+        assert any(named in text for named in field_names(kind, mutation)), (kind, mutation, text)
     COUNTS[kind] = COUNTS.get(kind, 0) + 1
 
 

@@ -178,3 +178,19 @@ def test_variant_and_recipe_names_cannot_leave_the_run_directory(tiny_model: Pat
     r["name"] = name
     with pytest.raises(QuantpipeError, match="not a valid recipe name"):
         parse_recipe(r)
+
+
+def test_trust_remote_code_is_off_unless_set_and_warns_when_set(tiny_model: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    from quantpipe import cli, pipeline
+    from quantpipe.recipe import parse_recipe
+
+    r = recipe(tiny_model, tmp_path / "run")
+    assert parse_recipe(r).model.trust_remote_code is False
+    pipeline.preflight(parse_recipe(r))
+    assert "trust_remote_code" not in capsys.readouterr().out
+    r["model"]["trust_remote_code"] = True
+    pipeline.preflight(parse_recipe(r))  # what `quantpipe run` checks before any work
+    assert "warning: model.trust_remote_code is true" in capsys.readouterr().out
+    assert cli.main(["validate", str(write_recipe(tmp_path / "r.yaml", r))]) == 0
+    assert "warning: model.trust_remote_code is true" in capsys.readouterr().out
