@@ -4,6 +4,7 @@ refuses; nothing in quantpipe unpickles."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -26,7 +27,7 @@ STAGE_RE = re.compile(r"^\[(\d+)/(\d+)\] (\S+?)( \.\.\.|: done in|: cached)")
 
 
 def recipe(model: Path, run_dir: Path) -> dict:
-    r = tiny_recipe(model, run_dir, variants=VARIANTS)
+    r = tiny_recipe(model, run_dir, variants=copy.deepcopy(VARIANTS))
     r["eval"]["lm_eval"] = {"tasks": ["qp_order", "qp_copy"], "limit": 4}
     r["bench"].update(batch_sizes=[1], repeats=1, gen_len=8)
     return r
@@ -81,23 +82,26 @@ def kill_during(path: Path, stage: str, delay: float) -> tuple[str | None, list[
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, list[str]]:
-    """An uninterrupted run: its results and its stage names in order."""
+def reference(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, list[str], dict]:
+    """An uninterrupted run: its results, its stage names in order and their durations (s)."""
     root = tmp_path_factory.mktemp("resume-ref")
     path = write_recipe(root / "r.yaml", recipe(tiny_model, root / "run"))
     proc = start(path)
     out, _ = proc.communicate()
     assert proc.returncode == 0, out[-3000:]
     stages = [m.group(3) for m in map(STAGE_RE.match, out.splitlines()) if m and m.group(4) == " ..."]
-    return json.loads((root / "run" / "results.json").read_text()), stages
+    took = {m.group(1): float(m.group(2)) for m in map(re.compile(r"^\[\d+/\d+\] (\S+): done in ([0-9.]+) s").match,
+                                                       out.splitlines()) if m}
+    return json.loads((root / "run" / "results.json").read_text()), stages, took
 
 
 def test_sigkill_in_every_stage_resumes_to_the_same_results(tiny_model: Path, tmp_path: Path,
-                                                            reference: tuple[dict, list[str]]) -> None:
-    """One chain of runs on one directory: run k is killed at a random point of stage k; run k+1 resumes
-    (finished stages cached, the killed one redone, stale temp dirs removed) and is killed in stage k+1; the
-    last run finishes. Its results equal the uninterrupted run's."""
-    ref, stages = reference
+                                                            reference: tuple[dict, list[str], dict]) -> None:
+    """One chain of runs on one directory: run k is killed at a random point of stage k (a uniform share of
+    that stage's duration in the uninterrupted run); run k+1 resumes (finished stages cached, the killed one
+    redone, stale temp dirs removed) and is killed in stage k+1; the last run finishes. Its results equal the
+    uninterrupted run's."""
+    ref, stages, took = reference
     assert {s.split(":")[0] for s in stages} == {"quantize", "eval-tokens", "calibration", "eval", "lm-eval",
                                                  "bench"}, stages
     path = write_recipe(tmp_path / "r.yaml", recipe(tiny_model, tmp_path / "run"))
@@ -105,7 +109,7 @@ def test_sigkill_in_every_stage_resumes_to_the_same_results(tiny_model: Path, tm
     killed: dict[str, int] = {}
     previous, i = None, 0
     while i < len(stages):
-        landed, lines = kill_during(path, stages[i], rng.uniform(0.0, 0.6))
+        landed, lines = kill_during(path, stages[i], rng.uniform(0.05, 0.9) * took[stages[i]])
         redone = [m.group(3) for m in map(STAGE_RE.match, lines) if m and m.group(4) == " ..."]
         if previous is not None:  # the stage the last kill hit left no record: this run redid it
             assert previous in redone, (previous, redone)
@@ -125,7 +129,7 @@ def test_sigkill_in_every_stage_resumes_to_the_same_results(tiny_model: Path, tm
     print("kills per stage:", killed, "- the resumed run's results equal the uninterrupted run's")
     kinds = {s.split(":")[0] for s in killed}
     assert {"quantize", "eval", "lm-eval", "bench"} <= kinds, killed
-    assert len(killed) >= len(stages) // 2, killed  # short stages may end before their kill lands
+    assert len(killed) >= len(stages) - 3, killed  # a stage of a few ms may end before its kill lands
     # the manifest's digests are the files on disk
     from quantpipe.cache import dir_digests
 
