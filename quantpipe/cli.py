@@ -220,10 +220,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise QuantpipeError(f"{args.artifact}: no usable tokenizer for the prompt ({first})") from None
             prompt = tok(text, add_special_tokens=False).input_ids
-    result = bench.run_bench(Path(args.artifact), cfg, prompt)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    return _emit_json(bench.run_bench(Path(args.artifact), cfg, prompt), args.out)
+
+
+def _emit_json(obj: object, out: str | None) -> int:
+    """Write a command's JSON result to `out`, or print it; exit code 0."""
+    text = json.dumps(obj, indent=2)
+    if out:
+        Path(out).write_text(text + "\n")
     else:
         print(text)
     return 0
@@ -264,12 +268,7 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
         if not args.per_doc:
             del sc["per_doc"]
         print(f"{task}: {sc['metric']} {sc['value']:.4f} ± {sc['stderr'] or 0:.4f} (n={sc['n']})", file=sys.stderr)
-    text = json.dumps(out, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    else:
-        print(text)
-    return 0
+    return _emit_json(out, args.out)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -270,13 +270,13 @@ def make_lm(runtime: Any, tokenizer: Any, max_length: int, max_gen_toks: int | N
             return out
 
         def _generate(self, ids: list[int], until: list[str], limit: int) -> str:
-            eos = {self.eot_token_id} | set(_eos_ids(self.tokenizer))
+            eos = self.eot_token_id
             new: list[int] = []
             chunk = FIRST_CHUNK
             while len(new) < limit:
                 n = min(chunk, limit - len(new))
                 step = self.runtime.generate(torch.tensor([ids + new], dtype=torch.long), n)[0].tolist()
-                stop_at = next((k for k, t in enumerate(step) if t in eos), None)
+                stop_at = next((k for k, t in enumerate(step) if t == eos), None)
                 new += step if stop_at is None else step[:stop_at]
                 text = self.tok_decode(new)
                 cut = min((text.find(s) for s in until if s and s in text), default=-1)
@@ -288,11 +288,6 @@ def make_lm(runtime: Any, tokenizer: Any, max_length: int, max_gen_toks: int | N
             return self.tok_decode(new)
 
     return RuntimeLM()
-
-
-def _eos_ids(tokenizer: Any) -> list[int]:
-    eos = getattr(tokenizer, "eos_token_id", None)
-    return [eos] if isinstance(eos, int) else list(eos or [])
 
 
 @contextlib.contextmanager
@@ -358,11 +353,7 @@ def evaluate(runtime: Any, tokenizer: Any, spec: Any, work: Path, cache_path: Pa
         from lm_eval.tasks import TaskManager
 
         tm = TaskManager(include_path=include, include_defaults=needs_defaults)
-        unknown = [t for t in spec.tasks if t not in tm.all_tasks]
-        if unknown:
-            local = ", ".join(sorted(bundled_tasks()))
-            raise QuantpipeError(f"eval.lm_eval.tasks: unknown task {', '.join(unknown)}; bundled (offline): "
-                                 f"{local}; lm-eval's own tasks: `lm_eval ls tasks`")
+        _require_known(spec.tasks, tm.all_tasks)
         try:
             res = simple_evaluate(
                 model=lm, tasks=list(spec.tasks), num_fewshot=spec.num_fewshot, limit=spec.limit,
@@ -425,10 +416,9 @@ def recovery(v: dict[str, Any], base: dict[str, Any]) -> tuple[float | None, flo
     if len(pv) != len(pb) or len(pv) < 2 or any(a is None for a in pv + pb):
         return r, None
     # r = mean(x)/mean(b): var(r) ≈ var(x_i - r b_i) / (n mean(b)^2) (ratio estimator), paired by document
-    n = len(pv)
-    mb, mx = sum(pb) / n, sum(pv) / n
     if not hib:
-        pv, pb, mx, mb = pb, pv, mb, mx
+        pv, pb = pb, pv
+    n, mb = len(pv), sum(pb) / len(pb)
     d = [xi - r * bi for xi, bi in zip(pv, pb, strict=True)]
     md = sum(d) / n
     var = sum((di - md) ** 2 for di in d) / (n - 1)
@@ -450,8 +440,11 @@ def check_tasks(spec: Any) -> None:
         with _quiet(offline=False):
             from lm_eval.tasks import TaskManager
 
-            known = TaskManager(include_path=include, include_defaults=True).all_tasks
-    unknown = [t for t in spec.tasks if t not in known]
+            _require_known(spec.tasks, TaskManager(include_path=include, include_defaults=True).all_tasks)
+
+
+def _require_known(tasks: list[str], known: Any) -> None:
+    unknown = [t for t in tasks if t not in known]
     if unknown:
         raise QuantpipeError(f"eval.lm_eval.tasks: unknown task {', '.join(unknown)}; bundled (offline): "
                              f"{', '.join(sorted(bundled_tasks()))}; lm-eval's own: `lm_eval ls tasks`")

@@ -89,19 +89,13 @@ class LlamaCppRuntime:
         return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,))
 
     def logits(self, ids: list[int]) -> torch.Tensor:
-        n = len(ids)
-        if max(ids) >= self.n_vocab:
-            raise QuantpipeError(f"token id {max(ids)} is outside the GGUF's vocabulary ({self.n_vocab})")
-        ctx = self._context(n, 1)
-        self._decode(ctx, list(ids), list(range(n)), [0] * n, [True] * n)
-        ptr = self.lib.llama_get_logits(ctx)
-        rows = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n, self.n_vocab))
-        return torch.from_numpy(rows.copy())
+        return self.logits_batch([list(ids)])[0]
 
     def logits_batch(self, seqs: list[list[int]]) -> list[torch.Tensor]:
         """The sequences in one llama_decode, a sequence id each, an output for every position."""
-        if max(max(s) for s in seqs) >= self.n_vocab:
-            raise QuantpipeError(f"a token id is outside the GGUF's vocabulary ({self.n_vocab})")
+        top = max(max(s) for s in seqs)
+        if top >= self.n_vocab:
+            raise QuantpipeError(f"token id {top} is outside the GGUF's vocabulary ({self.n_vocab})")
         ctx = self._context(max(len(s) for s in seqs), len(seqs))
         toks = [t for s in seqs for t in s]
         self._decode(ctx, toks, [p for s in seqs for p in range(len(s))],
