@@ -67,16 +67,8 @@ def plan_config(recipe: object, arch: str | None) -> tuple[object, str]:
     from quantpipe import archs, sources
 
     if arch:
-        if arch.endswith(".json") or Path(arch).is_dir():
-            from transformers import AutoConfig
-
-            if not Path(arch).exists():
-                raise QuantpipeError(f"--arch: '{arch}' does not exist")
-            try:
-                return AutoConfig.from_pretrained(arch), f"config {arch}"
-            except (OSError, ValueError) as e:
-                raise QuantpipeError(f"--arch: '{arch}' is not a transformers config: {e}") from None
-        return archs.config(arch), f"shipped architecture '{arch}'"
+        is_file = arch.endswith(".json") or Path(arch).is_dir()
+        return archs.config_from(arch, "--arch"), f"config {arch}" if is_file else f"shipped architecture '{arch}'"
     config = sources.load_config(recipe.model, local_only=True)  # type: ignore[attr-defined]
     if config is not None:
         return config, f"the config of {sources.describe(recipe.model)}"  # type: ignore[attr-defined]
@@ -202,12 +194,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from quantpipe.recipe import BenchSpec
 
         cfg = BenchSpec(device=args.device, prompt_len=args.prompt_len, gen_len=args.gen_len,
-                        batch_sizes=args.batch_sizes, repeats=args.repeats).model_dump(mode="json")
+                        batch_sizes=args.batch_sizes, repeats=args.repeats,
+                        engine=args.engine).model_dump(mode="json")
         from quantpipe import runtimes
 
         text = data_path("evals", "eval-text.txt").read_text()
         meta = runtimes.read_meta(Path(args.artifact))
-        if meta.get("format") == "gguf":  # the vocabulary is inside the .gguf: llama.cpp tokenizes
+        if meta.get("weights") == "random":  # no tokenizer: seeded random ids of the vocabulary
+            from transformers import AutoConfig
+
+            from quantpipe.pipeline import random_ids
+
+            vocab = AutoConfig.from_pretrained(args.artifact).vocab_size
+            prompt = random_ids(vocab, args.prompt_len + max(args.batch_sizes), int(meta.get("seed") or 0))
+        elif meta.get("format") == "gguf":  # the vocabulary is inside the .gguf: llama.cpp tokenizes
             from quantpipe import llamacpp
 
             gguf = Path(args.artifact) / str(meta.get("file"))
@@ -249,6 +249,9 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
         raise QuantpipeError("; ".join(_format(e, {}, prefix="--"))) from None
     lmeval.check_tasks(spec)
     meta = runtimes.read_meta(Path(args.artifact))
+    if meta.get("weights") == "random":
+        raise QuantpipeError(f"{args.artifact}: random weights (model.weights: random) have no quality to "
+                             "evaluate; this artifact is for speed and memory measurement only")
     tok_dir = Path(args.tokenizer or args.artifact)
     try:
         tok = AutoTokenizer.from_pretrained(tok_dir)
@@ -328,6 +331,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--gen-len", type=int, default=32)
     b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--engine", default="auto", choices=["auto", "eager", "compiled"],
+                   help="auto: compiled on a GPU (static KV cache, CUDA graphs, low-bit kernels), else eager")
     b.set_defaults(fn=cmd_bench)
     le = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on one artifact directory (any format)")
     le.add_argument("artifact")

@@ -215,6 +215,9 @@ def noise(metric: str, old: dict[str, Any], new: dict[str, Any], confidence: flo
 
 
 def check_regressions(results: dict[str, Any], previous: dict[str, Any], gates: GatesSpec) -> list[Row]:
+    if "random" in (results.get("weights"), previous.get("weights")):
+        raise QuantpipeError("--baseline: a run of random weights (model.weights: random) has no quality to "
+                             "compare; gate it on speed, memory and size thresholds only")
     th, tp = (results.get("eval") or {}).get("tokens_sha256"), (previous.get("eval") or {}).get("tokens_sha256")
     if th is None or tp is None or th != tp:
         raise QuantpipeError("--baseline: the two runs scored different eval tokens (eval.tokens_sha256 differs "

@@ -117,6 +117,8 @@ class Run:
                         "library_versions": method.versions(params), **done["meta"]}
                 if method.calibrates(params):
                     meta["calibration_sha256"] = self.results["calibration"]["sha256"]
+                if self.recipe.model.weights == "random":  # every artifact says so, not only the baseline
+                    meta.update(weights="random", arch=self.recipe.model.arch, seed=self.recipe.model.seed)
                 (tmp / runtimes.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
                 (tmp / "README.md").write_text(artifact_readme(meta))
             return {"meta": meta, "quantize_s": done["quantize_s"], "quantize_peak_rss_mib": done["peak_rss_mib"],
@@ -127,7 +129,11 @@ class Run:
         return self.stage(f"quantize:{variant.name}", payload, compute, artifact=out)
 
     def eval_tokens(self) -> list[list[int]]:
+        """The eval windows (the bench's prompts are cut from them too). A random-weight model has no tokenizer:
+        its windows are seeded random ids of its vocabulary (prompts for the bench only; it is not evaluated)."""
         spec = self.recipe.eval
+        if self.recipe.model.weights == "random":
+            return self._random_tokens()
         path = calibration.data_path("evals", "eval-text.txt") if spec.text == "bundled" else Path(spec.text)
         text = path.read_text(encoding="utf-8")
         # lm-eval's settings are not part of the windows: changing them leaves every window stage cached
@@ -146,11 +152,33 @@ class Run:
 
         return self.stage("eval-tokens", payload, compute)["windows"]
 
+    def _random_tokens(self) -> list[list[int]]:
+        spec = self.recipe.eval
+        payload = {"random_ids": {"window": spec.window, "max_tokens": spec.max_tokens, "seed": self.recipe.model.seed},
+                   "base": self.keys[f"quantize:{self.recipe.reference.name}"]}
+
+        def compute() -> dict[str, Any]:
+            ids = random_ids(self.vocab_size(), spec.max_tokens, self.recipe.model.seed)
+            windows = evaluate.make_windows(ids, spec.window, spec.max_tokens)
+            return {"n_windows": len(windows), "n_text_tokens": len(ids), "tokens_sha256": digest(windows),
+                    "windows": windows, "random_ids": True}
+
+        return self.stage("eval-tokens", payload, compute)["windows"]
+
+    def vocab_size(self) -> int:
+        from transformers import AutoConfig
+
+        return int(AutoConfig.from_pretrained(self.artifact_dir(self.recipe.reference)).vocab_size)
+
     def calibration_ids(self) -> torch.Tensor:
         spec = self.recipe.calibration
         store = self.state / "calibration"
         payload = {"calibration": spec.model_dump(mode="json"),
                    "base": self.keys[f"quantize:{self.recipe.reference.name}"]}
+        random = self.recipe.model.weights == "random"
+        if random:  # no tokenizer and no text worth calibrating on: seeded random ids of the vocabulary
+            payload = {"random_ids": {"n_samples": spec.n_samples, "seq_len": spec.seq_len, "seed": spec.seed},
+                       "base": payload["base"]}
         if spec.source == "bundled":
             payload["bundled_sha256"] = file_sha256(calibration.data_path("calibration", "default.txt"))
         for f in spec.files if spec.source == "files" else []:
@@ -160,9 +188,13 @@ class Run:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             base = self.artifact_dir(self.recipe.reference)
-            tok = AutoTokenizer.from_pretrained(base)
-            model = AutoModelForCausalLM.from_pretrained(base) if spec.source == "generated" else None
-            ids = calibration.build(spec, tok, calibration.documents(spec, model, tok))
+            if random:
+                ids = torch.tensor(random_ids(self.vocab_size(), spec.n_samples * spec.seq_len, spec.seed))
+                ids = ids.view(spec.n_samples, spec.seq_len)
+            else:
+                tok = AutoTokenizer.from_pretrained(base)
+                model = AutoModelForCausalLM.from_pretrained(base) if spec.source == "generated" else None
+                ids = calibration.build(spec, tok, calibration.documents(spec, model, tok))
             with atomic_dir(store) as tmp:
                 save_file({"input_ids": ids}, str(tmp / "ids.safetensors"))
             return {"shape": list(ids.shape), "sha256": file_sha256(store / "ids.safetensors")}
@@ -170,7 +202,10 @@ class Run:
         self.stage("calibration", payload, compute, artifact=store)
         return load_file(str(store / "ids.safetensors"))["input_ids"].clone()  # detach from the mmap
 
-    def evaluate(self, variant: VariantSpec, windows: list[list[int]]) -> dict[str, Any]:
+    def evaluate(self, variant: VariantSpec, windows: list[list[int]]) -> dict[str, Any] | None:
+        if not self.recipe.eval.enabled:
+            self.step += 1
+            return None
         ref = self.recipe.reference
         is_ref = variant.name == ref.name
         payload = {"windows": self.keys["eval-tokens"], "artifact": self.keys[f"quantize:{variant.name}"],
@@ -235,6 +270,12 @@ class Run:
             return bench.bench_in_subprocess(self.artifact_dir(variant), cfg, prompt, self.state / "bench")
 
         return self.stage(f"bench:{variant.name}", payload, compute)
+
+
+def random_ids(vocab: int, n: int, seed: int) -> list[int]:
+    """n token ids drawn uniformly from the vocabulary with a fixed seed (random-weight models)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n,), generator=g).tolist()
 
 
 def artifact_readme(meta: dict[str, Any]) -> str:
@@ -328,7 +369,7 @@ def collect(r: Run, recipe_path: str) -> dict[str, Any]:
     variants = []
     for v in [recipe.reference] + [v for v in recipe.variants if v.name != recipe.reference.name]:
         q = r.results[f"quantize:{v.name}"]
-        e = r.results[f"eval:{v.name}"]
+        e = r.results.get(f"eval:{v.name}") or {}
         b = r.results.get(f"bench:{v.name}")
         lm = r.results.get(f"lm-eval:{v.name}")
         variants.append({
@@ -339,17 +380,22 @@ def collect(r: Run, recipe_path: str) -> dict[str, Any]:
             "format": q["meta"].get("format"),
             "artifact": {"path": f"artifacts/{v.name}", "size_bytes": q["size_bytes"],
                          "n_files": len(r.cache.files(f"quantize:{v.name}"))},
-            "quality": e["quality"],
-            "speed": None if b is None else {k: b.get(k) for k in ("runtime", "device", "threads", "kernel",
-                                                                   "per_batch")},
+            "weights": recipe.model.weights,
+            "quality": e.get("quality"),
+            "speed": None if b is None else {k: b.get(k) for k in (
+                "runtime", "device", "engine", "engine_note", "threads", "kernel", "per_batch", "copy_bandwidth_gbs",
+                "weight_bytes_per_step", "kv_bytes_per_position", "gpu")},
             "eval_kernel": e.get("kernel"),
             "lm_eval": None if lm is None else lm["tasks"],
             "lm_eval_meta": None if lm is None else {**lm["_meta"], "wall_s": lm["wall_s"]},
             "memory": {"peak_rss_mib": None if b is None else b["peak_rss_mib"],
                        "load_rss_mib": None if b is None else b["load_rss_mib"],
                        "peak_gpu_mib": None if b is None else b.get("peak_gpu_mib"),
-                       "quantize_peak_rss_mib": q["quantize_peak_rss_mib"]},
-            "timings": {"quantize_s": q["quantize_s"], "eval_s": e["wall_s"],
+                       "peak_gpu_reserved_mib": None if b is None else b.get("peak_gpu_reserved_mib"),
+                       "gpu_driver_used_mib": None if b is None else b.get("gpu_driver_used_mib"),
+                       "quantize_peak_rss_mib": q["quantize_peak_rss_mib"],
+                       "quantize_peak_gpu_mib": q.get("quantize_peak_gpu_mib")},
+            "timings": {"quantize_s": q["quantize_s"], "eval_s": e.get("wall_s"),
                         "lm_eval_s": None if lm is None else lm["wall_s"],
                         "bench_s": None if b is None else b["wall_s"], "load_s": None if b is None else b["load_s"]},
             "meta": q["meta"],
@@ -361,8 +407,10 @@ def collect(r: Run, recipe_path: str) -> dict[str, Any]:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "recipe": {"name": recipe.name, "path": recipe_path, "sha256": recipe.sha256()},
         "model": sources.describe(recipe.model),
+        "weights": recipe.model.weights,
         "reference": recipe.reference.name,
         "eval": {**recipe.eval.model_dump(mode="json"), "n_windows": r.results["eval-tokens"]["n_windows"],
+                 "random_ids": bool(r.results["eval-tokens"].get("random_ids")),
                  "tokens_sha256": r.results["eval-tokens"]["tokens_sha256"]},
         "bench": recipe.bench.model_dump(mode="json"),
         "hardware": sysinfo.hardware(),
@@ -412,7 +460,13 @@ def add_predictions(r: Run, results: dict[str, Any]) -> None:
             pred["quantize_measure"] = "peak CUDA memory allocated" if on_gpu else "peak RSS - RSS before load"
             if storage.quantize_upper_bound:
                 pred["quantize_upper_bound"] = storage.quantize_upper_bound
+            elif on_gpu:
+                pred["quantize_upper_bound"] = GPU_LAYERWISE
         v["prediction"] = pred
+
+
+GPU_LAYERWISE = ("on a GPU the quantizing library keeps the float model in CPU memory and moves one decoder layer "
+                 "at a time onto the GPU, so the prediction's whole-model term is an upper bound")
 
 
 def write_outputs(r: Run, results: dict[str, Any], wall_s: float) -> None:

@@ -22,11 +22,16 @@ class Strict(BaseModel):
 
 
 class ModelSpec(Strict):
-    """Where the base model comes from: exactly one of `id`, `path`, `package`."""
+    """Where the base model comes from: exactly one of `id`, `path`, `package`, `arch` (random weights)."""
 
     id: str | None = Field(None, description="Hugging Face hub id (needs network access or a warm HF cache)")
     path: str | None = Field(None, description="local HF model directory, or a .gguf file")
     package: str | None = Field(None, description="installed Python package that ships a .gguf file")
+    arch: str | None = Field(None, description="a shipped architecture (qwen2-7b, llama-3-8b, qwen2-0.5b, ...) or "
+                             "a config.json: a model of that shape with random weights (needs weights: random)")
+    weights: Literal["real", "random"] = Field("real", description="random: speed and memory only, no quality "
+                                               "evaluation")
+    seed: int = Field(0, description="seed of the random weights (weights: random)")
     gguf_file: str | None = Field(None, description="GGUF file name inside `path` (a directory) or `package`")
     revision: str | None = None
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -34,12 +39,18 @@ class ModelSpec(Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
-        given = [k for k in ("id", "path", "package") if getattr(self, k)]
+        given = [k for k in ("id", "path", "package", "arch") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError(
-                "give exactly one of model.id (hub id), model.path (local dir or .gguf) or "
-                f"model.package (package shipping a .gguf); got {given or 'none'}"
+                "give exactly one of model.id (hub id), model.path (local dir or .gguf), "
+                "model.package (package shipping a .gguf) or model.arch (random weights of a shape); "
+                f"got {given or 'none'}"
             )
+        if self.arch and self.weights != "random":
+            raise ValueError("model.arch builds a model with random weights: add `weights: random` (it then has "
+                             "no quality to evaluate; speed and memory only)")
+        if self.weights == "random" and not self.arch:
+            raise ValueError("model.weights: random needs model.arch (a shipped architecture name or a config.json)")
         if self.package and not self.gguf_file:
             raise ValueError("model.package needs model.gguf_file: the .gguf file name inside the package")
         return self
@@ -132,6 +143,7 @@ class LMEvalSpec(Strict):
 class EvalSpec(Strict):
     """Quality evaluation: the same token windows for every runtime, and optionally lm-eval tasks."""
 
+    enabled: bool = Field(True, description="false: no quality evaluation (required for weights: random)")
     text: str = Field("bundled", description="'bundled' (evals/eval-text.txt) or a path to a .txt file")
     window: int = Field(512, ge=16, le=32768, description="tokens per window; windows do not overlap")
     max_tokens: int = Field(1024, ge=32, description="tokens of the text scored (whole windows only)")
@@ -149,6 +161,9 @@ class BenchSpec(Strict):
 
     enabled: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    engine: Literal["auto", "eager", "compiled"] = Field(
+        "auto", description="compiled: static KV cache + low-bit kernels, decode step in CUDA graphs on a GPU "
+        "(transformers artifacts); eager: the runtime eval uses; auto: compiled on a GPU, else eager")
     prompt_len: int = Field(128, ge=1)
     gen_len: int = Field(32, ge=2, description="new tokens per timed generation (at least 2)")
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 4], min_length=1)
@@ -175,6 +190,9 @@ class GateThresholds(Strict):
     min_decode_speedup: float | None = Field(None, gt=0, description="decode tok/s / baseline's at speedup_batch")
     max_size_mib: float | None = Field(None, gt=0, description="artifact directory size")
     max_size_ratio: float | None = Field(None, gt=0, description="artifact size / baseline's")
+
+
+QUALITY_GATES = ("max_kld", "min_top1", "max_ppl_increase", "min_lm_eval_recovery")
 
 
 class GatesSpec(Strict):
@@ -224,6 +242,8 @@ class Recipe(Strict):
                 if name not in seen:
                     raise ValueError(f"gates.variants: no variant is named '{name}'; the variants are "
                                      f"{', '.join(sorted(seen))}")
+        if self.model.weights == "random":
+            self._random_weights()
         baselines = [v.name for v in self.variants if v.method == "baseline"]
         if len(baselines) != 1:
             raise ValueError(
@@ -231,6 +251,21 @@ class Recipe(Strict):
                 f"and speed-ups are measured against); found {len(baselines)}"
             )
         return self
+
+    def _random_weights(self) -> None:
+        """A random-weight model has speed and memory, not quality: refuse every quality evaluation."""
+        why = "a random-weight model (model.weights: random) has no quality to evaluate"
+        if self.eval.enabled:
+            raise ValueError(f"eval.enabled: {why}; set `eval: {{enabled: false}}` (speed and memory are still "
+                             "measured)")
+        if self.eval.lm_eval is not None:
+            raise ValueError(f"eval.lm_eval: {why}; remove it")
+        if self.gates is not None:
+            for where, th in [("all", self.gates.all), *self.gates.variants.items()]:
+                for k in QUALITY_GATES:
+                    if getattr(th, k) is not None:
+                        field = "gates.all" if where == "all" else f"gates.variants.{where}"
+                        raise ValueError(f"{field}.{k}: {why}; gate on speed, memory or size instead")
 
     @property
     def reference(self) -> VariantSpec:
@@ -302,9 +337,30 @@ def parse_recipe(data: Any, origin: str = "recipe") -> Recipe:
             problems.append(f"eval.lm_eval.include_path: '{d}' is not a directory")
     if recipe.model.path and not Path(recipe.model.path).exists():
         problems.append(f"model.path: '{recipe.model.path}' does not exist")
+    if recipe.model.arch:
+        problems += _random_model_problems(recipe)
     if problems:
         raise QuantpipeError(f"{origin} is invalid:\n  " + "\n  ".join(problems))
     return recipe
+
+
+def _random_model_problems(recipe: Recipe) -> list[str]:
+    """The architecture must be known, and every method must run without a tokenizer (a random-weight model has
+    none): the formats converted for llama.cpp and ONNX Runtime need one."""
+    from quantpipe import archs
+    from quantpipe.methods import get_method
+
+    problems = []
+    try:
+        archs.config_from(recipe.model.arch or "")
+    except QuantpipeError as e:
+        problems.append(str(e))
+    for i, v in enumerate(recipe.variants):
+        if get_method(v.method).runtime != "hf":
+            problems.append(f"variants[{i}]({v.name}).method: '{v.method}' converts the tokenizer too, and a "
+                            "random-weight model (model.weights: random) has none; use the methods served by "
+                            "transformers (baseline, int8, gptq, awq, smoothquant)")
+    return problems
 
 
 def load_recipe(path: str | Path) -> Recipe:

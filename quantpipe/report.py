@@ -119,6 +119,11 @@ def _context(results: dict[str, Any]) -> str:
         f"; lm-eval: {', '.join(lm['tasks'])}, {lm.get('num_fewshot')}-shot, "
         + (f"first {lm['limit']} documents per task" if lm.get("limit") else "all documents")
         + ", score ± stderr (recovery vs the baseline)")
+    if results.get("weights") == "random":
+        return (f"{results['recipe']['name']} — **random weights** ({results.get('model')}): speed and memory only, "
+                f"no quality evaluation; {bench}; {where}")
+    if not ev.get("enabled", True):
+        return f"{results['recipe']['name']} — eval: off; {bench}; {where}"
     return (f"{results['recipe']['name']} — eval: {ev['n_windows']} windows × {ev['window']} tokens, KLD vs "
             f"'{results['reference']}'{lm_line}; {bench}; {where}")
 
@@ -147,6 +152,13 @@ def markdown(results: dict[str, Any]) -> str:
         kernels = {k for k in (v.get("eval_kernel"), (v.get("speed") or {}).get("kernel")) if k}
         lines.append(f"- {v['name']}: {v.get('format') or '?'}; runtime {v.get('runtime')}; "
                      + ("; ".join(sorted(kernels)) or "kernel not recorded") + vocab_note(v))
+    shead, sbody = speed_rows(results)
+    if sbody:
+        lines += ["", "Decode against the memory-bandwidth limit: a step reads the weights once and each sequence's "
+                  "KV cache; limit = batch × measured copy bandwidth / those bytes. Engine and kernel as run by "
+                  "the bench; GPU memory: allocator peak / what the driver reports in use:", "",
+                  "| " + " | ".join(shead) + " |", "|" + "---|" * len(shead)]
+        lines += ["| " + " | ".join(r) + " |" for r in sbody]
     mhead, mbody = memory_rows(results)
     if mbody:
         lines += ["", "Memory, predicted (`quantpipe plan`) vs measured. Weights: the artifact's tensors. Bench: the "
@@ -165,6 +177,30 @@ def markdown(results: dict[str, Any]) -> str:
     errors = {(v.get("prediction") or {}).get("error") for v in results["variants"]} - {None}
     lines += [f"\nMemory prediction unavailable: {e}" for e in errors]
     return "\n".join(lines) + "\n"
+
+
+def speed_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Per variant and batch: engine, kernel, decode tok/s against the bandwidth limit, prefill, TTFT, memory,
+    and quantization time (rows only where the bench recorded a limit)."""
+    head = ["variant", "engine", "kernel", "batch", "decode tok/s", "limit tok/s", "% of limit", "prefill tok/s",
+            "TTFT ms", "peak memory MiB", "quantize s", "quantize peak GPU MiB"]
+    body = []
+    for v in results["variants"]:
+        s = v.get("speed") or {}
+        mem, t = v.get("memory") or {}, v.get("timings") or {}
+        gpu = mem.get("peak_gpu_mib")
+        peak = (f"{gpu:.0f} / {mem['gpu_driver_used_mib']:.0f}" if gpu is not None and mem.get("gpu_driver_used_mib")
+                else _f(mem.get("peak_rss_mib"), ".0f") + " RSS")
+        for b, row in (s.get("per_batch") or {}).items():
+            if row.get("limit_tok_s") is None:
+                continue
+            frac = row.get("frac_of_limit")
+            body.append([v["name"], s.get("engine") or "–", s.get("kernel") or "–", b,
+                         _f(row.get("decode_tok_s"), ".1f"), _f(row["limit_tok_s"], ".1f"),
+                         _f(None if frac is None else 100 * frac, ".1f"), _f(row.get("prefill_tok_s"), ".0f"),
+                         _f(None if row.get("ttft_s") is None else 1000 * row["ttft_s"], ".1f"), peak,
+                         _f(t.get("quantize_s"), ".1f"), _f(mem.get("quantize_peak_gpu_mib"), ".0f")])
+    return head, body
 
 
 def _diff(pred: float | None, meas: float | None) -> str:

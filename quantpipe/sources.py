@@ -14,7 +14,10 @@ DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.b
 
 
 def resolve(spec: Any) -> tuple[str, str | None]:
-    """Return (directory or hub id, gguf file name or None) for a ModelSpec, without loading anything."""
+    """Return (directory or hub id, gguf file name or None) for a ModelSpec, without loading anything.
+    A random-weight model (`arch`) has no files: ("random:<arch>", None)."""
+    if spec.arch:
+        return f"random:{spec.arch}", None
     if spec.package:
         found = importlib.util.find_spec(spec.package)  # does not import (or execute) the package
         if found is None or not found.submodule_search_locations:
@@ -56,6 +59,10 @@ def load_config(spec: Any, local_only: bool = False) -> Any | None:
     `local_only`: a hub id is looked up in the local cache only (no network attempt, no retries)."""
     from transformers import AutoConfig
 
+    if spec.arch:
+        from quantpipe import archs
+
+        return archs.config_from(spec.arch)
     where, gguf = resolve(spec)
     kw: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
     if gguf:
@@ -73,8 +80,14 @@ def load_config(spec: Any, local_only: bool = False) -> Any | None:
 
 
 def load_base(spec: Any, device: str = "cpu") -> tuple[Any, Any]:
-    """Load (model, tokenizer) in the recipe dtype. A GGUF source is dequantized by transformers."""
+    """Load (model, tokenizer) in the recipe dtype. A GGUF source is dequantized by transformers.
+    A random-weight model (`arch`) has no tokenizer: (model, None)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec.arch:
+        from quantpipe import archs
+
+        return archs.random_model(spec.arch, DTYPE[spec.dtype], spec.seed).to(device), None
 
     where, gguf = resolve(spec)
     if gguf and importlib.util.find_spec("gguf") is None:

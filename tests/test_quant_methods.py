@@ -273,3 +273,34 @@ def test_predicted_weight_bytes_match_every_artifact_exactly(quant_run: tuple[Pa
         p = v["prediction"]
         assert p["weights_bytes"] == p["measured_weights_bytes"] > 0, v["name"]
     assert "Memory, predicted (`quantpipe plan`) vs measured" in (run_dir / "matrix.md").read_text()
+
+
+def test_compiled_engine_runs_each_format_on_its_kernel(quant_run: tuple[Path, dict]) -> None:
+    """The bench's compiled engine reads each checkpoint's packed tensors straight onto torch's low-bit kernels
+    (CPU builds here) and computes what transformers' own loading of the format computes; formats it has no
+    kernel for say so (the bench then runs them eagerly)."""
+    import torch
+
+    from quantpipe import engine, runtimes
+
+    run_dir, _ = quant_run
+    ids = list(range(3, 200))
+    expect = {"baseline": "dense", "gptq-ct": "int4 tinygemm", "gptq-ct8": "int8 weight-only",
+              "awq-ct": "int4 tinygemm", "sq": "int8 x int8 dynamic"}
+    for name, kernel in expect.items():
+        art = run_dir / "artifacts" / name
+        fast, ref = engine.CompiledRuntime(art, "cpu"), runtimes.load(art, "cpu")
+        assert kernel in fast.kernel() and not fast.compiled, (name, fast.kernel())
+        lf, lr = torch.log_softmax(fast.logits(ids), -1), torch.log_softmax(ref.logits(ids), -1)
+        kld = (lr.exp() * (lr - lf)).sum(-1).mean().item()
+        # weight-only: the same weights, activations in bfloat16 (tinygemm) vs float32; W8A8: both round the
+        # activations to int8 per token, at slightly different ties
+        assert kld < (2e-3 if name == "sq" else 2e-4), (name, kld)
+        x = torch.tensor([ids[:24], ids[30:54]])
+        assert (fast.generate(x, 8) == ref.generate(x, 8)).float().mean() >= 0.85, name
+        if name != "baseline":  # packed: fewer bytes per step than the float baseline's
+            assert fast.decode_bytes() < engine.CompiledRuntime(run_dir / "artifacts" / "baseline",
+                                                                "cpu").decode_bytes()
+    for name, why in {"gptq-fmt": "act-order", "awq-fmt": "quant_method awq"}.items():
+        with pytest.raises(engine.Unsupported, match=why):
+            engine.CompiledRuntime(run_dir / "artifacts" / name, "cpu")

@@ -70,8 +70,13 @@ def oneshot(job: QuantizeJob, modifiers: list[Any]) -> dict[str, Any]:
     assert ids is not None, "llm-compressor methods calibrate"
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(job.base_dir, dtype=DTYPE[job.model.dtype], device_map=device)
-    tok = AutoTokenizer.from_pretrained(job.base_dir)
+    # The model stays in CPU memory: on a GPU, llm-compressor's sequential pipeline moves one decoder layer at a
+    # time onto it and keeps the calibration activations between layers in CPU memory, so GPU memory holds one
+    # layer's weights and activations, whatever the model's size.
+    model = AutoModelForCausalLM.from_pretrained(job.base_dir, dtype=DTYPE[job.model.dtype], device_map="cpu")
+    # a random-weight base has no tokenizer; the calibration is token ids already
+    has_tok = any((job.base_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tok = AutoTokenizer.from_pretrained(job.base_dir) if has_tok else None
     run_oneshot(model=model, dataset=data, recipe=modifiers, max_seq_length=ids.shape[1],
                 num_calibration_samples=ids.shape[0], processor=tok, shuffle_calibration_samples=False)
     model.save_pretrained(job.out_dir, save_compressed=True)

@@ -20,9 +20,12 @@ class BaselineParams(MethodParams):
 def quantize(job: QuantizeJob) -> dict[str, Any]:
     model, tok = load_base(job.model)
     model.save_pretrained(job.out_dir, safe_serialization=True)
-    tok.save_pretrained(job.out_dir)
     meta = {"format": "hf-safetensors", "dtype": job.model.dtype, "bits": 8 * model.dtype.itemsize,
             "serve": "vllm serve PATH"}
+    if tok is None:  # random weights: no tokenizer, no quality; the run feeds it random token ids
+        return {**meta, "weights": "random", "arch": job.model.arch, "seed": job.model.seed,
+                "serve": "(random weights: for speed and memory measurement only)"}
+    tok.save_pretrained(job.out_dir)
     where, gguf = resolve(job.model)
     if gguf:  # transformers' GGUF import gets some tokenizer metadata wrong: repair it from the GGUF itself
         meta["tokenizer_repairs"] = repair_gguf_tokenizer(job.out_dir, Path(where) / gguf)

@@ -52,6 +52,17 @@ class HFRuntime:
             torch.cuda.synchronize()
         return out[:, x.shape[1]:].cpu()
 
+    def decode_bytes(self) -> int:
+        """Weight bytes one decode step reads (the bench's bandwidth limit)."""
+        from quantpipe.engine import decode_bytes
+
+        return decode_bytes(self.model)
+
+    def kv_bytes_per_position(self) -> int:
+        from quantpipe.engine import kv_bytes_per_position
+
+        return kv_bytes_per_position(self.model.config, self.model.dtype)
+
     def kernel(self) -> str:
         """What computes the quantized matmuls (call after a forward: some formats decompress on the first)."""
         return describe_linear(self.model)

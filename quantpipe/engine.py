@@ -1,0 +1,419 @@
+"""The compiled decode engine of the bench: an HF artifact read straight from its safetensors, its quantized
+Linears on torch's low-bit weight-only kernels (never dequantized to float), a static KV cache, and the
+one-token decode step compiled with CUDA graphs (torch.compile mode "reduce-overhead").
+
+Formats with a kernel here (`LAYOUTS`): compressed-tensors `pack-quantized` (llm-compressor's GPTQ/AWQ, 4 or 8
+bits, grouped or per channel, symmetric or not) and `int-quantized` (8-bit weights, with or without dynamic
+per-token int8 activations), GPTQModel's `gptq` (4 bits, no act-order permutation), torchao's int8 (our `int8`
+method). 4-bit weights run on tinygemm (`_weight_int4pack_mm`), 8-bit weight-only on `_weight_int8pack_mm`,
+W8A8 on `_int_mm`; everything else of the model (embeddings, norms, an unquantized lm_head) stays in its dtype.
+A float artifact loads as it is. Another format raises `Unsupported` and the bench runs it eagerly instead.
+
+On a CPU the same modules run on the CPU builds of those kernels, without compiling: the tests check the
+arithmetic there against transformers' own loading of each format.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantpipe.errors import QuantpipeError
+
+INNER_K_TILES = 8  # tinygemm's K tiling: K must be a multiple of 16 x this
+
+
+class Unsupported(Exception):
+    """The artifact's format has no low-bit kernel path here (the caller benchmarks it eagerly)."""
+
+
+# -- low-bit Linear modules -------------------------------------------------------------------------------
+class Int4Linear(nn.Module):
+    """y = x W^T with W = (u - 8) * scale + zero per group of `group` input columns, u in 0..15 (tinygemm's
+    arithmetic). Holds the packed weight and [K/group, N, 2] bfloat16 scales-and-zeros; computes in bfloat16.
+    The kernel tiles K by 128 and N by 8 (16 on a CPU): other sizes are padded with zero weights and inputs."""
+
+    def __init__(self, u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
+                 bias: torch.Tensor | None, out_dtype: torch.dtype) -> None:
+        super().__init__()
+        n, k = u.shape
+        if group not in (32, 64, 128, 256) or k % group:
+            raise Unsupported(f"int4 kernel groups are 32, 64, 128 or 256 columns (got {group} of {k})")
+        self.in_features, self.out_features, self.group, self.out_dtype = k, n, group, out_dtype
+        kp, np_ = -(-k // max(group, 16 * INNER_K_TILES)) * max(group, 16 * INNER_K_TILES), -(-n // 16) * 16
+        if (kp, np_) != (k, n):  # padded weights are (8 - 8) * 1 + 0 = 0
+            u = torch.nn.functional.pad(u, (0, kp - k, 0, np_ - n), value=8)
+            scale = torch.nn.functional.pad(scale, (0, (kp - k) // group, 0, np_ - n), value=1.0)
+            zero = torch.nn.functional.pad(zero, (0, (kp - k) // group, 0, np_ - n), value=0.0)
+        self.k_padded = kp
+        if u.is_cuda:
+            u8 = (u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8)
+            packed = torch.ops.aten._convert_weight_to_int4pack(u8, INNER_K_TILES)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.to(torch.int32), INNER_K_TILES)
+        self.register_buffer("weight_int4pack", packed)
+        self.register_buffer("scales_and_zeros",
+                             torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous())
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if self.k_padded != self.in_features:
+            x2 = torch.nn.functional.pad(x2, (0, self.k_padded - self.in_features))
+        if x2.is_cuda:
+            y = torch.ops.aten._weight_int4pack_mm(x2, self.weight_int4pack, self.group, self.scales_and_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_int4pack, self.group,
+                                                            self.scales_and_zeros)
+        y = y[:, :self.out_features].to(self.out_dtype).reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8: y = (x q^T) * scale per output channel (`_weight_int8pack_mm`), in the model dtype."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        # a fresh copy: tensors read from a safetensors file may be unaligned, which the CPU kernel can fault on
+        self.register_buffer("weight_int8", q.to(torch.int8).clone(memory_format=torch.contiguous_format))
+        self.register_buffer("scale", scale.reshape(-1).to(dtype).clone())
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(self.scale.dtype)
+        y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scale).reshape(*shape[:-1], self.out_features)
+        y = y.to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+class Int8DynamicLinear(nn.Module):
+    """W8A8: activations quantized per token (symmetric int8) at run time, int8 x int8 -> int32 on `_int_mm`,
+    rescaled by the token's and the channel's scales."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("weight_int8_t", q.to(torch.int8).t().contiguous())  # [K, N]
+        self.register_buffer("scale", scale.reshape(1, -1).float())
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).float()
+        sx = x2.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127.5  # torchao's symmetric int8 scale
+        xq = torch.round(x2 / sx).clamp(-128, 127).to(torch.int8)
+        m = xq.shape[0]
+        if xq.is_cuda and m <= 16:  # cuBLAS int8 GEMM wants more than 16 rows
+            xq = torch.nn.functional.pad(xq, (0, 0, 0, 17 - m))
+        acc = torch._int_mm(xq, self.weight_int8_t)[:m]
+        y = (acc.float() * sx * self.scale).to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+# -- reading quantized checkpoints --------------------------------------------------------------------------
+def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Unsigned `bits`-bit values packed densely into int32 along `dim` (first value in the lowest bits), as
+    compressed-tensors and GPTQ write them; bits 4 or 8 (no value crosses a word)."""
+    if bits not in (4, 8):
+        raise Unsupported(f"{bits}-bit packing")
+    per, mask = 32 // bits, (1 << bits) - 1
+    p = packed.to(torch.int32)
+    if dim == 0:
+        p = p.t()
+    shifts = torch.arange(0, 32, bits, device=p.device, dtype=torch.int32)
+    u = (p.unsqueeze(-1) >> shifts) & mask  # [rows, words, per]
+    u = u.reshape(p.shape[0], p.shape[1] * per)
+    return u.t().contiguous() if dim == 0 else u
+
+
+def _groups(scale: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+    """[N, G] scales and their group size; per-channel ([N, 1]) becomes groups of 128 with the same scale."""
+    g = scale.shape[1]
+    if g == 1:
+        group = 128 if k % 128 == 0 else k
+        return scale.repeat(1, k // group), group
+    return scale, k // g
+
+
+def int4_from_unsigned(u: torch.Tensor, scale: torch.Tensor, zero_u: torch.Tensor | None, bias: Any,
+                       dtype: torch.dtype) -> Int4Linear:
+    """W = (u - zero_u) * scale (zero_u: unsigned zero point per group, None = 8), as tinygemm's (u - 8)*s + z."""
+    n, k = u.shape
+    scale, group = _groups(scale.float(), k)
+    if zero_u is None:
+        zero = torch.zeros_like(scale)
+    else:
+        zero_u, _ = _groups(zero_u.float(), k)
+        zero = (8 - zero_u) * scale
+    return Int4Linear(u, scale, zero, group, bias, dtype)
+
+
+def compressed_tensors_linear(t: dict[str, torch.Tensor], qc: dict[str, Any], bias: Any,
+                              dtype: torch.dtype) -> nn.Module:
+    """A kernel module of one Linear in compressed-tensors format (`t`: its tensors without the prefix)."""
+    groups = list((qc.get("config_groups") or {}).values())
+    if len(groups) != 1:
+        raise Unsupported("compressed-tensors with several config groups")
+    w, act = groups[0].get("weights") or {}, groups[0].get("input_activations")
+    bits, sym = int(w.get("num_bits", 0)), bool(w.get("symmetric", True))
+    if w.get("type") != "int":
+        raise Unsupported(f"compressed-tensors {w.get('type')} weights")
+    if "weight_packed" in t:
+        n, k = (int(x) for x in t["weight_shape"].tolist())
+        u = unpack_int32(t["weight_packed"], bits, 1)[:, :k]  # unsigned: signed value + 2^(bits-1)
+        if act is not None:
+            raise Unsupported("packed weights with quantized activations")
+        if bits == 8:
+            if not sym:
+                raise Unsupported("asymmetric 8-bit packed weights")
+            return Int8Linear((u - 128).to(torch.int8), t["weight_scale"], bias, dtype)
+        zp = None
+        if "weight_zero_point" in t:  # signed zero point, packed along the output dim
+            zp = unpack_int32(t["weight_zero_point"], bits, 0)[:n]  # packed like the weights: signed + 8
+        return int4_from_unsigned(u, t["weight_scale"], zp, bias, dtype)
+    if t.get("weight") is not None and t["weight"].dtype == torch.int8:
+        if not sym or "weight_zero_point" in t and t["weight_zero_point"].abs().max() > 0:
+            raise Unsupported("asymmetric int8 weights")
+        if act is None:
+            return Int8Linear(t["weight"], t["weight_scale"], bias, dtype)
+        if act.get("dynamic") and act.get("strategy") == "token" and act.get("num_bits") == 8 and act.get(
+                "symmetric", True):
+            return Int8DynamicLinear(t["weight"], t["weight_scale"], bias)
+        raise Unsupported(f"int8 weights with {act.get('strategy')} activations")
+    raise Unsupported("compressed-tensors tensors " + ", ".join(sorted(t)))
+
+
+def gptq_linear(t: dict[str, torch.Tensor], qc: dict[str, Any], bias: Any, dtype: torch.dtype) -> nn.Module:
+    """GPTQ v1 checkpoint (`gptq` format): qweight [K/8, N], qzeros [G, N/8] storing zero - 1, scales [G, N]."""
+    bits = int(qc.get("bits", 0))
+    if bits != 4:
+        raise Unsupported(f"{bits}-bit gptq")
+    if qc.get("checkpoint_format", "gptq") != "gptq":
+        raise Unsupported(f"gptq checkpoint_format {qc.get('checkpoint_format')}")
+    u = unpack_int32(t["qweight"], 4, 0)  # [K, N]
+    k, n = u.shape
+    scales = t["scales"].float().t().contiguous()  # [N, G]
+    group = k // scales.shape[1]
+    g_idx = t.get("g_idx")
+    if g_idx is not None and not torch.equal(g_idx.long().cpu(), torch.arange(k) // group):
+        raise Unsupported("gptq with act-order (g_idx permutes the input columns)")
+    zeros = (unpack_int32(t["qzeros"], 4, 1)[:, :n] + 1).float().t().contiguous()  # [N, G]
+    return int4_from_unsigned(u.t().contiguous(), scales, zeros, bias, dtype)
+
+
+def torchao_linear(t: dict[str, torch.Tensor], qc: dict[str, Any], bias: Any, dtype: torch.dtype) -> nn.Module:
+    """torchao Int8Tensor (our `int8` method): `_weight_qdata` int8 [N, K], `_weight_scale` [N, 1], zero 0."""
+    zp = t.get("_weight_zero_point")
+    if zp is not None and zp.abs().max() > 0:
+        raise Unsupported("torchao int8 with a zero point")
+    kind = json.dumps(qc.get("quant_type", {}))
+    if "Int8WeightOnlyConfig" in kind:
+        return Int8Linear(t["_weight_qdata"], t["_weight_scale"], bias, dtype)
+    if "Int8DynamicActivationInt8WeightConfig" in kind:
+        return Int8DynamicLinear(t["_weight_qdata"], t["_weight_scale"], bias)
+    raise Unsupported(f"torchao {kind[:60]}")
+
+
+# quantization_config.quant_method -> (marker tensor of a quantized Linear, builder)
+LAYOUTS = {"compressed-tensors": (("weight_scale",), compressed_tensors_linear),
+           "gptq": (("qweight",), gptq_linear),
+           "torchao": (("_weight_qdata",), torchao_linear)}
+
+
+def _read_tensors(artifact_dir: Path, device: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(Path(artifact_dir).glob("*.safetensors"))
+    if not files:
+        raise QuantpipeError(f"{artifact_dir}: no .safetensors files")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(str(f), device=device))
+    return out
+
+
+def load_model(artifact_dir: Path, device: str) -> tuple[nn.Module, str]:
+    """The artifact's model on `device` with its quantized Linears on kernels; and a line naming the kernels."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    raw = json.loads((Path(artifact_dir) / "config.json").read_text())
+    qc = raw.pop("quantization_config", None)
+    if qc is None:
+        model = AutoModelForCausalLM.from_pretrained(artifact_dir, dtype="auto", device_map=device)
+        return model.eval(), f"torch dense matmul ({model.dtype})".replace("torch.", "")
+    method = qc.get("quant_method")
+    if method not in LAYOUTS:
+        raise Unsupported(f"quant_method {method}")
+    markers, build = LAYOUTS[method]
+    config = AutoConfig.from_pretrained(artifact_dir)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the skeleton is a float model; its Linears are replaced below
+    dtype = getattr(torch, str(raw.get("dtype") or raw.get("torch_dtype") or "float32").removeprefix("torch."))
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tensors = _read_tensors(artifact_dir, device)
+    kinds: set[str] = set()
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, nn.Linear) or f"{name}.{markers[0]}" not in tensors:
+            continue
+        own = {k[len(name) + 1:]: tensors.pop(k) for k in list(tensors) if k.startswith(name + ".")
+               and "." not in k[len(name) + 1:]}
+        bias = own.pop("bias", None)
+        new = build(own, qc, None if bias is None else bias.to(dtype), dtype)
+        kinds.add(KERNEL_NAMES[type(new)])
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, new)
+    if not kinds:
+        raise Unsupported(f"no Linear of the {method} checkpoint has the tensors {markers}")
+    floats = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    missing, unexpected = model.load_state_dict(floats, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+        missing = [m for m in missing if m != "lm_head.weight"]
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if unexpected or left:
+        raise QuantpipeError(f"{artifact_dir}: tensors the model does not have: {unexpected[:3]}; "
+                             f"parameters with no tensor: {left[:3]}")
+    model.to(device)
+    return model.eval(), "; ".join(sorted(kinds))
+
+
+KERNEL_NAMES = {Int4Linear: "int4 tinygemm (_weight_int4pack_mm)", Int8Linear: "int8 weight-only (_weight_int8pack_mm)",
+                Int8DynamicLinear: "int8 x int8 dynamic per-token (_int_mm)"}
+
+
+def decode_bytes(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: every parameter and buffer but the token embedding (a step
+    gathers a few rows of it) — unless the lm_head is tied to it, then it is read whole, once."""
+    emb = model.get_input_embeddings().weight
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() in seen or t.is_meta:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    out = model.get_output_embeddings()
+    tied = out is not None and getattr(out, "weight", None) is not None and out.weight.data_ptr() == emb.data_ptr()
+    return total if tied else total - emb.numel() * emb.element_size()
+
+
+def kv_bytes_per_position(config: Any, dtype: torch.dtype) -> int:
+    """KV-cache bytes of one position of one sequence (keys and values of every layer)."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def copy_bandwidth(device: str, mib: int | None = None, repeats: int = 10) -> float:
+    """Measured device-memory copy bandwidth in bytes/s (bytes read + bytes written over the best time)."""
+    n = (mib or (2048 if device == "cuda" else 128)) * 2**20
+    src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        dst.copy_(src)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    del src, dst
+    return 2 * n / best
+
+
+def set_inductor_flags() -> None:
+    """Cache compiled graphs on disk (the GPTQ and AWQ rows of one shape share theirs). gpt-fast's
+    coordinate-descent tuning of kernel tilings is on only with QUANTPIPE_TUNE=1: it multiplies compile time."""
+    import os
+
+    import torch._inductor.config as ic
+
+    ic.fx_graph_cache = True
+    ic.triton.unique_kernel_names = True
+    ic.coordinate_descent_tuning = os.environ.get("QUANTPIPE_TUNE") == "1"
+
+
+class CompiledRuntime:
+    """The runtime contract over `load_model`: eager `logits`; `generate` with a static KV cache per (batch,
+    length) and, on CUDA, the decode step compiled with CUDA graphs."""
+
+    name = "hf"
+
+    def __init__(self, artifact_dir: Path, device: str, compile: bool | None = None) -> None:
+        self.device = device
+        self.model, self.kernels = load_model(artifact_dir, device)
+        self.compiled = device == "cuda" if compile is None else compile
+        self.engine = ("torch.compile reduce-overhead (CUDA graphs), static KV cache" if self.compiled
+                       else "eager, static KV cache")
+        self._caches: dict[tuple[int, int], Any] = {}
+        self._step = self._decode_one
+        if self.compiled:
+            set_inductor_flags()
+            self._step = torch.compile(self._decode_one, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+    def _decode_one(self, tok: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
+        logits = self.model(input_ids=tok, cache_position=pos, past_key_values=cache, use_cache=True,
+                            logits_to_keep=1).logits
+        return logits[:, -1].argmax(-1, keepdim=True)
+
+    def _cache(self, batch: int, length: int) -> Any:
+        from transformers import StaticCache
+
+        key = (batch, length)
+        if key not in self._caches:
+            self._caches[key] = StaticCache(config=self.model.config, max_cache_len=length)
+        else:
+            self._caches[key].reset()
+        return self._caches[key]
+
+    @torch.inference_mode()
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        return self.model(input_ids=x, use_cache=False).logits[0].float().cpu()
+
+    @torch.inference_mode()
+    def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        x = ids.to(self.device)
+        b, t = x.shape
+        cache = self._cache(b, self.cache_length(t, new_tokens))
+        pos = torch.arange(t, device=self.device)
+        logits = self.model(input_ids=x, cache_position=pos, past_key_values=cache, use_cache=True,
+                            logits_to_keep=1).logits  # the last position's only: [B, T, vocab] can be GBs
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        out = [tok]
+        positions = torch.arange(t, t + new_tokens, device=self.device)
+        for i in range(new_tokens - 1):
+            tok = self._step(tok, positions[i:i + 1], cache).clone()  # a CUDA graph's output is reused
+            out.append(tok)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return torch.cat(out, 1).cpu()
+
+    @staticmethod
+    def cache_length(prompt_len: int, new_tokens: int) -> int:
+        """Static cache length: rounded up to 64 for fewer distinct shapes (and compiled graphs) across calls."""
+        return -(-(prompt_len + new_tokens) // 64) * 64
+
+    def kernel(self) -> str:
+        return self.kernels
+
+    def decode_bytes(self) -> int:
+        return decode_bytes(self.model)
+
+    def kv_bytes_per_position(self) -> int:
+        return kv_bytes_per_position(self.model.config, self.model.dtype)
+
+    def close(self) -> None:
+        del self.model
+        self._caches.clear()
