@@ -1,7 +1,9 @@
-"""CUDA branches of the HF runtime and the bench (device_map, synchronize, peak GPU memory).
+"""CUDA branches of the HF runtime, the bench (device_map, synchronize, peak GPU memory) and the compiled engine
+(CUDA-graph decode, the int4/int8/W8A8 kernels on CUDA against their CPU builds).
 
-Skipped where no CUDA device is visible (CI); on the lent GPU machine run:
-    python -m pytest tests/test_gpu.py
+Skipped where no CUDA device is visible (CI); on the lent GPU machine run (after carrying the wheels that
+docs/benchmarks.md lists in .whl/):
+    bash scripts/gpu_session.sh tests        # or: python -m pytest tests/test_gpu.py
 """
 
 from __future__ import annotations
