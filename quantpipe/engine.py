@@ -246,7 +246,7 @@ def load_model(artifact_dir: Path, device: str) -> tuple[nn.Module, str]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     raw = json.loads((Path(artifact_dir) / "config.json").read_text())
-    qc = raw.pop("quantization_config", None)
+    qc = raw.get("quantization_config")
     if qc is None:
         model = AutoModelForCausalLM.from_pretrained(artifact_dir, dtype="auto", device_map=device)
         return model.eval(), f"torch dense matmul ({model.dtype})".replace("torch.", "")
@@ -255,8 +255,7 @@ def load_model(artifact_dir: Path, device: str) -> tuple[nn.Module, str]:
         raise Unsupported(f"quant_method {method}")
     markers, build = LAYOUTS[method]
     config = AutoConfig.from_pretrained(artifact_dir)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the skeleton is a float model; its Linears are replaced below
+    del config.quantization_config  # the skeleton is a float model; its Linears are replaced below
     dtype = getattr(torch, str(raw.get("dtype") or raw.get("torch_dtype") or "float32").removeprefix("torch."))
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -275,11 +274,10 @@ def load_model(artifact_dir: Path, device: str) -> tuple[nn.Module, str]:
     if not kinds:
         raise Unsupported(f"no Linear of the {method} checkpoint has the tensors {markers}")
     floats = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    missing, unexpected = model.load_state_dict(floats, strict=False, assign=True)
+    unexpected = model.load_state_dict(floats, strict=False, assign=True).unexpected_keys
     if config.tie_word_embeddings:
         model.tie_weights()
-        missing = [m for m in missing if m != "lm_head.weight"]
-    left = [n for n, p in model.named_parameters() if p.is_meta]
+    left = [n for n, p in model.named_parameters() if p.is_meta]  # what no tensor filled (a tied lm_head is filled)
     if unexpected or left:
         raise QuantpipeError(f"{artifact_dir}: tensors the model does not have: {unexpected[:3]}; "
                              f"parameters with no tensor: {left[:3]}")

@@ -179,9 +179,9 @@ class Run:
         if random:  # no tokenizer and no text worth calibrating on: seeded random ids of the vocabulary
             payload = {"random_ids": {"n_samples": spec.n_samples, "seq_len": spec.seq_len, "seed": spec.seed},
                        "base": payload["base"]}
-        if spec.source == "bundled":
+        elif spec.source == "bundled":
             payload["bundled_sha256"] = file_sha256(calibration.data_path("calibration", "default.txt"))
-        for f in spec.files if spec.source == "files" else []:
+        for f in spec.files if spec.source == "files" and not random else []:
             payload.setdefault("files_sha256", {})[f] = file_sha256(Path(f)) if Path(f).is_file() else None
 
         def compute() -> dict[str, Any]:
