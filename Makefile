@@ -10,7 +10,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 	-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DLLAVA_BUILD=OFF
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo demo-full test test-fast lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -24,7 +24,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/quantpipe setup-gguf
 	touch $@
 
+# The first matrix, one row per family (about 10 minutes on 2 cores); demo-full: all 14 rows (about 30).
 demo: setup
+	$(BIN)/quantpipe run recipes/smollm2-quick.yaml
+
+demo-full: setup
 	$(BIN)/quantpipe run recipes/smollm2-demo.yaml
 
 test: setup

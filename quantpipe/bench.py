@@ -165,7 +165,8 @@ def bench_in_subprocess(artifact_dir: Path, cfg: dict[str, Any], prompt_ids: lis
     req, res = work / "bench-request.json", work / "bench-result.json"
     res.unlink(missing_ok=True)
     req.write_text(json.dumps({"cfg": cfg, "prompt_ids": prompt_ids}))
-    cmd = [sys.executable, "-m", "quantpipe", "bench", str(artifact_dir), "--request", str(req), "--out", str(res)]
+    cmd = [sys.executable, "-m", "quantpipe", "bench", str(Path(artifact_dir).absolute()), "--request",
+           str(req.absolute()), "--out", str(res.absolute())]
     from quantpipe.worker import PARENT_ENV
 
     proc = subprocess.run(cmd, env={**os.environ, PARENT_ENV: str(os.getpid())})  # it dies with this process

@@ -137,9 +137,10 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from quantpipe import pipeline, report
-    from quantpipe.recipe import load_recipe
+    from quantpipe.recipe import absolute, load_recipe
 
     recipe = load_recipe(args.recipe)
+    recipe_path = str(absolute(args.recipe))  # as the recipe's own paths: resolved once, here
     gates, previous = None, None
     if args.gate:  # the gate's inputs are read now: a broken one fails before any work, and a --baseline
         from quantpipe import gate  # that is this run's own results.json is the previous run's, not this one's
@@ -151,24 +152,39 @@ def cmd_run(args: argparse.Namespace) -> int:
                                  "--baseline OLD_RESULTS.json")
     elif args.gates or args.baseline or args.junit:
         raise QuantpipeError("--gates, --baseline and --junit go with --gate (or run `quantpipe gate RUN_DIR` later)")
+    junit = _path(args.junit)
     quiet_libraries()
     t = time.perf_counter()
-    results = pipeline.run(recipe, args.recipe, out_dir=args.out, force=args.force)
     run_dir = recipe.run_dir(args.out)
+    results = pipeline.run(recipe, recipe_path, out_dir=str(run_dir), force=args.force)
     print()
     print(report.markdown(results))
-    print(f"run directory: {run_dir}  (results.json, matrix.md, matrix.html, matrix.png, manifest.json, "
-          f"artifacts/)\nwall time: {time.perf_counter() - t:.1f} s")
+    print(where_to_look(run_dir) + f"\nwall time: {time.perf_counter() - t:.1f} s")
     if not args.gate:
         return 0
     from quantpipe import gate
 
     print()
-    return gate.gate(run_dir, junit=_path(args.junit), gates=gates, previous=previous)[0]
+    return gate.gate(run_dir, junit=junit, gates=gates, previous=previous)[0]
+
+
+def where_to_look(run_dir: Path) -> str:
+    """The lines after a run: where the matrix is and how to open it (paths as short as the working directory
+    allows, so they can be pasted)."""
+    try:
+        short = run_dir.relative_to(Path.cwd())
+    except ValueError:
+        short = run_dir
+    return (f"matrix: {short / 'matrix.md'} (the table above); in a browser, with the quality-vs-size plot: "
+            f"{(run_dir / 'matrix.html').as_uri()}\n"
+            f"run directory: {short}  (results.json, manifest.json, matrix.png, artifacts/<variant>: servable "
+            f"checkpoints)")
 
 
 def _path(p: str | None) -> Path | None:
-    return None if p is None else Path(p)
+    from quantpipe.recipe import absolute
+
+    return None if p is None else absolute(p)
 
 
 def cmd_gate(args: argparse.Namespace) -> int:

@@ -148,8 +148,11 @@ def fetch_converter(dest: Path) -> Path:
 
 
 def convert(model_dir: Path, outfile: Path, outtype: str) -> None:
-    """Run llama.cpp's converter on an HF model dir (its output goes to this process's stdout/stderr)."""
+    """Run llama.cpp's converter on an HF model dir (its output goes to this process's stdout/stderr). It runs in
+    its own folder, so that nothing in the user's working directory can shadow its modules: every path it gets
+    is absolute."""
     script = converter_script()
+    model_dir, outfile = Path(model_dir).absolute(), Path(outfile).absolute()
     cmd = [sys.executable, str(script), str(model_dir), "--outtype", outtype, "--outfile", str(outfile)]
     print("$ " + " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, stdout=sys.stdout, stderr=sys.stderr, cwd=script.parent)

