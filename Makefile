@@ -39,6 +39,7 @@ test-fast: setup
 
 lint: setup
 	$(BIN)/ruff check quantpipe tests scripts
+	$(BIN)/lint-imports --no-cache
 
 bench: setup
 	$(BIN)/quantpipe run recipes/smollm2-demo.yaml --out runs/bench

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from quantpipe.errors import QuantpipeError
+from quantpipe.errors import QuantpipeError, first_line
 
 _LLAMA = {"model_type": "llama", "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
           "tie_word_embeddings": False}
@@ -91,7 +91,7 @@ def config_from(arch: str, field: str = "model.arch") -> Any:
         try:
             return AutoConfig.from_pretrained(arch)
         except (OSError, ValueError) as e:
-            raise QuantpipeError(f"{field}: '{arch}' is not a transformers config: {str(e).splitlines()[0]}") from None
+            raise QuantpipeError(f"{field}: '{arch}' is not a transformers config: {first_line(e)}") from None
     return config(arch, field)
 
 

@@ -43,14 +43,26 @@ def dir_size(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write a file atomically: a temp file beside it, then a rename over it. A reader sees the old file or the
+    new one, never half of one; a symlink at `path` is replaced, never written through."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 class StageCache:
@@ -113,10 +125,18 @@ def clean_stale_temps(root: Path) -> None:
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
-    """One `quantpipe run` per run dir: a second one refuses with a clear message instead of interleaving."""
+    """One `quantpipe run` per run dir: a second one refuses with a clear message instead of interleaving. The
+    lock file is opened without following a symlink (a planted link is refused, never truncated)."""
     lock_dir = run_dir / ".quantpipe"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / "lock", "a+") as f:
+    try:
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise QuantpipeError(f"{lock_dir / 'lock'} is a symbolic link; quantpipe does not write through "
+                                 "links: remove it") from None
+        raise explain_os_error(e, f"creating the run directory's state folder {lock_dir}") from None
+    with os.fdopen(fd, "r+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -132,6 +152,41 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+OUTPUTS = ("results.json", "manifest.json", "matrix.md", "matrix.html", "matrix.png")
+
+
+def check_run_dir(run_dir: Path, variants: list[str], adopt: bool = False) -> None:
+    """A run directory is new, empty, or quantpipe's own (it holds .quantpipe/): quantpipe replaces files there.
+    Another non-empty directory is refused, unless `adopt` (--adopt), and then only if none of the paths quantpipe
+    would write exists: quantpipe never replaces or removes a file it did not write."""
+    if not run_dir.is_dir() or (run_dir / ".quantpipe").is_dir():
+        return
+    try:
+        entries = sorted(p.name for p in run_dir.iterdir())
+    except OSError as e:
+        raise explain_os_error(e, f"reading the run directory {run_dir}") from None
+    if not entries:
+        return
+    if not adopt:
+        raise QuantpipeError(f"output.dir: {run_dir} is not empty ({', '.join(entries[:3])}"
+                             + (", ..." if len(entries) > 3 else "") + ") and is not a quantpipe run directory (no "
+                             ".quantpipe/ in it); choose a new or empty directory, or pass --adopt to write into it "
+                             "(quantpipe never replaces files it did not write)")
+    ours = [run_dir / n for n in OUTPUTS] + [run_dir / "artifacts" / v for v in variants]
+    clash = [p for p in ours if p.exists() or p.is_symlink()]
+    if clash:
+        raise QuantpipeError(f"--adopt: {run_dir} already holds {clash[0].relative_to(run_dir)}, which this run would "
+                             "write; move it away or choose another output.dir")
+
+
+def no_space(e: BaseException) -> bool:
+    """Whether an error (an OSError, or a library's own error type wrapping one) is a full disk."""
+    if isinstance(e, OSError):
+        return e.errno == errno.ENOSPC
+    text = str(e)
+    return "No space left on device" in text or "StorageFull" in text or "os error 28" in text
 
 
 def explain_os_error(e: OSError, what: str) -> QuantpipeError:

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from quantpipe.errors import QuantpipeError
+from quantpipe import data
+from quantpipe.errors import QuantpipeError, first_line
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 GENERATION_PROMPTS = (
     "Write a short explanation of how a refrigerator works.",
     "Tell a short story about a lost key.",
@@ -25,14 +25,6 @@ GENERATION_PROMPTS = (
     "Summarise the rules of chess for a beginner.",
     "Describe the water cycle.",
 )
-
-
-def data_path(kind: str, name: str) -> Path:
-    """A file the project ships in calibration/ or evals/ (source checkout or installed package data)."""
-    for base in (PROJECT_ROOT / kind, Path(__file__).resolve().parent / "_data" / kind):
-        if (base / name).is_file():
-            return base / name
-    raise QuantpipeError(f"bundled file {kind}/{name} is missing from this installation")
 
 
 def split_paragraphs(text: str) -> list[str]:
@@ -66,8 +58,7 @@ def _hf_dataset(spec: Any) -> list[str | list[dict]]:
     try:
         ds = datasets.load_dataset(spec.dataset, spec.dataset_config, split=spec.split)
     except Exception as e:  # network or name problems, reported in one line
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise QuantpipeError(f"calibration.dataset: could not load '{spec.dataset}': {first}") from None
+        raise QuantpipeError(f"calibration.dataset: could not load '{spec.dataset}': {first_line(e)}") from None
     if spec.text_field not in ds.column_names:
         raise QuantpipeError(f"calibration.text_field: '{spec.text_field}' not in columns {ds.column_names}")
     docs = []
@@ -109,7 +100,7 @@ def _generated(spec: Any, model: Any, tok: Any) -> list[str]:
 
 def documents(spec: Any, model: Any = None, tok: Any = None) -> list[str | list[dict]]:
     if spec.source == "bundled":
-        return read_documents(data_path("calibration", "default.txt"))
+        return read_documents(data.calibration_text())
     if spec.source == "files":
         docs = []
         for f in spec.files:

@@ -1,4 +1,5 @@
-"""Command line: run, validate, plan, methods, bench, report. Input errors print one clear message and exit 2."""
+"""Command line: run, validate, plan, methods, runtimes, bench, lm-eval, gate, report. Input errors print one clear
+message and exit 2."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from quantpipe import __version__
-from quantpipe.errors import QuantpipeError
+from quantpipe.errors import QuantpipeError, first_line
 
 
 def quiet_libraries() -> None:
@@ -38,7 +40,7 @@ def quiet_libraries() -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from quantpipe import pipeline, sources
-    from quantpipe.methods import get_method, parse_params
+    from quantpipe.methods import get_method
     from quantpipe.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
@@ -47,15 +49,29 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"warning: {pipeline.TRUST_WARNING}")
     try:
         config = pipeline.check_shapes(recipe)  # shapes only; None where the config is not reachable offline
+        if config is not None:
+            pipeline.check_bounds(recipe, config)
     except QuantpipeError as e:
         raise QuantpipeError(f"{args.recipe}: {e}") from None
+    note = None
+    if config is None and recipe.model.id:  # not cached, hub unreachable: shapes of a known hub id, or no verdict
+        from quantpipe import archs
+
+        known = archs.for_hub_id(recipe.model.id)
+        if known is None:
+            raise sources.unreachable(recipe.model)
+        pipeline.check_shapes(recipe, archs.config(known))
+        note = (f"note: '{recipe.model.id}' is not in the local Hugging Face cache and the hub cannot be reached: "
+                f"params were checked against the shipped shapes of {known}; `quantpipe run` needs the model files")
+    elif config is None:
+        note = (f"note: the config of '{sources.describe(recipe.model)}' is not available here, so params were not "
+                "checked against the model's shapes (the run checks them before any work)")
     print(f"{args.recipe}: valid ({len(recipe.variants)} variants: {', '.join(v.name for v in recipe.variants)}; "
           f"run dir {recipe.run_dir()})")
-    if config is None:
-        print(f"note: the config of '{sources.describe(recipe.model)}' is not available here, so params were not "
-              "checked against the model's shapes (the run checks them before any work)")
+    if note:
+        print(note)
     for v in recipe.variants:
-        m, params = get_method(v.method), parse_params(v)
+        m, params = get_method(v.method), v.params
         if m.missing(params):
             print(f"note: variant '{v.name}' needs {', '.join(m.missing(params))} to run: {m.install_hint(params)}")
     return 0
@@ -95,6 +111,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from quantpipe.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
+    if args.json:
+        _check_writable(args.json, "--json")
     quiet_libraries()
     config, origin = plan_config(recipe, args.arch)
     memory = plan.parse_memory(args.gpu_memory) if args.gpu_memory else plan.gpu_memory(args.gpu)
@@ -118,25 +136,39 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    import typing
-
     from quantpipe.methods import all_methods
 
     for m in all_methods().values():
         state = "ready" if not m.missing() else f"needs {', '.join(m.missing())} ({m.install_hint()})"
-        params = ", ".join(m.params.model_fields) or "-"
-        print(f"{m.name:<11} {state:<10} runtime={m.runtime:<5} params: {params}\n{'':<11} {m.summary}")
-        fmt = m.params.model_fields.get("format") if m.backend is not None else None
-        for choice in typing.get_args(fmt.annotation) if fmt is not None else ():
-            p = m.params.model_construct(format=choice)  # defaults + this format, no cross-field checks
+        params = ", ".join(m.Params.model_fields) or "-"
+        print(f"{m.name:<11} {state:<10} writes {m.format(m.Params()):<18} params: {params}\n{'':<11} {m.summary}")
+        for choice, p in m.choices().items():  # a `format` param picks the backend library
             missing = m.missing(p)
             print(f"{'':<11} format {choice}: " + ("ready" if not missing else
                                                    f"needs {', '.join(missing)} ({m.install_hint(p)})"))
     return 0
 
 
+def cmd_runtimes(args: argparse.Namespace) -> int:
+    """The registered runtimes: the formats each loads, its capabilities, whether it is installed."""
+    from quantpipe import runtimes
+
+    for spec in runtimes.all_runtimes().values():
+        d = runtimes.describe(spec)
+        caps = d["capabilities"]
+        state = "ready" if not d["missing"] else f"needs {', '.join(d['missing'])} ({d['install']})"
+        print(f"{spec.name:<12} {state}\n{'':<12} {spec.summary}\n{'':<12} loads: {', '.join(d['formats'])}"
+              + (f"; auto for {', '.join(d['natural_for'])}" if d["natural_for"] else "")
+              + (f"; auto on a GPU for {', '.join(d['gpu_auto_for'])}" if d["gpu_auto_for"] else ""))
+        print(f"{'':<12} scores: {caps['scores']}"
+              + (f" (k <= {caps['max_topk']})" if caps["max_topk"] else "")
+              + f", batched scoring: {'yes' if caps['batched_scoring'] else 'no'}, memory: {caps['memory']}, "
+              f"devices: {', '.join(caps['devices'])}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from quantpipe import pipeline, report
+    from quantpipe import pipeline, report, results
     from quantpipe.recipe import absolute, load_recipe
 
     recipe = load_recipe(args.recipe)
@@ -146,7 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from quantpipe import gate  # that is this run's own results.json is the previous run's, not this one's
 
         gates = gate.load_gates(Path(args.gates)) if args.gates else recipe.gates
-        previous = report.load_results(Path(args.baseline), "--baseline") if args.baseline else None
+        previous = results.load(absolute(args.baseline), "--baseline") if args.baseline else None
         if gates is None and previous is None:
             raise QuantpipeError("--gate: the recipe has no `gates:`; add one, or pass --gates FILE or "
                                  "--baseline OLD_RESULTS.json")
@@ -156,9 +188,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     quiet_libraries()
     t = time.perf_counter()
     run_dir = recipe.run_dir(args.out)
-    results = pipeline.run(recipe, recipe_path, out_dir=str(run_dir), force=args.force)
+    res = pipeline.run(recipe, recipe_path, out_dir=str(run_dir), force=args.force, adopt=args.adopt)
     print()
-    print(report.markdown(results))
+    print(report.markdown(res))
     print(where_to_look(run_dir) + f"\nwall time: {time.perf_counter() - t:.1f} s")
     if not args.gate:
         return 0
@@ -194,49 +226,63 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from quantpipe import bench
+    from pydantic import ValidationError
+
+    from quantpipe import bench, runtimes
+    from quantpipe.recipe import BenchSpec, _format
 
     quiet_libraries()
-    if args.request:  # the bench stage of a run: this process dies with the run's (worker.die_with_parent)
-        from quantpipe.worker import die_with_parent
+    runtime = args.runtime or ENGINE_ALIASES.get(args.engine or "auto", "auto")
+    try:
+        spec = BenchSpec(device=args.device, prompt_len=args.prompt_len, gen_len=args.gen_len,
+                         batch_sizes=args.batch_sizes, repeats=args.repeats)
+        cfg = spec.model_dump(mode="json", exclude={"runtimes"})
+    except ValidationError as e:
+        raise QuantpipeError("; ".join(_format(e, {}, prefix="--"))) from None
+    meta = runtimes.read_meta(Path(args.artifact))
+    if runtime not in ("auto", "natural"):
+        runtimes.get_runtime(runtime, "--runtime")
+    if args.out:
+        _check_writable(args.out, "--out")
+    return _emit_json(bench.run_bench(Path(args.artifact), cfg, bench_prompt(Path(args.artifact), meta, args),
+                                      runtime), args.out)
 
-        die_with_parent()
-        req = json.loads(Path(args.request).read_text())
-        cfg, prompt = req["cfg"], req["prompt_ids"]
-    else:
-        from transformers import AutoTokenizer
 
-        from quantpipe.calibration import data_path
-        from quantpipe.recipe import BenchSpec
+# the former --engine choices, as runtimes
+ENGINE_ALIASES = {"auto": "auto", "eager": "natural", "compiled": "compiled"}
 
-        cfg = BenchSpec(device=args.device, prompt_len=args.prompt_len, gen_len=args.gen_len,
-                        batch_sizes=args.batch_sizes, repeats=args.repeats,
-                        engine=args.engine).model_dump(mode="json")
-        from quantpipe import runtimes
 
-        text = data_path("evals", "eval-text.txt").read_text()
-        meta = runtimes.read_meta(Path(args.artifact))
-        if meta.get("weights") == "random":  # no tokenizer: seeded random ids of the vocabulary
-            from transformers import AutoConfig
+def bench_prompt(artifact: Path, meta: Any, args: argparse.Namespace) -> list[int]:
+    """Prompt ids for `quantpipe bench`: the bundled eval text in the artifact's own tokenization (llama.cpp's
+    for a GGUF), or seeded random ids of the vocabulary for a random-weight artifact (it has no tokenizer)."""
+    from transformers import AutoConfig, AutoTokenizer
 
-            from quantpipe.pipeline import random_ids
+    from quantpipe.data import eval_text
 
-            vocab = AutoConfig.from_pretrained(args.artifact).vocab_size
-            prompt = random_ids(vocab, args.prompt_len + max(args.batch_sizes), int(meta.get("seed") or 0))
-        elif meta.get("format") == "gguf":  # the vocabulary is inside the .gguf: llama.cpp tokenizes
-            from quantpipe import llamacpp
+    text = eval_text().read_text(encoding="utf-8")
+    if meta.weights == "random":
+        from quantpipe.pipeline import random_ids
 
-            gguf = Path(args.artifact) / str(meta.get("file"))
-            llamacpp.check_gguf(gguf)
-            prompt = llamacpp.tokenize(gguf, text)
-        else:
-            try:
-                tok = AutoTokenizer.from_pretrained(args.artifact)
-            except (OSError, ValueError) as e:
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                raise QuantpipeError(f"{args.artifact}: no usable tokenizer for the prompt ({first})") from None
-            prompt = tok(text, add_special_tokens=False).input_ids
-    return _emit_json(bench.run_bench(Path(args.artifact), cfg, prompt), args.out)
+        vocab = AutoConfig.from_pretrained(artifact).vocab_size
+        return random_ids(vocab, args.prompt_len + max(args.batch_sizes), int(meta.seed or 0))
+    if meta.format == "gguf":  # the vocabulary is inside the .gguf: llama.cpp tokenizes
+        from quantpipe.backends import llamacpp_tools
+
+        gguf = artifact / str(meta.file)
+        llamacpp_tools.check_gguf(gguf)
+        return llamacpp_tools.tokenize(gguf, text)
+    try:
+        tok = AutoTokenizer.from_pretrained(artifact)
+    except (OSError, ValueError) as e:
+        raise QuantpipeError(f"{artifact}: no usable tokenizer for the prompt ({first_line(e)})") from None
+    return tok(text, add_special_tokens=False).input_ids
+
+
+def _check_writable(path: str, option: str) -> None:
+    """Before any work: the folder an output goes into exists (the result would be lost after the work)."""
+    parent = Path(path).absolute().parent
+    if not parent.is_dir():
+        raise QuantpipeError(f"{option}: the folder {parent} does not exist; create it or choose another path")
 
 
 def _emit_json(obj: object, out: str | None) -> int:
@@ -255,6 +301,7 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from quantpipe import lmeval, runtimes
+    from quantpipe.lm_responses import ADAPTER_VERSION
     from quantpipe.recipe import LMEvalSpec, _format
 
     quiet_libraries()
@@ -265,22 +312,28 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
         raise QuantpipeError("; ".join(_format(e, {}, prefix="--"))) from None
     lmeval.check_tasks(spec)
     meta = runtimes.read_meta(Path(args.artifact))
-    if meta.get("weights") == "random":
+    if meta.weights == "random":
         raise QuantpipeError(f"{args.artifact}: random weights (model.weights: random) have no quality to "
                              "evaluate; this artifact is for speed and memory measurement only")
     tok_dir = Path(args.tokenizer or args.artifact)
     try:
         tok = AutoTokenizer.from_pretrained(tok_dir)
     except (OSError, ValueError) as e:
-        if meta.get("format") == "gguf" and not args.tokenizer:
+        if meta.format == "gguf" and not args.tokenizer:
             raise QuantpipeError(f"{tok_dir}: a GGUF artifact carries no HF tokenizer; pass --tokenizer "
                                  "BASELINE_DIR (the run's artifacts/<baseline>)") from None
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise QuantpipeError(f"{tok_dir}: no usable tokenizer: {first}") from None
-    rt = runtimes.load(Path(args.artifact), args.device)
+        raise QuantpipeError(f"{tok_dir}: no usable tokenizer: {first_line(e)}") from None
+    if args.out:
+        _check_writable(args.out, "--out")
+    rt = runtimes.load(Path(args.artifact), args.device, args.runtime)
     try:
         work = Path(args.work or Path(args.artifact).parent / ".quantpipe-lm-eval")
-        out = lmeval.evaluate(rt, tok, spec, work, work / "responses" / f"{Path(args.artifact).name}.sqlite")
+        # responses are keyed by what answered them: the artifact's files and the runtime
+        from quantpipe.cache import digest, dir_digests
+
+        who = digest({"files": dir_digests(Path(args.artifact)), "runtime": rt.name, "adapter": ADAPTER_VERSION})
+        cache = work / "responses" / f"{Path(args.artifact).name}-{who[:16]}.sqlite"
+        out = lmeval.evaluate(rt, tok, spec, work, cache)
     finally:
         rt.close()
     for task, sc in out["tasks"].items():
@@ -291,21 +344,26 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from quantpipe import report
+    from quantpipe import report, results
 
     run = Path(args.run_dir)
-    results = report.load_results(run, "report")
-    report.write(run if run.is_dir() else run.parent, results)
-    print(report.markdown(results))
+    res = results.load(run, "report")
+    try:
+        report.write(run if run.is_dir() else run.parent, res)
+    except OSError as e:
+        from quantpipe.cache import explain_os_error
+
+        raise explain_os_error(e, f"writing the matrix into {run}") from None
+    print(report.markdown(res))
     return 0
 
 
 def cmd_setup_gguf(args: argparse.Namespace) -> int:
-    from quantpipe import llamacpp
+    from quantpipe.backends import llamacpp_tools
 
-    script = llamacpp.converter_script(fetch=True)
-    print(f"llama.cpp {llamacpp.version()} converter: {script}")
-    print(f"llama.cpp build: {llamacpp.system_info()}")
+    script = llamacpp_tools.converter_script(fetch=True)
+    print(f"llama.cpp {llamacpp_tools.version()} converter: {script}")
+    print(f"llama.cpp build: {llamacpp_tools.system_info()}")
     return 0
 
 
@@ -317,6 +375,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("recipe")
     r.add_argument("--out", help="run directory (default: the recipe's output.dir or runs/<name>)")
     r.add_argument("--force", action="store_true", help="redo every stage, ignoring the cache")
+    r.add_argument("--adopt", action="store_true", help="write into a non-empty directory that is not a quantpipe "
+                   "run (it must not hold results.json, matrix.*, manifest.json or artifacts/<variant> already)")
     r.add_argument("--gate", action="store_true", help="run `quantpipe gate` on the results; its exit code is "
                    "the run's (0 pass, 1 regression, 2 broken inputs)")
     _gate_options(r)
@@ -338,17 +398,19 @@ def parser() -> argparse.ArgumentParser:
     pl.set_defaults(fn=cmd_plan)
     m = sub.add_parser("methods", help="list quantization methods and whether their libraries are installed")
     m.set_defaults(fn=cmd_methods)
+    rts = sub.add_parser("runtimes", help="list runtimes: the formats each loads, its capabilities, installed or not")
+    rts.set_defaults(fn=cmd_runtimes)
     b = sub.add_parser("bench", help="benchmark one artifact directory, print or write JSON")
     b.add_argument("artifact")
     b.add_argument("--out")
-    b.add_argument("--request", help=argparse.SUPPRESS)
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     b.add_argument("--prompt-len", type=int, default=128)
     b.add_argument("--gen-len", type=int, default=32)
     b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--engine", default="auto", choices=["auto", "eager", "compiled"],
-                   help="auto: compiled on a GPU (static KV cache, CUDA graphs, low-bit kernels), else eager")
+    b.add_argument("--runtime", help="auto (default: the format's own runtime, the compiled engine on a GPU where it "
+                   "loads the format), natural, or a registered runtime (`quantpipe runtimes`)")
+    b.add_argument("--engine", choices=list(ENGINE_ALIASES), help=argparse.SUPPRESS)  # the name before --runtime
     b.set_defaults(fn=cmd_bench)
     le = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on one artifact directory (any format)")
     le.add_argument("artifact")
@@ -359,6 +421,7 @@ def parser() -> argparse.ArgumentParser:
     le.add_argument("--max-gen-toks", type=int, help="cap on generated tokens per request")
     le.add_argument("--tokenizer", help="tokenizer directory (default: the artifact's; GGUF needs its baseline)")
     le.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    le.add_argument("--runtime", default="auto", help="auto, natural, or a registered runtime")
     le.add_argument("--work", help="task copies and the response cache (default: ARTIFACT/../.quantpipe-lm-eval)")
     le.add_argument("--per-doc", action="store_true", help="keep each document's value in the JSON")
     le.add_argument("--out", help="write the JSON here instead of printing it")

@@ -25,9 +25,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from quantpipe.errors import QuantpipeError
+from quantpipe.errors import QuantpipeError, first_line
 from quantpipe.recipe import GatesSpec, _format
-from quantpipe.report import load_results
+from quantpipe.results import Quality, Results, Row, as_results, as_row, load
 
 MIB = 2**20
 PASS, FAIL, ERROR, NEW = "PASS", "FAIL", "ERROR", "NEW"
@@ -69,7 +69,7 @@ def t_quantile(p: float, dof: int) -> float:
 
 
 @dataclass
-class Row:
+class Check:
     """One check: what, against which threshold, the measured value and the verdict."""
 
     variant: str
@@ -88,69 +88,76 @@ def load_gates(path: Path) -> GatesSpec:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise QuantpipeError(f"--gates: '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise QuantpipeError(f"--gates: '{path}' is not valid YAML: {first_line(e)}") from None
+    except RecursionError:
+        raise QuantpipeError(f"--gates: '{path}' is nested too deeply to be a gates file") from None
     if isinstance(data, dict) and "gates" in data:  # a gates file with a `gates:` key, or a recipe
         data = data["gates"]
     if not isinstance(data, dict):
         raise QuantpipeError(f"--gates: '{path}' must be a mapping with keys all, variants, ...")
     try:
         return GatesSpec.model_validate(data)
+    except RecursionError:
+        raise QuantpipeError(f"--gates: '{path}' is nested too deeply to be a gates file") from None
     except ValidationError as e:
         raise QuantpipeError(f"--gates: '{path}' is invalid:\n  " + "\n  ".join(_format(e, data, "gates."))) from None
 
 
 # -- threshold checks ------------------------------------------------------------------------------------------
-def _quality(v: dict[str, Any], key: str) -> float | None:
-    q = v.get("quality") or {}
-    return q.get(key)
-
-
-def measure(check: str, v: dict[str, Any], base: dict[str, Any], gates: GatesSpec) -> tuple[float, str]:
+def measure(check: str, v: Row | dict[str, Any], base: Row | dict[str, Any], gates: GatesSpec
+            ) -> tuple[float, str]:
     """The value a threshold compares, and how it was taken; QuantpipeError where the run did not measure it."""
-    name = v["name"]
+    v, base = as_row(v), as_row(base)
+    name = v.name
 
     def need(x: Any, what: str) -> Any:
         if x is None:
             raise QuantpipeError(f"{name}: {check} needs {what}, which this run did not record")
         return x
 
+    q, q0 = v.quality, base.quality
     if check == "max_kld":
-        return need(_quality(v, "kld_mean"), "the eval's KL divergence"), "mean KL divergence from the baseline"
+        how = "mean KL divergence from the baseline"
+        if q is not None and q.kld_estimator != "full vocabulary":  # a top-k runtime: an estimate, biased low
+            how += f" ({q.kld_estimator}: thresholds set on full-vocabulary KLD are lenient here)"
+        return need(q and q.kld_mean, "the eval's KL divergence"), how
     if check == "min_top1":
-        return need(_quality(v, "top1_agreement"), "the eval's top-1 agreement"), "share of positions"
+        return need(q and q.top1_agreement, "the eval's top-1 agreement"), "share of positions"
     if check == "max_ppl_increase":
-        p, p0 = _quality(v, "perplexity"), _quality(base, "perplexity")
-        return need(p, "the eval's perplexity") / need(p0, "the baseline's perplexity") - 1, \
-            f"{p:.3f} vs baseline {p0:.3f}"
+        p, p0 = need(q and q.perplexity, "the eval's perplexity"), need(q0 and q0.perplexity,
+                                                                         "the baseline's perplexity")
+        return p / p0 - 1, f"{p:.3f} vs baseline {p0:.3f}"
     if check == "min_lm_eval_recovery":
-        tasks, tasks0 = v.get("lm_eval") or {}, base.get("lm_eval") or {}
-        common = sorted(t for t in tasks if t in tasks0 and tasks0[t].get("value"))
+        tasks, tasks0 = v.lm_eval or {}, base.lm_eval or {}
+        common = sorted(t for t in tasks if t in tasks0 and tasks0[t].value and tasks[t].value is not None)
         if not common:
             raise QuantpipeError(f"{name}: min_lm_eval_recovery needs lm-eval scores of the variant and the "
                                  "baseline on the same tasks, which this run did not record")
         # the run's recovery where it recorded one (it inverts lower-is-better metrics), else value / baseline's
-        ratios = [tasks[t]["recovery"] if tasks[t].get("recovery") is not None else
-                  tasks[t]["value"] / tasks0[t]["value"] for t in common]
+        ratios = [tasks[t].recovery if tasks[t].recovery is not None else tasks[t].value / tasks0[t].value
+                  for t in common]
         return sum(ratios) / len(ratios), "mean over " + ", ".join(common)
     if check == "max_peak_memory_mib":
-        mem, speed = v.get("memory") or {}, v.get("speed") or {}
-        if speed.get("device") == "cuda" and mem.get("peak_gpu_mib") is not None:
-            return mem["peak_gpu_mib"], "bench peak GPU memory allocated"
-        return need(mem.get("peak_rss_mib"), "a benchmark (bench.enabled)"), "bench peak RSS"
+        mem, speed = v.memory, v.speed
+        if speed is not None and speed.device == "cuda" and mem.peak_gpu_mib is not None:
+            return mem.peak_gpu_mib, "bench peak GPU memory allocated"
+        return need(mem.peak_rss_mib, "a benchmark (bench.enabled)"), "bench peak RSS"
     if check == "min_decode_speedup":
-        per, per0 = (v.get("speed") or {}).get("per_batch"), (base.get("speed") or {}).get("per_batch")
-        need(per, "a benchmark (bench.enabled)")
-        need(per0, "a benchmark of the baseline")
+        per = need(v.speed.per_batch if v.speed and v.speed.per_batch else None, "a benchmark (bench.enabled)")
+        per0 = need(base.speed.per_batch if base.speed and base.speed.per_batch else None,
+                    "a benchmark of the baseline")
         b = gates.speedup_batch or min(int(k) for k in per)
         if str(b) not in per or str(b) not in per0:
             raise QuantpipeError(f"{name}: min_decode_speedup at batch {b}, which the bench did not run "
                                  f"(it ran {', '.join(sorted(per, key=int))}); set gates.speedup_batch")
-        return per[str(b)]["decode_tok_s"] / per0[str(b)]["decode_tok_s"], f"decode tok/s at batch {b}"
+        d = need(per[str(b)].decode_tok_s, f"a decode speed at batch {b} (the bench measured none: decode took no "
+                                           "time beyond the first token)")
+        d0 = need(per0[str(b)].decode_tok_s, f"the baseline's decode speed at batch {b}")
+        return d / d0, f"decode tok/s at batch {b}"
     if check == "max_size_mib":
-        return need((v.get("artifact") or {}).get("size_bytes"), "the artifact size") / MIB, "artifact directory"
+        return v.artifact.size_bytes / MIB, "artifact directory"
     if check == "max_size_ratio":
-        s, s0 = (v.get("artifact") or {}).get("size_bytes"), (base.get("artifact") or {}).get("size_bytes")
-        return need(s, "the artifact size") / need(s0, "the baseline's artifact size"), "size / baseline's"
+        return v.artifact.size_bytes / base.artifact.size_bytes, "size / baseline's"
     raise AssertionError(check)
 
 
@@ -165,26 +172,26 @@ def thresholds_for(gates: GatesSpec, name: str, is_reference: bool) -> dict[str,
     return out
 
 
-def check_thresholds(results: dict[str, Any], gates: GatesSpec) -> list[Row]:
-    variants = {v["name"]: v for v in results["variants"]}
-    unknown = sorted(set(gates.variants) - set(variants))
+def check_thresholds(results: Results | dict[str, Any], gates: GatesSpec) -> list[Check]:
+    res = as_results(results)
+    variants = {r.variant for r in res.variants}
+    unknown = sorted(set(gates.variants) - variants)
     if unknown:
         raise QuantpipeError(f"gates.variants: {', '.join(unknown)} not in this run (its variants: "
-                             f"{', '.join(variants)})")
-    base = variants.get(results["reference"])
-    if base is None:
-        raise QuantpipeError(f"results: the reference '{results['reference']}' is not among its variants")
+                             f"{', '.join(dict.fromkeys(r.variant for r in res.variants))})")
+    ref = res.reference_row
     rows = []
-    for name, v in variants.items():
-        for check, limit in thresholds_for(gates, name, name == results["reference"]).items():
+    for v in res.variants:
+        is_ref = v.variant == ref.variant
+        for check, limit in thresholds_for(gates, v.variant, is_ref).items():
             bound = "≤" if check.startswith("max_") else "≥"
             try:
-                value, how = measure(check, v, base, gates)
+                value, how = measure(check, v, res.reference_for(v), gates)
             except QuantpipeError as e:
-                rows.append(Row(name, check, f"{bound} {_fmt(limit)}", "–", ERROR, str(e)))
+                rows.append(Check(v.name, check, f"{bound} {_fmt(limit)}", "–", ERROR, str(e)))
                 continue
             ok = value <= limit if check.startswith("max_") else value >= limit
-            rows.append(Row(name, check, f"{bound} {_fmt(limit)}", _fmt(value), PASS if ok else FAIL, how))
+            rows.append(Check(v.name, check, f"{bound} {_fmt(limit)}", _fmt(value), PASS if ok else FAIL, how))
     return rows
 
 
@@ -194,10 +201,10 @@ REGRESSION_METRICS = {"kld": ("kld_mean", "kld", "kld_se", True), "nll": ("nll_m
                       "top1": ("top1_agreement", "top1", None, False)}
 
 
-def noise(metric: str, old: dict[str, Any], new: dict[str, Any], confidence: float) -> tuple[float, str]:
-    """The allowance of a change of `metric` from old to new quality dicts (see the module docstring)."""
+def noise(metric: str, old: Quality, new: Quality, confidence: float) -> tuple[float, str]:
+    """The allowance of a change of `metric` from old to new quality (see the module docstring)."""
     key, wkey, se_key, _ = REGRESSION_METRICS[metric]
-    wo, wn = (old.get("blocks") or {}).get(wkey), (new.get("blocks") or {}).get(wkey)
+    wo, wn = old.blocks.get(wkey), new.blocks.get(wkey)
     if wo and wn and len(wo) == len(wn) and len(wo) >= 2:
         d = [b - a for a, b in zip(wo, wn, strict=True)]
         m = sum(d) / len(d)
@@ -205,57 +212,73 @@ def noise(metric: str, old: dict[str, Any], new: dict[str, Any], confidence: flo
         t = t_quantile(confidence, len(d) - 1)
         return t * se, f"t{confidence:g}({len(d) - 1} dof) × paired SE over {len(d)} blocks"
     if se_key is not None:
-        se_o, se_n = old.get(se_key), new.get(se_key)
+        se_o, se_n = getattr(old, se_key), getattr(new, se_key)
     else:  # top-1 agreement: a proportion over the scored tokens
-        se_o, se_n = (math.sqrt(q[key] * (1 - q[key]) / max(1, q.get("n_tokens_scored", 1))) for q in (old, new))
-    if se_o is None or se_n is None or (isinstance(se_o, float) and math.isnan(se_o)):
+        se_o, se_n = (math.sqrt(q.top1_agreement * (1 - q.top1_agreement) / max(1, q.n_tokens_scored or 1))
+                      for q in (old, new))
+    if se_o is None or se_n is None:
         return 0.0, "no standard error recorded: any change beyond min_change"
     return normal_quantile(confidence) * math.sqrt(se_o**2 + se_n**2), \
         f"z{confidence:g} × token-level SE of both runs (no block values; understates the noise)"
 
 
-def check_regressions(results: dict[str, Any], previous: dict[str, Any], gates: GatesSpec) -> list[Row]:
-    if "random" in (results.get("weights"), previous.get("weights")):
+def check_regressions(results: Results | dict[str, Any], previous: Results | dict[str, Any], gates: GatesSpec
+                      ) -> list[Check]:
+    res, prev = as_results(results), as_results(previous)
+    if "random" in (res.weights, prev.weights):
         raise QuantpipeError("--baseline: a run of random weights (model.weights: random) has no quality to "
                              "compare; gate it on speed, memory and size thresholds only")
-    th, tp = (results.get("eval") or {}).get("tokens_sha256"), (previous.get("eval") or {}).get("tokens_sha256")
+    if res.model_digest and prev.model_digest and res.model_digest != prev.model_digest:
+        raise QuantpipeError(f"--baseline: the previous run measured another base model (weights digest "
+                             f"{prev.model_digest[:12]}… of '{prev.model}', this run {res.model_digest[:12]}… of "
+                             f"'{res.model}'): their quality is not comparable")
+    if not (res.model_digest and prev.model_digest):
+        print("note: --baseline: a results file records no base-model digest (written by an older quantpipe): "
+              "the two runs' models were not compared, only their eval tokens")
+    th, tp = res.eval.get("tokens_sha256"), prev.eval.get("tokens_sha256")
     if th is None or tp is None or th != tp:
         raise QuantpipeError("--baseline: the two runs scored different eval tokens (eval.tokens_sha256 differs "
                              "or is missing): their quality is not comparable; keep eval.text, window and "
                              "max_tokens the same")
-    old = {v["name"]: v for v in previous["variants"]}
+    # a row is compared with the previous run's row of the same variant in the same runtime (by name where a
+    # file recorded no runtime)
+    old = {(r.variant, r.runtime): r for r in prev.variants}
+    old_by_name = {r.name: r for r in prev.variants}
+    ref_variant = res.reference_row.variant
     rows = []
-    for v in results["variants"]:
-        name, q = v["name"], v.get("quality")
-        if name == results["reference"]:
+    for v in res.variants:
+        name, q = v.name, v.quality
+        if v.variant == ref_variant:
             continue  # the reference's KLD is 0 and its perplexity is the text's, not a quantization result
-        if name not in old or not old[name].get("quality"):
-            rows.append(Row(name, "vs previous", "–", "–", NEW, "no result of this variant in the previous run"))
+        before = old.get((v.variant, v.runtime)) or old_by_name.get(name)
+        if before is None or before.quality is None:
+            rows.append(Check(name, "vs previous", "–", "–", NEW, "no result of this variant in the previous run"))
             continue
-        if not q:
-            rows.append(Row(name, "vs previous", "–", "–", ERROR, f"{name}: this run has no quality result"))
+        if q is None:
+            rows.append(Check(name, "vs previous", "–", "–", ERROR, f"{name}: this run has no quality result"))
             continue
-        q0 = old[name]["quality"]
+        q0 = before.quality
         for metric, (key, _, _, worse_up) in REGRESSION_METRICS.items():
-            if q.get(key) is None or q0.get(key) is None:
-                rows.append(Row(name, f"{metric} vs previous", "–", "–", ERROR, f"{key} missing in a results file"))
+            new_v, old_v = getattr(q, key), getattr(q0, key)
+            if new_v is None or old_v is None:
+                rows.append(Check(name, f"{metric} vs previous", "–", "–", ERROR, f"{key} missing in a results file"))
                 continue
             allowance, how = noise(metric, q0, q, gates.confidence)
-            allowance = max(allowance, gates.min_change * abs(q0[key]))
-            change = (q[key] - q0[key]) * (1 if worse_up else -1)  # > 0: worse
-            bound = f"{'≤' if worse_up else '≥'} {_fmt(q0[key])} {'+' if worse_up else '−'} {_fmt(allowance)}"
-            rows.append(Row(name, f"{metric} vs previous", bound, _fmt(q[key]),
-                            FAIL if change > allowance else PASS, how))
+            allowance = max(allowance, gates.min_change * abs(old_v))
+            change = (new_v - old_v) * (1 if worse_up else -1)  # > 0: worse
+            bound = f"{'≤' if worse_up else '≥'} {_fmt(old_v)} {'+' if worse_up else '−'} {_fmt(allowance)}"
+            rows.append(Check(name, f"{metric} vs previous", bound, _fmt(new_v),
+                              FAIL if change > allowance else PASS, how))
     return rows
 
 
 # -- outputs -----------------------------------------------------------------------------------------------
-def exit_code(rows: list[Row]) -> int:
+def exit_code(rows: list[Check]) -> int:
     verdicts = {r.verdict for r in rows}
     return 2 if ERROR in verdicts else 1 if FAIL in verdicts else 0
 
 
-def table(rows: list[Row]) -> str:
+def table(rows: list[Check]) -> str:
     head = ["variant", "check", "threshold", "measured", "verdict", "how"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join([r.variant, r.check, r.threshold, r.measured, r.verdict,
@@ -263,7 +286,7 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def summary(rows: list[Row], title: str) -> str:
+def summary(rows: list[Check], title: str) -> str:
     code = exit_code(rows)
     counts = {v: sum(r.verdict == v for r in rows) for v in (PASS, FAIL, ERROR, NEW)}
     word = {0: "passed", 1: "FAILED: a check regressed", 2: "ERROR: broken inputs"}[code]
@@ -271,7 +294,7 @@ def summary(rows: list[Row], title: str) -> str:
     return f"### quantpipe gate: {title}: {word} ({tally})\n\n{table(rows)}\n"
 
 
-def junit_xml(rows: list[Row], suite: str, seconds: float) -> bytes:
+def junit_xml(rows: list[Check], suite: str, seconds: float) -> bytes:
     """JUnit XML: one testsuite, one testcase per check (classname = variant), <failure> or <error>."""
     cases = [r for r in rows if r.verdict != NEW]
     fails, errors = sum(r.verdict == FAIL for r in cases), sum(r.verdict == ERROR for r in cases)
@@ -294,18 +317,18 @@ def junit_xml(rows: list[Row], suite: str, seconds: float) -> bytes:
 
 
 def gate(run: Path, gates_file: Path | None = None, baseline: Path | None = None, junit: Path | None = None,
-         gates: GatesSpec | None = None, previous: dict[str, Any] | None = None) -> tuple[int, list[Row]]:
+         gates: GatesSpec | None = None, previous: Results | None = None) -> tuple[int, list[Check]]:
     """Check a run; print the table; write JUnit XML and the GitHub step summary if asked. Returns the exit code.
     Thresholds: `gates_file`, else `gates`, else the `gates` the run's recipe recorded in results.json.
     Previous run: `previous` (already loaded), else the results file `baseline`."""
     t = time.perf_counter()
-    results = load_results(run, "run")
+    results = load(run, "run")
     if gates_file is not None:
         gates = load_gates(gates_file)
-    elif gates is None and results.get("gates"):
-        gates = GatesSpec.model_validate(results["gates"])
+    elif gates is None and results.gates is not None:
+        gates = results.gates
     if previous is None and baseline is not None:
-        previous = load_results(baseline, "--baseline")
+        previous = load(baseline, "--baseline")
     if gates is None and previous is None:
         raise QuantpipeError("nothing to check: the run's recipe has no `gates:`; add one, or pass --gates FILE "
                              "or --baseline OLD_RESULTS.json")

@@ -1,9 +1,9 @@
-"""lm-evaluation-harness on every artifact format: quantpipe's runtime contract as lm-eval's model interface.
+"""lm-evaluation-harness on every artifact format: the lm-eval stage (tasks, scores, recovery vs the baseline).
 
-`RuntimeLM` implements lm-eval's `loglikelihood`, `loglikelihood_rolling` and `generate_until` with nothing but
-the runtime contract (`logits(ids)`, `generate(ids, n)`) and the baseline's tokenizer, so HF, llama.cpp (GGUF)
-and ONNX Runtime rows are scored by the same harness on the same token ids. Generation is greedy (the
-contract's); a task that asks to sample is scored greedily and says so in its result.
+The model lm-eval talks to is `lm_adapter.RuntimeLM`: lm-eval's `loglikelihood`, `loglikelihood_rolling` and
+`generate_until` over nothing but the runtime contract and the baseline's tokenizer, so every runtime's rows are
+scored by the same harness on the same token ids. Generation is greedy (the contract's); a task that asks to
+sample is scored greedily and says so in its result.
 
 Model responses are cached per artifact in a SQLite file of JSON values (`ResponseCache`), so a re-run, or a
 run that adds a task, only computes what is new; nothing is unpickled. lm-eval's own request-building cache
@@ -17,33 +17,22 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import os
-import sqlite3
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
-from quantpipe.calibration import PROJECT_ROOT
-from quantpipe.errors import QuantpipeError
-
-# Bumped when the adapter's scoring changes, so cached lm-eval stages and responses are redone.
-ADAPTER_VERSION = 1
-# Greedy generation runs in chunks of this many tokens (doubling) until a stop string, EOS or max_gen_toks.
-FIRST_CHUNK = 8
+from quantpipe import data
+from quantpipe.errors import QuantpipeError, first_line
+from quantpipe.lm_responses import ADAPTER_VERSION, ResponseCache  # noqa: F401 - the stage keys read it here
 
 
 def bundled_dir() -> Path:
-    for base in (PROJECT_ROOT / "evals" / "lm_eval", Path(__file__).resolve().parent / "_data" / "evals" / "lm_eval"):
-        if base.is_dir():
-            return base
-    raise QuantpipeError("the bundled lm-eval tasks (evals/lm_eval) are missing from this installation")
+    return data.data_dir("evals", "lm_eval")
 
 
 def _yaml_tasks(directory: Path) -> dict[str, Path]:
@@ -54,6 +43,8 @@ def _yaml_tasks(directory: Path) -> dict[str, Path]:
             cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
         except (yaml.YAMLError, OSError, UnicodeDecodeError):
             continue
+        except RecursionError:  # lm-eval would crash on it too
+            raise QuantpipeError(f"eval.lm_eval.include_path: {path} is nested too deeply to be a task YAML") from None
         if not isinstance(cfg, dict):
             continue
         names = [cfg.get("task"), cfg.get("group")]
@@ -102,192 +93,12 @@ def prepare_tasks(tasks: list[str], include_path: list[str], work: Path) -> tupl
     return [str(work), *include_path], any(t not in local for t in tasks), h.hexdigest()
 
 
-class ResponseCache:
-    """Model responses keyed by the sha256 of a request, JSON values in one SQLite table (no pickle)."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.db = None
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(str(path))
-            self.db.execute("CREATE TABLE IF NOT EXISTS r (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
-        self.hits = self.misses = 0
-
-    @staticmethod
-    def key(*parts: Any) -> str:
-        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-    def get(self, key: str) -> Any:
-        row = None if self.db is None else self.db.execute("SELECT v FROM r WHERE k = ?", (key,)).fetchone()
-        if row is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        return json.loads(row[0])
-
-    def put(self, key: str, value: Any) -> None:
-        if self.db is not None:
-            self.db.execute("INSERT OR REPLACE INTO r VALUES (?, ?)", (key, json.dumps(value)))
-
-    def commit(self) -> None:
-        if self.db is not None:
-            self.db.commit()
-
-    def close(self) -> None:
-        if self.db is not None:
-            self.db.commit()
-            self.db.close()
-            self.db = None
-
-
-def _lm_base() -> type:
-    from lm_eval.api.model import TemplateLM
-
-    return TemplateLM
-
-
 def make_lm(runtime: Any, tokenizer: Any, max_length: int, max_gen_toks: int | None = None,
             cache: ResponseCache | None = None) -> Any:
-    """An lm-eval model (a TemplateLM) over a loaded quantpipe runtime."""
+    """An lm-eval model over a loaded quantpipe runtime (lm_adapter.py; it imports lm-eval, so only here)."""
+    from quantpipe.lm_adapter import RuntimeLM
 
-    class RuntimeLM(_lm_base()):
-        backend = "causal"
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.runtime, self.tokenizer, self.max_length = runtime, tokenizer, max_length
-            self.max_gen_toks_cap = max_gen_toks
-            self.cache = cache or ResponseCache(None)
-            self.sampled_requests = 0  # generate_until requests that asked to sample (scored greedily)
-            self.forwards = 0
-
-        # -- tokenization: the baseline's tokenizer, no special tokens (the eval's convention) --------------
-        @property
-        def eot_token_id(self) -> int:
-            eos = self.tokenizer.eos_token_id
-            return int(eos if eos is not None else 0)
-
-        @property
-        def prefix_token_id(self) -> int:
-            bos = self.tokenizer.bos_token_id
-            return int(bos if bos is not None else self.eot_token_id)
-
-        def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
-            return self.tokenizer(string, add_special_tokens=bool(add_special_tokens)).input_ids
-
-        def tok_decode(self, ids: list[int]) -> str:
-            return self.tokenizer.decode(ids, skip_special_tokens=False)
-
-        def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-            return super().loglikelihood(requests, disable_tqdm=True)  # the run prints one line per stage
-
-        # -- scoring --------------------------------------------------------------------------------------
-        def _logprobs(self, ids: list[int]) -> torch.Tensor:
-            self.forwards += 1
-            return torch.log_softmax(self.runtime.logits(ids).float(), dim=-1)
-
-        def _scores(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-            """Log-probability of each `cont` after its `ctx` and whether it is the greedy continuation, in one
-            batched call (`runtimes.logits_batch`); the oldest context tokens are dropped to fit max_length."""
-            from quantpipe.runtimes import logits_batch
-
-            wholes = [(ctx + cont)[-(self.max_length + 1):] for ctx, cont in pairs]
-            self.forwards += len(pairs)
-            out = []
-            for (_, cont), logits in zip(pairs, logits_batch(self.runtime, [w[:-1] for w in wholes]), strict=True):
-                lp = torch.log_softmax(logits.float(), dim=-1)[-len(cont):]
-                target = torch.tensor(cont, dtype=torch.long)
-                out.append((float(lp.gather(1, target[:, None]).sum().item()), bool((lp.argmax(-1) == target).all())))
-            return out
-
-        def _score(self, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
-            return self._scores([(ctx, cont)])[0]
-
-        def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str], list[int], list[int]]],
-                                  disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
-            out: list[tuple[float, bool] | None] = [None] * len(requests)
-            todo: dict[tuple[int, ...], list[int]] = defaultdict(list)  # context -> request indices
-            for i, (_, ctx, cont) in enumerate(requests):
-                hit = self.cache.get(self.cache.key("ll", ADAPTER_VERSION, ctx, cont))
-                if hit is not None:
-                    out[i] = (float(hit[0]), bool(hit[1]))
-                else:
-                    todo[tuple(ctx)].append(i)
-            for ctx_t, idx in todo.items():
-                ctx = list(ctx_t)
-                conts = [requests[i][2] for i in idx]
-                if all(len(c) == 1 for c in conts) and len(ctx) <= self.max_length:
-                    # one forward of the context scores every one-token continuation (causal: the last
-                    # position's distribution does not depend on what follows)
-                    last = self._logprobs(ctx)[-1]
-                    best = int(last.argmax())
-                    res = [(float(last[c[0]]), c[0] == best) for c in conts]
-                else:  # the choices of one question in one batched call
-                    res = self._scores([(ctx, c) for c in conts])
-                for i, r in zip(idx, res, strict=True):
-                    out[i] = r
-                    self.cache.put(self.cache.key("ll", ADAPTER_VERSION, ctx, requests[i][2]), list(r))
-            self.cache.commit()
-            return out  # type: ignore[return-value]
-
-        def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
-            from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-
-            out = []
-            for req in requests:
-                (text,) = req.args[:1]
-                tokens = self.tok_encode(text)
-                key = self.cache.key("rolling", ADAPTER_VERSION, self.max_length, tokens)
-                hit = self.cache.get(key)
-                if hit is None:
-                    windows = map(make_disjoint_window, get_rolling_token_windows(
-                        tokens, self.prefix_token_id, self.max_length, context_len=1))
-                    hit = sum(self._score(ctx, cont)[0] for ctx, cont in windows)
-                    self.cache.put(key, hit)
-                out.append(float(hit))
-            self.cache.commit()
-            return out
-
-        def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-            out = []
-            for req in requests:
-                context, kwargs = req.args[0], dict(req.args[1] or {})
-                until = kwargs.get("until") or []
-                until = [until] if isinstance(until, str) else list(until)
-                limit = int(kwargs.get("max_gen_toks") or 256)
-                if self.max_gen_toks_cap:
-                    limit = min(limit, self.max_gen_toks_cap)
-                if kwargs.get("do_sample"):
-                    self.sampled_requests += 1
-                ids = self.tok_encode(context)[-max(1, self.max_length - limit):]
-                key = self.cache.key("gen", ADAPTER_VERSION, ids, until, limit)
-                hit = self.cache.get(key)
-                if hit is None:
-                    hit = self._generate(ids, until, limit)
-                    self.cache.put(key, hit)
-                out.append(hit)
-            self.cache.commit()
-            return out
-
-        def _generate(self, ids: list[int], until: list[str], limit: int) -> str:
-            eos = self.eot_token_id
-            new: list[int] = []
-            chunk = FIRST_CHUNK
-            while len(new) < limit:
-                n = min(chunk, limit - len(new))
-                step = self.runtime.generate(torch.tensor([ids + new], dtype=torch.long), n)[0].tolist()
-                stop_at = next((k for k, t in enumerate(step) if t == eos), None)
-                new += step if stop_at is None else step[:stop_at]
-                text = self.tok_decode(new)
-                cut = min((text.find(s) for s in until if s and s in text), default=-1)
-                if cut >= 0:
-                    return text[:cut]
-                if stop_at is not None:
-                    return text
-                chunk *= 2
-            return self.tok_decode(new)
-
-    return RuntimeLM()
+    return RuntimeLM(runtime, tokenizer, max_length, max_gen_toks, cache)
 
 
 @contextlib.contextmanager
@@ -363,7 +174,7 @@ def evaluate(runtime: Any, tokenizer: Any, spec: Any, work: Path, cache_path: Pa
         except QuantpipeError:
             raise
         except Exception as e:  # a task that needs the hub while offline, a broken task YAML, ...
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             net = any(w in f"{type(e).__name__} {first}".lower() for w in ("offline", "connect", "reach", "hub"))
             hint = "; lm-eval's own tasks need network access or their datasets in the HF cache" if (
                 needs_defaults and net) else ""

@@ -1,16 +1,7 @@
-"""`quantpipe plan`: memory arithmetic from a model's config alone (no weights): weight bytes of every variant's
-artifact, KV-cache bytes per token, an activation allowance, what fits on a GPU, and the memory calibrated
-quantization needs. The same functions predict each run's memory, shown beside the measured figures.
-
-Definitions (docs/architecture.md has them too):
-- weights: every tensor of the artifact, in the layout its method writes (`Method.storage`): embeddings,
-  lm_head (once when tied), norms and biases stay float; each decoder Linear is quantized. Exact to the byte
-  against the safetensors tensors the methods write.
-- KV cache per token: 2 (K and V) × layers × kv_heads × head_dim × KV dtype bytes (grouped-query attention
-  counts the kv heads, not the query heads).
-- activations: the workspace of one forward over `tokens` tokens of `seqs` sequences: per token the widest
-  live tensors (residual, normed input, q/k/v, attention output, gate/up/act of the MLP), the last position's
-  float32 logits and their softmax per sequence, and the attention scores when the kernel materializes them.
+"""`quantpipe plan`: will it fit? From a model's config alone (no weights): every variant's weight bytes, KV-cache
+bytes per token, an activation allowance, the largest context x concurrency on a GPU, and the memory calibrated
+quantization needs; the run's predictions beside its measured memory. The byte arithmetic itself (and its
+definitions) is memory.py's.
 """
 
 from __future__ import annotations
@@ -20,9 +11,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from quantpipe.errors import QuantpipeError
-from quantpipe.methods import DTYPE_BYTES, Storage
-
-GIB, MIB = 2**30, 2**20
+from quantpipe.memory import (  # noqa: F401 - plan's callers (and tests) read the arithmetic through plan too
+    DTYPE_BYTES,
+    GIB,
+    MIB,
+    Shapes,
+    Storage,
+    activation_bytes,
+    kv_bytes_per_token,
+    shapes,
+    weight_bytes,
+)
 
 # Total memory of each GPU in MiB, as nvidia-smi reports it (published figures; only the H100's was read here, on
 # a lent H100 80GB HBM3: 81559 MiB, docs/benchmarks.md). Part of it goes to the CUDA context and
@@ -31,124 +30,6 @@ GPUS: dict[str, int] = {name: mib * MIB for name, mib in {
     "T4-16GB": 15360, "L4-24GB": 23034, "A10-24GB": 23028, "RTX4090-24GB": 24564, "A100-40GB": 40960,
     "L40S-48GB": 46068, "A100-80GB": 81920, "H100-80GB": 81559, "H200-141GB": 143771}.items()}
 KV_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
-
-
-@dataclass(frozen=True)
-class Shapes:
-    """The numbers of a decoder-only transformer that memory depends on."""
-
-    model_type: str
-    vocab: int
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    tied: bool
-    qkv_bias: bool
-    o_bias: bool
-    mlp_bias: bool
-    qk_norm: bool
-    max_positions: int
-
-    def linears(self) -> list[tuple[str, int, int, bool]]:
-        """(name, out_features, in_features, has bias) of one decoder layer's Linears."""
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        h, i = self.hidden, self.intermediate
-        return [("q_proj", q, h, self.qkv_bias), ("k_proj", kv, h, self.qkv_bias), ("v_proj", kv, h, self.qkv_bias),
-                ("o_proj", h, q, self.o_bias), ("gate_proj", i, h, self.mlp_bias), ("up_proj", i, h, self.mlp_bias),
-                ("down_proj", h, i, self.mlp_bias)]
-
-    def n_params(self) -> int:
-        per_layer = sum(o * i + (o if b else 0) for _, o, i, b in self.linears()) + 2 * self.hidden
-        per_layer += 2 * self.head_dim if self.qk_norm else 0
-        return self.vocab * self.hidden * (1 if self.tied else 2) + self.layers * per_layer + self.hidden
-
-
-def shapes(config: Any) -> Shapes:
-    """Shapes of a transformers config of a Llama-like decoder (llama, mistral, qwen2, qwen3)."""
-    mt = getattr(config, "model_type", "?")
-    if mt not in SUPPORTED:
-        raise QuantpipeError(f"model: plan knows the layer shapes of {', '.join(SUPPORTED)} models, not "
-                             f"model_type '{mt}'")
-    heads = config.num_attention_heads
-    bias = bool(getattr(config, "attention_bias", False))
-    return Shapes(
-        model_type=mt, vocab=config.vocab_size, hidden=config.hidden_size, layers=config.num_hidden_layers,
-        heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-        intermediate=config.intermediate_size, tied=bool(getattr(config, "tie_word_embeddings", False)),
-        qkv_bias=True if mt == "qwen2" else bias, o_bias=False if mt == "qwen2" else bias,
-        mlp_bias=bool(getattr(config, "mlp_bias", False)), qk_norm=mt == "qwen3",
-        max_positions=getattr(config, "max_position_embeddings", 0) or 0)
-
-
-def weight_bytes(s: Shapes, storage: Storage) -> dict[str, int]:
-    """Bytes of every tensor of an artifact, by part; 'total' is their sum."""
-    f = storage.float_bytes
-    linear = storage.linear or (lambda out, inp: out * inp * f)
-    per_layer_linear = sum(o * i * f if any(k in n for k in storage.float_linears) else linear(o, i)
-                           for n, o, i, _ in s.linears())
-    per_layer_bias = sum(o for _, o, _, b in s.linears() if b) * f
-    norms = (2 * s.hidden + (2 * s.head_dim if s.qk_norm else 0)) * f
-    embedding = storage.embedding or (lambda vocab, hidden: vocab * hidden * f)
-    out = {
-        "embeddings": (storage.tied_embedding or embedding)(s.vocab, s.hidden) if s.tied else
-        embedding(s.vocab, s.hidden),
-        "lm_head": 0 if s.tied else (storage.lm_head or embedding)(s.vocab, s.hidden),
-        "linear": s.layers * per_layer_linear,
-        "bias": s.layers * per_layer_bias,
-        "norms": s.layers * norms + s.hidden * f,
-    }
-    out["total"] = sum(out.values())
-    return out
-
-
-def kv_bytes_per_token(s: Shapes, kv_bytes: int) -> int:
-    """K and V of every layer for one token: 2 × layers × kv_heads × head_dim × bytes."""
-    return 2 * s.layers * s.kv_heads * s.head_dim * kv_bytes
-
-
-def activation_bytes(s: Shapes, tokens: int, seqs: int, act_bytes: int, scores_len: int = 0) -> int:
-    """Workspace of one forward over `tokens` tokens of `seqs` sequences (see the module docstring).
-    `scores_len` > 0 adds the [seqs, heads, len, len] attention scores of a kernel that materializes them."""
-    width = 4 * s.hidden + (s.heads + 2 * s.kv_heads) * s.head_dim + 3 * s.intermediate
-    logits = 2 * seqs * s.vocab * 4
-    scores = seqs * s.heads * scores_len * scores_len * act_bytes
-    return tokens * width * act_bytes + logits + scores
-
-
-# -- calibration (GPTQ, AWQ): memory beyond the loaded float model --------------------------------------------
-def gptq_calibration(s: Shapes, n_samples: int, seq_len: int, a: int) -> dict[str, int]:
-    """GPTQ, layer by layer: the layer's inputs and outputs for every calibration sample, one float32 Hessian
-    (in × in) per Linear of the layer, the largest Linear's float32 weight copy and two Hessian-sized buffers
-    (damped inverse and Cholesky factor), and one sample's forward through the layer."""
-    tokens = n_samples * seq_len
-    lin = s.linears()
-    return {
-        "layer inputs+outputs": 2 * tokens * s.hidden * a,
-        "hessians": sum(i * i * 4 for _, _, i, _ in lin),
-        "solver": max(o * i * 4 + 2 * i * i * 4 for _, o, i, _ in lin),
-        "forward": activation_bytes(s, seq_len, 1, a, scores_len=seq_len),
-    }
-
-
-def awq_calibration(s: Shapes, n_samples: int, seq_len: int, a: int) -> dict[str, int]:
-    """AWQ, layer by layer: the layer's inputs and outputs for every sample, the cached inputs of each smoothed
-    group (attention input, o_proj input, MLP input, down_proj input), float32 reference and candidate outputs
-    of a group for the scale search, and float32 copies of the largest group's weights."""
-    tokens = n_samples * seq_len
-    q = s.heads * s.head_dim
-    return {
-        "layer inputs+outputs": 2 * tokens * s.hidden * a,
-        "group inputs": tokens * (2 * s.hidden + q + s.intermediate) * a,
-        "search outputs": 2 * tokens * s.hidden * 4,
-        "weight copies": 2 * 2 * s.intermediate * s.hidden * 4,
-        "forward": activation_bytes(s, seq_len, 1, a, scores_len=seq_len),
-    }
-
 
 # -- what fits ---------------------------------------------------------------------------------------------
 def parse_memory(text: str) -> int:
@@ -233,36 +114,15 @@ def quantize_memory(s: Shapes, method: Any, params: Any, dtype: str, n_samples: 
     """Predicted memory of a calibrated method's quantization: the float model it loads, its calibration
     working set (`Method.calibration_memory`), and the quantized tensors it builds to save. None for methods
     without calibration."""
-    if method.calibration_memory is None:
-        return None
     storage = method.storage(params, dtype)
     a = storage.float_bytes  # the dtype the backend loads the model in
-    out = {"model": weight_bytes(s, Storage(float_bytes=a))["total"],
-           **method.calibration_memory(params, s, n_samples, seq_len, a),
+    working = method.calibration_memory(params, s, n_samples, seq_len, a)
+    if working is None:
+        return None
+    out = {"model": weight_bytes(s, Storage(float_bytes=a))["total"], **working,
            "artifact": weight_bytes(s, storage)["total"]}
     out["total"] = sum(out.values())
     return out
-
-
-def onnx_tensor_bytes(path: Any) -> int:
-    """Bytes of an ONNX model's initializers and Constant tensors (inline or external data), from the graph
-    without loading the external data."""
-    import numpy as np
-    import onnx
-
-    m = onnx.load(str(path), load_external_data=False)
-    total = 0
-    consts = [a.t for n in m.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
-    for t in [*m.graph.initializer, *consts]:
-        ext = {e.key: e.value for e in t.external_data}
-        if "length" in ext:
-            total += int(ext["length"])
-        elif t.raw_data:
-            total += len(t.raw_data)
-        else:
-            n = int(np.prod(t.dims)) if len(t.dims) else 1
-            total += n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-    return total
 
 
 def tensor_bytes(artifact_dir: Any) -> int:
@@ -274,9 +134,11 @@ def tensor_bytes(artifact_dir: Any) -> int:
 
     total = 0
     for f in sorted(Path(artifact_dir).glob("model*.onnx")):
+        from quantpipe.backends.onnx import tensor_bytes as onnx_tensor_bytes
+
         total += onnx_tensor_bytes(f)
     for f in sorted(Path(artifact_dir).glob("model*.gguf")):
-        from quantpipe.llamacpp import check_gguf
+        from quantpipe.backends.llamacpp_tools import check_gguf
 
         total += check_gguf(f)["tensor_bytes"]
     for f in sorted(Path(artifact_dir).glob("*.safetensors")):
@@ -291,13 +153,13 @@ def plan_recipe(recipe: Any, config: Any, memory: int, context: int, concurrency
                 kv_dtype: str = "auto", utilization: float = 0.9) -> dict[str, Any]:
     """Every variant's weights, KV cache and fit on a GPU of `memory` bytes, and the memory of calibrated
     quantization for the recipe's n_samples × seq_len; plain data (printed by `format_plan`, or JSON)."""
-    from quantpipe.methods import get_method, parse_params
+    from quantpipe.methods import get_method
 
     s = shapes(config)
     dtype, cal = recipe.model.dtype, recipe.calibration
     variants = []
     for v in recipe.variants:
-        method, params = get_method(v.method), parse_params(v)
+        method, params = get_method(v.method), v.params
         storage = method.storage(params, dtype)
         kv = KV_DTYPES[kv_dtype] if kv_dtype != "auto" else storage.float_bytes
         w = weight_bytes(s, storage)
@@ -371,7 +233,7 @@ WARN_SHARE = 0.75
 def calibration_warnings(recipe: Any, config: Any) -> list[str]:
     """One line per calibrated variant whose predicted quantization memory passes WARN_SHARE of what this
     machine has."""
-    from quantpipe.methods import get_method, parse_params
+    from quantpipe.methods import get_method
 
     try:
         s = shapes(config)
@@ -380,7 +242,7 @@ def calibration_warnings(recipe: Any, config: Any) -> list[str]:
     where, have = available_memory()
     cal, out = recipe.calibration, []
     for v in recipe.variants:
-        need = quantize_memory(s, get_method(v.method), parse_params(v), recipe.model.dtype, cal.n_samples,
+        need = quantize_memory(s, get_method(v.method), v.params, recipe.model.dtype, cal.n_samples,
                                cal.seq_len)
         if need is not None and need["total"] > WARN_SHARE * have:
             out.append(f"variant '{v.name}' ({v.method}) needs about {_gib(need['total'])} GiB to quantize "

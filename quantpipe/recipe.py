@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from quantpipe.errors import QuantpipeError
+from quantpipe.errors import QuantpipeError, first_line
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch: "$" would let a newline through
 DTYPES = ("float32", "float16", "bfloat16")
@@ -89,6 +99,7 @@ class VariantSpec(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str
     method: str
+    _params: Any = PrivateAttr(None)  # the method's params, validated once when the recipe loads
 
     @field_validator("name")
     @classmethod
@@ -103,6 +114,15 @@ class VariantSpec(BaseModel):
     @property
     def raw_params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+    @property
+    def params(self) -> Any:
+        """The method's params model (validated when the recipe loaded; validated here for a hand-made spec)."""
+        if self._params is None:
+            from quantpipe.methods import parse_params
+
+            self._params = parse_params(self)
+        return self._params
 
 
 class LMEvalSpec(Strict):
@@ -141,10 +161,26 @@ class LMEvalSpec(Strict):
         return self
 
 
+RUNTIMES_HELP = ("runtimes that measure each variant: 'auto' (the format's own runtime; on a GPU the compiled "
+                 "engine for the transformers formats it loads), 'natural' (the format's own runtime: transformers, "
+                 "llama.cpp or ONNX Runtime), or a registered runtime (hf, compiled, llama.cpp, onnxruntime); each "
+                 "(variant, runtime) pair is a row of the matrix")
+
+
+def _runtime_names(v: list[str]) -> list[str]:
+    if len(set(v)) != len(v):
+        raise ValueError("a runtime is listed twice")
+    return v
+
+
+RuntimeNames = Annotated[list[str], AfterValidator(_runtime_names)]
+
+
 class EvalSpec(Strict):
     """Quality evaluation: the same token windows for every runtime, and optionally lm-eval tasks."""
 
     enabled: bool = Field(True, description="false: no quality evaluation (required for weights: random)")
+    runtimes: RuntimeNames = Field(default_factory=lambda: ["auto"], min_length=1, description=RUNTIMES_HELP)
     text: str = Field("bundled", description="'bundled' (evals/eval-text.txt) or a path to a .txt file")
     window: int = Field(512, ge=16, le=32768, description="tokens per window; windows do not overlap")
     max_tokens: int = Field(1024, ge=32, description="tokens of the text scored (whole windows only)")
@@ -162,15 +198,23 @@ class BenchSpec(Strict):
 
     enabled: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    engine: Literal["auto", "eager", "compiled"] = Field(
-        "auto", description="compiled: static KV cache + low-bit kernels, decode step in CUDA graphs on a GPU "
-        "(transformers artifacts); eager: the runtime eval uses; auto: compiled on a GPU, else eager")
+    runtimes: RuntimeNames = Field(default_factory=lambda: ["auto"], min_length=1, description=RUNTIMES_HELP)
     prompt_len: int = Field(128, ge=1)
     gen_len: int = Field(32, ge=2, description="new tokens per timed generation (at least 2)")
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 4], min_length=1)
     warmup: int = Field(1, ge=0)
     repeats: int = Field(3, ge=1)
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
+
+    engine: Any = Field(None, exclude=True, description="replaced by runtimes (an error names the replacement)")
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_replaced(cls, v: Any) -> Any:
+        if v is not None:
+            was = {"compiled": "[compiled]", "eager": "[natural]"}.get(str(v), "[auto]")
+            raise ValueError(f"replaced by bench.runtimes; write `runtimes: {was}` instead of `engine: {v}`")
+        return v
 
     @field_validator("batch_sizes")
     @classmethod
@@ -354,7 +398,7 @@ def _shown(given: str, resolved: str) -> str:
 def parse_recipe(data: Any, origin: str = "recipe", base: Path | None = None) -> Recipe:
     """Validate a recipe mapping, including every variant's method parameters; raise QuantpipeError. Relative
     paths in it are made absolute from `base` (default the working directory): see resolve_paths."""
-    from quantpipe.methods import check_variant
+    from quantpipe.methods import check_params
 
     if not isinstance(data, dict):
         raise QuantpipeError(f"{origin}: the recipe must be a YAML mapping with keys name, model, variants, ...")
@@ -365,13 +409,14 @@ def parse_recipe(data: Any, origin: str = "recipe", base: Path | None = None) ->
     recipe = resolve_paths(given, base)
     problems: list[str] = []
     for i, v in enumerate(recipe.variants):
-        problems += [f"variants[{i}]({v.name}).{p}" for p in check_variant(v)]
+        v._params, errors = check_params(v.method, v.raw_params)
+        problems += [f"variants[{i}]({v.name}).{p}" for p in errors]
+    problems += _runtime_problems(recipe)
     if recipe.calibration.source == "files":
         for f, p in zip(given.calibration.files, recipe.calibration.files, strict=True):
-            if not Path(p).is_file():
-                problems.append(f"calibration.files: file {_shown(f, p)} does not exist")
-    if recipe.eval.text != "bundled" and not Path(recipe.eval.text).is_file():
-        problems.append(f"eval.text: file {_shown(given.eval.text, recipe.eval.text)} does not exist")
+            problems += _text_file_problems("calibration.files", f, p)
+    if recipe.eval.text != "bundled":
+        problems += _text_file_problems("eval.text", given.eval.text, recipe.eval.text)
     if recipe.eval.lm_eval is not None and given.eval.lm_eval is not None:
         for d, p in zip(given.eval.lm_eval.include_path, recipe.eval.lm_eval.include_path, strict=True):
             if not Path(p).is_dir():
@@ -385,10 +430,51 @@ def parse_recipe(data: Any, origin: str = "recipe", base: Path | None = None) ->
     return recipe
 
 
+def _text_file_problems(field: str, given: str, path: str) -> list[str]:
+    """A text file the run will read: it exists and is UTF-8 (checked now, not after the baseline stage)."""
+    p = Path(path)
+    if not p.is_file():
+        return [f"{field}: file {_shown(given, path)} does not exist"]
+    try:
+        with open(p, "rb") as fh:
+            decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                try:
+                    decoder.decode(block)
+                except UnicodeDecodeError as e:
+                    return [f"{field}: file {_shown(given, path)} is not UTF-8 text (byte {offset + e.start}: "
+                            f"{block[e.start:e.start + 4]!r}); save it as UTF-8"]
+                offset += len(block)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return [f"{field}: file {_shown(given, path)} ends inside a UTF-8 character; save it as UTF-8"]
+    except OSError as e:
+        return [f"{field}: file {_shown(given, path)} cannot be read ({e.strerror})"]
+    return []
+
+
+def _runtime_problems(recipe: Recipe) -> list[str]:
+    """Every runtime named in eval.runtimes and bench.runtimes is 'auto', 'natural' or registered."""
+    from quantpipe import runtimes
+
+    known = runtimes.all_runtimes()
+    out = []
+    for field, names in (("eval.runtimes", recipe.eval.runtimes), ("bench.runtimes", recipe.bench.runtimes)):
+        for n in names:
+            if n not in known and n not in PSEUDO_RUNTIMES:
+                out.append(f"{field}: unknown runtime '{n}'; use auto, natural or a registered runtime "
+                           f"({', '.join(known)})")
+    return out
+
+
+PSEUDO_RUNTIMES = ("auto", "natural")
+
+
 def _random_model_problems(recipe: Recipe) -> list[str]:
     """The architecture must be known, and every method must run without a tokenizer (a random-weight model has
     none): the formats converted for llama.cpp and ONNX Runtime need one."""
     from quantpipe import archs
+    from quantpipe.artifact import TRANSFORMERS_FORMATS
     from quantpipe.methods import get_method
 
     problems = []
@@ -397,7 +483,7 @@ def _random_model_problems(recipe: Recipe) -> list[str]:
     except QuantpipeError as e:
         problems.append(str(e))
     for i, v in enumerate(recipe.variants):
-        if get_method(v.method).runtime != "hf":
+        if v._params is not None and get_method(v.method).format(v._params) not in TRANSFORMERS_FORMATS:
             problems.append(f"variants[{i}]({v.name}).method: '{v.method}' converts the tokenizer too, and a "
                             "random-weight model (model.weights: random) has none; use the methods served by "
                             "transformers (baseline, int8, gptq, awq, smoothquant)")
@@ -414,8 +500,13 @@ def load_recipe(path: str | Path) -> Recipe:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or first_line(e)
         raise QuantpipeError(f"{p}: YAML syntax error{where}: {problem}") from None
     except UnicodeDecodeError:
         raise QuantpipeError(f"{p}: not a UTF-8 text file") from None
-    return parse_recipe(data, origin=str(p))
+    except RecursionError:
+        raise QuantpipeError(f"{p}: nested too deeply to be a recipe") from None
+    try:
+        return parse_recipe(data, origin=str(p))
+    except RecursionError:
+        raise QuantpipeError(f"{p}: nested too deeply to be a recipe") from None

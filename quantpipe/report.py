@@ -1,6 +1,8 @@
 """The run's outputs for people: the comparison matrix as Markdown and HTML, and the quality-vs-memory plot.
 
-Everything here is rendered from results.json alone, so `quantpipe report RUN_DIR` can redo it at any time.
+Everything here is rendered from results.json alone (the typed `results.Results`), so `quantpipe report RUN_DIR`
+can redo it at any time. Text that comes from users (variant names, paths, task names) is escaped in both the
+Markdown and the HTML; the three files are rendered before any is written.
 """
 
 from __future__ import annotations
@@ -8,198 +10,204 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 from typing import Any
 
-from quantpipe.errors import QuantpipeError
-
-RESULTS_SCHEMA_VERSION = 1
+from quantpipe.results import Results, Row, as_results
 
 
-def load_results(path: Path, what: str) -> dict[str, Any]:
-    """A results.json (or a run directory holding one), checked for the schema this quantpipe reads; `what`
-    names the command or option in the error."""
-    p = path / "results.json" if path.is_dir() else path
-    if not p.is_file():
-        raise QuantpipeError(f"{what}: '{p}' does not exist (give a run directory or its results.json)")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QuantpipeError(f"{what}: '{p}' is not valid JSON ({e}); re-render it with `quantpipe run`") from None
-    if not isinstance(data, dict) or data.get("schema_version") != RESULTS_SCHEMA_VERSION:
-        got = data.get("schema_version") if isinstance(data, dict) else type(data).__name__
-        raise QuantpipeError(f"{what}: '{p}' has schema_version {got!r}; this quantpipe reads "
-                             f"{RESULTS_SCHEMA_VERSION} (re-run it with this version)")
-    if not isinstance(data.get("variants"), list) or not data.get("reference"):
-        raise QuantpipeError(f"{what}: '{p}' has no 'variants' list or 'reference'; not a quantpipe results file")
-    return data
+def cell(text: Any) -> str:
+    """A table cell of the Markdown matrix: HTML escaped (Markdown renders raw HTML), `|` escaped, one line."""
+    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
 
 
 def _f(x: Any, fmt: str) -> str:
     return "–" if x is None else format(x, fmt)
 
 
-def rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and cells of the matrix, one row per variant, reference first."""
-    batches = [str(b) for b in results.get("bench", {}).get("batch_sizes", [])]
-    tasks = lm_eval_tasks(results)
+def _batches(res: Results) -> list[str]:
+    return [str(b) for b in res.bench.get("batch_sizes", [])]
+
+
+def several_runtimes(res: Results) -> bool:
+    return any(r.name != r.variant for r in res.variants)
+
+
+def rows(results: Results | dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the matrix, one row per (variant, runtime), reference first."""
+    res = as_results(results)
+    batches = _batches(res)
+    tasks = lm_eval_tasks(res)
     lm_head = [f"{t} {m}" for t, m in tasks] + (["lm-eval recovery %"] if tasks else [])
-    head = ["variant", "method", "size MiB", "size ×", "PPL", "ΔPPL %", "KLD", "top-1 %", *lm_head, "prefill tok/s",
-            *[f"decode tok/s b{b}" for b in batches], "TTFT ms", "peak RSS MiB", "quantize s"]
-    ref = next(v for v in results["variants"] if v["name"] == results["reference"])
-    ref_size = ref["artifact"]["size_bytes"]
-    ref_ppl = ref["quality"].get("perplexity") if ref.get("quality") else None
+    runtime_col = ["runtime"] if several_runtimes(res) else []
+    head = ["variant", "method", *runtime_col, "size MiB", "size ×", "PPL", "ΔPPL %", "KLD", "top-1 %", *lm_head,
+            "prefill tok/s", *[f"decode tok/s b{b}" for b in batches], "TTFT ms", "peak RSS MiB", "quantize s"]
+    ref = res.reference_row
+    ref_ppl = ref.quality.perplexity if ref.quality else None
     body = []
-    for v in results["variants"]:
-        q, s = v.get("quality") or {}, v.get("speed") or {}
-        pb = s.get("per_batch", {})
-        first = pb.get(batches[0], {}) if batches else {}
-        ppl = q.get("perplexity")
+    for v in res.variants:
+        q, s = v.quality, v.speed
+        pb = s.per_batch if s else {}
+        first = pb.get(batches[0]) if batches else None
+        ppl = q.perplexity if q else None
         dppl = None if ppl is None or not ref_ppl else 100 * (ppl / ref_ppl - 1)
+        base_size = res.reference_for(v).artifact.size_bytes
         body.append([
-            v["name"], v["method"],
-            _f(v["artifact"]["size_bytes"] / 2**20, ".1f"),
-            _f(v["artifact"]["size_bytes"] / ref_size, ".2f"),
+            v.name, v.method, *([v.runtime or "–"] if runtime_col else []),
+            _f(v.artifact.size_bytes / 2**20, ".1f"),
+            _f(v.artifact.size_bytes / base_size, ".2f"),
             _f(ppl, ".3f"), _f(dppl, "+.2f"),
-            _f(q.get("kld_mean"), ".5f"),
-            _f(None if q.get("top1_agreement") is None else 100 * q["top1_agreement"], ".1f"),
+            _f(q.kld_mean if q else None, ".5f"),
+            _f(100 * q.top1_agreement if q else None, ".1f"),
             *lm_eval_cells(v, tasks),
-            _f(first.get("prefill_tok_s"), ".1f"),
-            *[_f(pb.get(b, {}).get("decode_tok_s"), ".1f") for b in batches],
-            _f(None if first.get("ttft_s") is None else 1000 * first["ttft_s"], ".1f"),
-            _f((v.get("memory") or {}).get("peak_rss_mib"), ".0f"),
-            _f((v.get("timings") or {}).get("quantize_s"), ".1f"),
+            _f(first.prefill_tok_s if first else None, ".1f"),
+            *[_f(pb[b].decode_tok_s if b in pb else None, ".1f") for b in batches],
+            _f(1000 * first.ttft_s if first and first.ttft_s is not None else None, ".1f"),
+            _f(v.memory.peak_rss_mib, ".0f"),
+            _f(v.timings.quantize_s, ".1f"),
         ])
     return head, body
 
 
-def lm_eval_tasks(results: dict[str, Any]) -> list[tuple[str, str]]:
+def lm_eval_tasks(res: Results) -> list[tuple[str, str]]:
     """(task, metric) of every lm-eval score in the run, in task order."""
     seen: dict[str, str] = {}
-    for v in results["variants"]:
-        for t, sc in sorted((v.get("lm_eval") or {}).items()):
-            seen.setdefault(t, sc.get("metric", "?"))
+    for v in res.variants:
+        for t, sc in sorted((v.lm_eval or {}).items()):
+            seen.setdefault(t, sc.metric)
     return list(seen.items())
 
 
-def mean_recovery(v: dict[str, Any]) -> float | None:
+def mean_recovery(v: Row) -> float | None:
     """Mean over tasks of the score recovery vs the baseline (what the gate's min_lm_eval_recovery checks)."""
-    rec = [sc["recovery"] for sc in (v.get("lm_eval") or {}).values() if sc.get("recovery") is not None]
+    rec = [sc.recovery for sc in (v.lm_eval or {}).values() if sc.recovery is not None]
     return sum(rec) / len(rec) if rec else None
 
 
-def lm_eval_cells(v: dict[str, Any], tasks: list[tuple[str, str]]) -> list[str]:
+def lm_eval_cells(v: Row, tasks: list[tuple[str, str]]) -> list[str]:
     if not tasks:
         return []
     cells = []
     for t, _ in tasks:
-        sc = (v.get("lm_eval") or {}).get(t)
-        if not sc or sc.get("value") is None:
+        sc = (v.lm_eval or {}).get(t)
+        if sc is None or sc.value is None:
             cells.append("–")
             continue
-        cell = f"{sc['value']:.3f}" + (f" ± {sc['stderr']:.3f}" if sc.get("stderr") is not None else "")
-        if sc.get("recovery") is not None:
-            se = sc.get("recovery_se")
-            cell += f" ({100 * sc['recovery']:.0f}" + (f" ± {100 * se:.0f}" if se else "") + " %)"
-        cells.append(cell)
+        text = f"{sc.value:.3f}" + (f" ± {sc.stderr:.3f}" if sc.stderr is not None else "")
+        if sc.recovery is not None:
+            se = sc.recovery_se
+            text += f" ({100 * sc.recovery:.0f}" + (f" ± {100 * se:.0f}" if se else "") + " %)"
+        cells.append(text)
     rec = mean_recovery(v)
     return [*cells, _f(None if rec is None else 100 * rec, ".1f")]
 
 
-def _context(results: dict[str, Any]) -> str:
-    ev, hw, b = results["eval"], results["hardware"], results.get("bench", {})
-    where = hw.get("gpu") or f"{hw['cpu']} ({hw['cpu_count']} cores)"
-    used = {(v.get("speed") or {}).get("device") for v in results["variants"]} - {None}
+def _context(res: Results) -> str:
+    ev, hw, b = res.eval, res.hardware, res.bench
+    where = hw.get("gpu") or f"{hw.get('cpu', 'unknown CPU')} ({hw.get('cpu_count', '?')} cores)"
+    used = {v.speed.device for v in res.variants if v.speed and v.speed.device}
     device = ", ".join(sorted(used)) or b.get("device")
-    bench = (f"bench: {device} prompt {b['prompt_len']} + {b['gen_len']} new tokens, median of "
-             f"{b['repeats']}" if b.get("enabled") else "bench: off")
+    bench = (f"bench: {device} prompt {b.get('prompt_len')} + {b.get('gen_len')} new tokens, median of "
+             f"{b.get('repeats')}" if b.get("enabled") else "bench: off")
     lm = ev.get("lm_eval")
     lm_line = "" if not lm else (
         f"; lm-eval: {', '.join(lm['tasks'])}, {lm.get('num_fewshot')}-shot, "
         + (f"first {lm['limit']} documents per task" if lm.get("limit") else "all documents")
         + ", score ± stderr (recovery vs the baseline)")
-    if results.get("weights") == "random":
-        return (f"{results['recipe']['name']} — **random weights** ({results.get('model')}): speed and memory only, "
+    if res.weights == "random":
+        return (f"{res.recipe.name} — **random weights** ({res.model}): speed and memory only, "
                 f"no quality evaluation; {bench}; {where}")
     if not ev.get("enabled", True):
-        return f"{results['recipe']['name']} — eval: off; {bench}; {where}"
-    return (f"{results['recipe']['name']} — eval: {ev['n_windows']} windows × {ev['window']} tokens, KLD vs "
-            f"'{results['reference']}'{lm_line}; {bench}; {where}")
+        return f"{res.recipe.name} — eval: off; {bench}; {where}"
+    return (f"{res.recipe.name} — eval: {ev.get('n_windows')} windows × {ev.get('window')} tokens, KLD vs "
+            f"'{res.reference}'{lm_line}; {bench}; {where}")
 
 
-def vocab_note(v: dict[str, Any]) -> str:
+def vocab_note(v: Row) -> str:
     """For formats that carry their own vocabulary (GGUF): whether its ids are the baseline tokenizer's."""
-    voc = (v.get("meta") or {}).get("vocab")
-    if not voc:
+    voc = v.meta.get("vocab")
+    if not isinstance(voc, dict):
         return ""
     if not voc.get("one_to_one"):
-        return (f"; **vocabulary NOT one to one with the baseline's** ({voc['n_different']} of {voc['n_baseline']} "
-                "ids differ): its PPL/KLD/top-1 score different tokens and are not comparable")
+        return (f"; **vocabulary NOT one to one with the baseline's** ({voc.get('n_different')} of "
+                f"{voc.get('n_baseline')} ids differ): its PPL/KLD/top-1 score different tokens and are not comparable")
     tok = "" if voc.get("tokenization_matches") is None else (
         "; llama.cpp tokenizes the eval text as the baseline does" if voc["tokenization_matches"]
         else "; llama.cpp tokenizes the eval text differently (scores use the baseline's ids)")
-    return f"; vocabulary one to one with the baseline's ({voc['n_baseline']} ids){tok}"
+    return f"; vocabulary one to one with the baseline's ({voc.get('n_baseline')} ids){tok}"
 
 
-def markdown(results: dict[str, Any]) -> str:
-    head, body = rows(results)
-    lines = [f"# quantpipe matrix: {results['recipe']['name']}", "", _context(results), "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in body]
-    lines += ["", "Formats and the code that ran each variant's matmuls (eval / bench):", ""]
-    for v in results["variants"]:
-        kernels = {k for k in (v.get("eval_kernel"), (v.get("speed") or {}).get("kernel")) if k}
-        lines.append(f"- {v['name']}: {v.get('format') or '?'}; runtime {v.get('runtime')}; "
-                     + ("; ".join(sorted(kernels)) or "kernel not recorded") + vocab_note(v))
-    shead, sbody = speed_rows(results)
+def _table(head: list[str], body: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(cell(h) for h in head) + " |", "|" + "---|" * len(head)]
+            + ["| " + " | ".join(cell(c) for c in r) + " |" for r in body])
+
+
+def markdown(results: Results | dict[str, Any]) -> str:
+    res = as_results(results)
+    head, body = rows(res)
+    lines = [f"# quantpipe matrix: {cell(res.recipe.name)}", "", cell(_context(res)), "", *_table(head, body)]
+    lines += ["", "Formats and the code that ran each row's matmuls (eval / bench):", ""]
+    for v in res.variants:
+        kernels = {k for k in (v.eval_kernel, v.speed.kernel if v.speed else None) if k}
+        layout = v.format or "?"
+        if v.format_detail and v.format_detail != layout:  # the library's own name of the layout
+            layout = v.format_detail if v.format_detail.startswith(layout) else f"{layout} ({v.format_detail})"
+        lines.append(cell(f"- {v.name}: {layout}; runtime {v.runtime}; "
+                          + ("; ".join(sorted(kernels)) or "kernel not recorded") + vocab_note(v)
+                          + (f"; {v.note}" if v.note else "")))
+    for s in res.skipped:
+        lines.append(cell(f"- {s.get('variant')}: not measured in runtime '{s.get('runtime')}' ({s.get('purpose')}): "
+                          f"{s.get('reason')}"))
+    estimators = {v.quality.kld_estimator for v in res.variants if v.quality} - {"full vocabulary"}
+    if estimators:
+        lines += ["", cell("KLD of the rows measured by top-k runtimes is estimated: " + ", ".join(sorted(estimators))
+                           + " (docs/architecture.md defines it; docs/benchmarks.md measures how close it is).")]
+    shead, sbody = speed_rows(res)
     if sbody:
         lines += ["", "Decode against the memory-bandwidth limit: a step reads the weights once and each sequence's "
                   "KV cache; limit = batch × measured copy bandwidth / those bytes. Engine and kernel as run by "
-                  "the bench; GPU memory: allocator peak / what the driver reports in use:", "",
-                  "| " + " | ".join(shead) + " |", "|" + "---|" * len(shead)]
-        lines += ["| " + " | ".join(r) + " |" for r in sbody]
-    mhead, mbody = memory_rows(results)
+                  "the bench; GPU memory: allocator peak / what the driver reports in use:", "", *_table(shead, sbody)]
+    mhead, mbody = memory_rows(res)
     if mbody:
         lines += ["", "Memory, predicted (`quantpipe plan`) vs measured. Weights: the artifact's tensors. Bench: the "
                   "largest batch's weights + KV cache + activations vs the bench process's peak over its memory "
                   "before loading. Quantize: float model + calibration working set + packed output vs the "
-                  "quantize process's peak over its memory with the libraries loaded:", "",
-                  "| " + " | ".join(mhead) + " |", "|" + "---|" * len(mhead)]
-        lines += ["| " + " | ".join(r) + " |" for r in mbody]
+                  "quantize process's peak over its memory with the libraries loaded:", "", *_table(mhead, mbody)]
     notes: dict[str, list[str]] = {}
-    for v in results["variants"]:
+    for v in res.variants:
         for key in ("bench_not_modelled", "quantize_upper_bound"):
-            note = (v.get("prediction") or {}).get(key)
+            note = (v.prediction or {}).get(key)
             if note:
-                notes.setdefault(note, []).append(v["name"])
-    lines += [f"\nNote ({', '.join(names)}): {note}." for note, names in notes.items()]
-    errors = {(v.get("prediction") or {}).get("error") for v in results["variants"]} - {None}
-    lines += [f"\nMemory prediction unavailable: {e}" for e in errors]
+                notes.setdefault(str(note), []).append(v.name)
+    for note, names in notes.items():
+        lines += ["", cell(f"Note ({', '.join(names)}): {note}.")]
+    errors = {str((v.prediction or {}).get("error")) for v in res.variants if (v.prediction or {}).get("error")}
+    for e in errors:
+        lines += ["", cell(f"Memory prediction unavailable: {e}")]
     return "\n".join(lines) + "\n"
 
 
-def speed_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Per variant and batch: engine, kernel, decode tok/s against the bandwidth limit, prefill, TTFT, memory,
-    and quantization time (rows only where the bench recorded a limit)."""
+def speed_rows(res: Results) -> tuple[list[str], list[list[str]]]:
+    """Per row and batch: engine, kernel, decode tok/s against the bandwidth limit, prefill, TTFT, memory, and
+    quantization time (rows only where the bench recorded a limit)."""
     head = ["variant", "engine", "kernel", "batch", "decode tok/s", "limit tok/s", "% of limit", "prefill tok/s",
             "TTFT ms", "peak memory MiB", "quantize s", "quantize peak GPU MiB"]
     body = []
-    for v in results["variants"]:
-        s = v.get("speed") or {}
-        mem, t = v.get("memory") or {}, v.get("timings") or {}
-        gpu = mem.get("peak_gpu_mib")
-        peak = (f"{gpu:.0f} / {mem['gpu_driver_used_mib']:.0f}" if gpu is not None and mem.get("gpu_driver_used_mib")
-                else _f(mem.get("peak_rss_mib"), ".0f") + " RSS")
-        for b, row in (s.get("per_batch") or {}).items():
-            if row.get("limit_tok_s") is None:
+    for v in res.variants:
+        s, mem, t = v.speed, v.memory, v.timings
+        if s is None:
+            continue
+        gpu = mem.peak_gpu_mib
+        peak = (f"{gpu:.0f} / {mem.gpu_driver_used_mib:.0f}" if gpu is not None and mem.gpu_driver_used_mib
+                else _f(mem.peak_rss_mib, ".0f") + " RSS")
+        for b, row in s.per_batch.items():
+            if row.limit_tok_s is None:
                 continue
-            frac = row.get("frac_of_limit")
-            body.append([v["name"], s.get("engine") or "–", s.get("kernel") or "–", b,
-                         _f(row.get("decode_tok_s"), ".1f"), _f(row["limit_tok_s"], ".1f"),
-                         _f(None if frac is None else 100 * frac, ".1f"), _f(row.get("prefill_tok_s"), ".0f"),
-                         _f(None if row.get("ttft_s") is None else 1000 * row["ttft_s"], ".1f"), peak,
-                         _f(t.get("quantize_s"), ".1f"), _f(mem.get("quantize_peak_gpu_mib"), ".0f")])
+            frac = row.frac_of_limit
+            body.append([v.name, s.engine or "–", s.kernel or "–", b, _f(row.decode_tok_s, ".1f"),
+                         _f(row.limit_tok_s, ".1f"), _f(None if frac is None else 100 * frac, ".1f"),
+                         _f(row.prefill_tok_s, ".0f"), _f(None if row.ttft_s is None else 1000 * row.ttft_s, ".1f"),
+                         peak, _f(t.quantize_s, ".1f"), _f(mem.quantize_peak_gpu_mib, ".0f")])
     return head, body
 
 
@@ -207,14 +215,14 @@ def _diff(pred: float | None, meas: float | None) -> str:
     return "–" if pred is None or not meas else f"{100 * (pred / meas - 1):+.0f}"
 
 
-def memory_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Predicted (`quantpipe plan`'s arithmetic) beside measured memory, per variant, with the difference."""
+def memory_rows(res: Results) -> tuple[list[str], list[list[str]]]:
+    """Predicted (`quantpipe plan`'s arithmetic) beside measured memory, per row, with the difference."""
     head = ["variant", "weights pred MiB", "in artifact MiB", "Δ %", "bench pred MiB", "bench meas MiB", "Δ %",
             "quantize pred MiB", "quantize meas MiB", "Δ %"]
     body = []
-    for v in results["variants"]:
-        p = v.get("prediction")
-        if not p or "error" in p:
+    for v in res.variants:
+        p = v.prediction
+        if not p or "error" in p or p.get("weights_bytes") is None:
             continue
         w, wm = p["weights_bytes"] / 2**20, (p.get("measured_weights_bytes") or 0) / 2**20 or None
         b, bm = (p.get("bench") or {}).get("total"), p.get("measured_bench_mib")
@@ -222,31 +230,31 @@ def memory_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         mark = " (note)" if p.get("bench_not_modelled") else ""
         nominal = " (nominal)" if p.get("weights_nominal") else ""
         bound = " (upper bound)" if p.get("quantize_upper_bound") else ""
-        body.append([v["name"], _f(w, ".1f") + nominal, _f(wm, ".1f"), _diff(w, wm), _f(b, ".0f"), _f(bm, ".0f"),
-                     _diff(b, bm) + mark,
-                     _f(q, ".0f") + bound, _f(qm, ".0f"), _diff(q, qm)])
+        body.append([v.name, _f(w, ".1f") + nominal, _f(wm, ".1f"), _diff(w, wm), _f(b, ".0f"), _f(bm, ".0f"),
+                     _diff(b, bm) + mark, _f(q, ".0f") + bound, _f(qm, ".0f"), _diff(q, qm)])
     return head, body
 
 
-def plot_png(results: dict[str, Any]) -> bytes:
-    """Quality (perplexity) against memory (peak RSS if benchmarked, else artifact size), one point per variant."""
+def plot_png(res: Results) -> bytes:
+    """Quality (perplexity) against memory (peak RSS if benchmarked, else artifact size), one point per row.
+    Names are drawn as plain text (no math-text parsing of `$`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    use_rss = all((v.get("memory") or {}).get("peak_rss_mib") for v in results["variants"])
-    for v in results["variants"]:
-        x = v["memory"]["peak_rss_mib"] if use_rss else v["artifact"]["size_bytes"] / 2**20
-        y = (v.get("quality") or {}).get("perplexity")
-        if y is None:
+    use_rss = all(v.memory.peak_rss_mib for v in res.variants)
+    for v in res.variants:
+        x = v.memory.peak_rss_mib if use_rss else v.artifact.size_bytes / 2**20
+        y = v.quality.perplexity if v.quality else None
+        if y is None or x is None:
             continue
         ax.scatter([x], [y], s=40)
-        ax.annotate(v["name"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=9)
+        ax.annotate(v.name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=9, parse_math=False)
     ax.set_xlabel("peak resident memory while benchmarking (MiB)" if use_rss else "artifact size (MiB)")
     ax.set_ylabel("perplexity (lower is better)")
-    ax.set_title(f"{results['recipe']['name']}: quality vs memory")
+    ax.set_title(f"{res.recipe.name}: quality vs memory", parse_math=False)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -255,18 +263,19 @@ def plot_png(results: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def html_page(results: dict[str, Any], png: bytes) -> str:
-    head, body = rows(results)
+def html_page(res: Results, png: bytes) -> str:
+    head, body = rows(res)
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     trs = "\n".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
     img = base64.b64encode(png).decode()
+    name = html.escape(res.recipe.name)
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>quantpipe: {html.escape(results['recipe']['name'])}</title>
+<html><head><meta charset="utf-8"><title>quantpipe: {name}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child,th:first-child{{text-align:left}}</style>
 </head><body>
-<h1>quantpipe matrix: {html.escape(results['recipe']['name'])}</h1>
-<p>{html.escape(_context(results))}</p>
+<h1>quantpipe matrix: {name}</h1>
+<p>{html.escape(_context(res))}</p>
 <table><thead><tr>{th}</tr></thead><tbody>
 {trs}
 </tbody></table>
@@ -275,8 +284,14 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child,th
 """
 
 
-def write(run_dir: Path, results: dict[str, Any]) -> None:
-    png = plot_png(results)
-    (run_dir / "matrix.png").write_bytes(png)
-    (run_dir / "matrix.md").write_text(markdown(results))
-    (run_dir / "matrix.html").write_text(html_page(results, png))
+def write(run_dir: Path, results: Results | dict[str, Any]) -> None:
+    """matrix.png, matrix.md and matrix.html: all rendered first, then each written atomically (never through a
+    symlink), so a rendering failure leaves the previous three as they were."""
+    from quantpipe.cache import write_bytes, write_text
+
+    res = as_results(results)
+    png = plot_png(res)
+    md, page = markdown(res), html_page(res, png)
+    write_bytes(run_dir / "matrix.png", png)
+    write_text(run_dir / "matrix.md", md)
+    write_text(run_dir / "matrix.html", page)

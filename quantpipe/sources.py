@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from quantpipe.errors import QuantpipeError
+from quantpipe.errors import QuantpipeError, first_line
 
 DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -54,9 +55,62 @@ def describe(spec: Any) -> str:
     return f"{where}/{gguf}" if gguf else where
 
 
+HUB_TIMEOUT_S = 5.0
+_HUB: dict[str, bool] = {}
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+
+
+def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
+    """One attempt, `timeout` seconds in all (name lookup included), to reach the Hugging Face hub; False when
+    HF_HUB_OFFLINE is set. Remembered for the process: transformers' own retries take minutes offline."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = hub_endpoint()
+    if url not in _HUB:
+        import concurrent.futures
+        import urllib.error
+        import urllib.request
+
+        def probe() -> bool:
+            try:
+                urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout)
+            except urllib.error.HTTPError:
+                return True  # it answered
+            except (OSError, ValueError):
+                return False
+            return True
+
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        try:
+            _HUB[url] = pool.submit(probe).result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            _HUB[url] = False
+        finally:
+            pool.shutdown(wait=False)
+    return _HUB[url]
+
+
+def unreachable(spec: Any) -> QuantpipeError:
+    return QuantpipeError(f"model.id: '{spec.id}' is not in the local Hugging Face cache and the hub ({hub_endpoint()})"
+                          " cannot be reached from here; run where it is reachable, or download the model and point "
+                          "model.path at it")
+
+
+def _check_local_gguf(spec: Any, where: str, gguf: str | None) -> None:
+    """A .gguf source on disk is parsed (header and tensor table) before transformers reads it: a truncated or
+    corrupt file is a one-line error, not a struct.error."""
+    if gguf and not spec.id and importlib.util.find_spec("gguf") is not None:
+        from quantpipe.backends.llamacpp_tools import check_gguf
+
+        check_gguf(Path(where) / gguf)
+
+
 def load_config(spec: Any, local_only: bool = False) -> Any | None:
-    """The model's transformers config (shapes only, no weights), or None where it cannot be had offline.
-    `local_only`: a hub id is looked up in the local cache only (no network attempt, no retries)."""
+    """The model's transformers config (shapes only, no weights), or None where it cannot be had: a hub id that
+    is not cached when the hub cannot be reached (one short attempt, no retries), or with `local_only`."""
     from transformers import AutoConfig
 
     if spec.arch:
@@ -68,12 +122,17 @@ def load_config(spec: Any, local_only: bool = False) -> Any | None:
     if gguf:
         if importlib.util.find_spec("gguf") is None:
             return None
+        _check_local_gguf(spec, where, gguf)
         kw["gguf_file"] = gguf
     if spec.revision:
         kw["revision"] = spec.revision
-    if local_only:
-        kw["local_files_only"] = True
     try:
+        if spec.id:  # the local cache first; the hub only when it answers
+            try:
+                return AutoConfig.from_pretrained(where, local_files_only=True, **kw)
+            except (OSError, ValueError):
+                if local_only or not hub_reachable():
+                    return None
         return AutoConfig.from_pretrained(where, **kw)
     except (OSError, ValueError):
         return None
@@ -92,6 +151,9 @@ def load_base(spec: Any, device: str = "cpu") -> tuple[Any, Any]:
     where, gguf = resolve(spec)
     if gguf and importlib.util.find_spec("gguf") is None:
         raise QuantpipeError("loading a .gguf base model needs the `gguf` package: pip install 'quantpipe[demo]'")
+    _check_local_gguf(spec, where, gguf)
+    if spec.id and load_config(spec, local_only=True) is None and not hub_reachable():
+        raise unreachable(spec)
     kw: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
     if gguf:
         kw["gguf_file"] = gguf
@@ -104,7 +166,7 @@ def load_base(spec: Any, device: str = "cpu") -> tuple[Any, Any]:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPE[spec.dtype], **kw)
     except OSError as e:
         offline = " (no network here? point model.path at a local directory)" if spec.id else ""
-        raise QuantpipeError(f"model: could not load '{where}'{offline}: {str(e).splitlines()[0]}") from None
+        raise QuantpipeError(f"model: could not load '{where}'{offline}: {first_line(e)}") from None
     except ValueError as e:
         raise QuantpipeError(f"model: '{where}' is not a causal LM transformers can load: {e}") from None
     quantizer = getattr(model, "hf_quantizer", None)

@@ -18,7 +18,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from quantpipe import calibration, evaluate
+from quantpipe import data, evaluate
 from quantpipe.methods import QuantizeJob, _gptqmodel, _llmcompressor
 from quantpipe.recipe import ModelSpec
 from quantpipe.runtimes.hf import HFRuntime
@@ -31,7 +31,7 @@ def main(run_dir: Path, which: str) -> dict:
     base = run_dir / "artifacts" / results["reference"]
     ids = load_file(str(run_dir / ".quantpipe" / "calibration" / "ids.safetensors"))["input_ids"].clone()
     tok = AutoTokenizer.from_pretrained(base)
-    text = calibration.data_path("evals", "eval-text.txt").read_text()
+    text = data.eval_text().read_text()
     ev = results["eval"]
     windows = evaluate.make_windows(tok(text, add_special_tokens=False).input_ids, ev["window"], ev["max_tokens"])
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from quantpipe import archs, bench, plan
+from quantpipe import archs, artifact, bench, plan
 from quantpipe.methods import get_method
 
 
@@ -40,8 +40,8 @@ def main() -> int:
             model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, a.dtype))
         model.save_pretrained(out, safe_serialization=True)
         del model
-        (out / "quantpipe.json").write_text(json.dumps({"runtime": "hf", "method": "baseline", "params": {},
-                                                        "variant": "random-" + a.arch}))
+        artifact.write(out, artifact.ArtifactMeta(variant="random-" + a.arch, method="baseline",
+                                                  format="safetensors", weights="random", arch=a.arch))
     cfg = {"device": a.device, "prompt_len": a.prompt_len, "gen_len": a.gen_len, "batch_sizes": a.batch_sizes,
            "warmup": 1, "repeats": 1, "threads": None}
     prompt = torch.randint(100, config.vocab_size - 1, (a.prompt_len + max(a.batch_sizes),)).tolist()

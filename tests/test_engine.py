@@ -11,10 +11,11 @@ import pytest
 import torch
 from conftest import write_recipe
 
-from quantpipe import archs, bench, engine
+from quantpipe import archs, bench, memory, runtimes
 from quantpipe.cli import main
 from quantpipe.errors import QuantpipeError
 from quantpipe.recipe import parse_recipe
+from quantpipe.runtimes import compiled, kernels
 
 TINY_ARCH = {"model_type": "qwen2", "vocab_size": 1024, "hidden_size": 256, "intermediate_size": 512,
              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -29,7 +30,7 @@ def test_unpack_reads_compressed_tensors_packing(bits: int, dim: int) -> None:
 
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     v = torch.randint(lo, hi + 1, (64, 96), dtype=torch.int8)
-    u = engine.unpack_int32(pack_to_int32(v, bits, packed_dim=dim), bits, dim)
+    u = kernels.unpack_int32(pack_to_int32(v, bits, packed_dim=dim), bits, dim)
     assert torch.equal(u[:64, :96], v.to(torch.int32) + (1 << (bits - 1)))
 
 
@@ -39,7 +40,7 @@ def test_int4_linear_is_the_grouped_dequantized_matmul(n: int, k: int, group: in
     torch.manual_seed(0)
     u = torch.randint(0, 16, (n, k))
     scale, zero_u = torch.rand(n, k // group) * 0.02 + 0.002, torch.randint(0, 16, (n, k // group))
-    lin = engine.int4_from_unsigned(u, scale, zero_u, None, torch.float32)
+    lin = kernels.int4_from_unsigned(u, scale, zero_u, None, torch.float32)
     w = (u.float() - zero_u.repeat_interleave(group, 1)) * scale.repeat_interleave(group, 1)
     x = torch.randn(5, k)
     y = lin(x)
@@ -53,9 +54,9 @@ def test_int8_linears_match_float_arithmetic() -> None:
     q, s = torch.randint(-127, 128, (48, 128), dtype=torch.int8), torch.rand(48) * 0.01
     x = torch.randn(2, 3, 128)
     ref = x @ (q.float() * s[:, None]).t()
-    wo = engine.Int8Linear(q, s.view(-1, 1), torch.ones(48), torch.float32)(x)
+    wo = kernels.Int8Linear(q, s.view(-1, 1), torch.ones(48), torch.float32)(x)
     assert wo.shape == (2, 3, 48) and torch.allclose(wo, ref + 1, atol=1e-3, rtol=1e-3)
-    dyn = engine.Int8DynamicLinear(q, s, None)(x)
+    dyn = kernels.Int8DynamicLinear(q, s, None)(x)
     assert (dyn - ref).norm() / ref.norm() < 0.02  # activations rounded to int8 per token
 
 
@@ -65,14 +66,14 @@ def test_decode_limit_and_bytes(tiny_model: Path) -> None:
     m = AutoModelForCausalLM.from_pretrained(tiny_model)
     total = sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])  # rotary inv_freq too
     emb = m.get_input_embeddings().weight
-    assert engine.decode_bytes(m) == total - emb.numel() * emb.element_size()  # untied: the gather is free
+    assert memory.decode_bytes(m) == total - emb.numel() * emb.element_size()  # untied: the gather is free
     cfg = m.config
-    assert engine.kv_bytes_per_position(cfg, torch.bfloat16) == 2 * cfg.num_hidden_layers * 2 * 32 * 2
+    assert memory.kv_bytes_per_position(cfg, torch.bfloat16) == 2 * cfg.num_hidden_layers * 2 * 32 * 2
     # 1 GB/s, 1 MB of weights, no KV: 1000 tokens/s per sequence, shared by the batch's one weight read
     assert bench.decode_limit(10**6, 0, 100, 1, 1e9) == pytest.approx(1000)
     assert bench.decode_limit(10**6, 1000, 100, 4, 1e9) == pytest.approx(4 * 1e9 / (10**6 + 4 * 10**5))
     assert bench.decode_limit(None, 0, 100, 1, 1e9) is None
-    assert engine.copy_bandwidth("cpu", mib=8, repeats=2) > 1e8
+    assert bench.copy_bandwidth("cpu", mib=8, repeats=2) > 1e8
 
 
 # -- the engine on a transformers artifact ------------------------------------------------------------------
@@ -91,7 +92,7 @@ def random_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
                      {"name": "int8-dyn", "method": "int8", "scheme": "dynamic"},
                      {"name": "gptq", "method": "gptq", "bits": 4, "group_size": 128}],
         "eval": {"enabled": False},
-        "bench": {"device": "cpu", "engine": "compiled", "prompt_len": 32, "gen_len": 16, "batch_sizes": [1, 2],
+        "bench": {"device": "cpu", "runtimes": ["compiled"], "prompt_len": 32, "gen_len": 16, "batch_sizes": [1, 2],
                   "repeats": 2},
         "gates": {"all": {"max_size_ratio": 0.7}},
         "output": {"dir": str(tmp / "run")},
@@ -152,7 +153,7 @@ def test_static_cache_decode_continues_like_transformers(tiny_model: Path) -> No
     formats' continuations are compared in test_quant_methods)."""
     from quantpipe.runtimes.hf import HFRuntime
 
-    fast, ref = engine.CompiledRuntime(tiny_model, "cpu"), HFRuntime(tiny_model, "cpu")
+    fast, ref = compiled.CompiledRuntime(tiny_model, "cpu"), HFRuntime(tiny_model, "cpu")
     x = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(1))
     got, want = fast.generate(x, 12), ref.generate(x, 12)
     assert got.shape == (2, 12) and torch.equal(got, want)
@@ -174,12 +175,22 @@ def test_random_weights_refuse_quality(random_run: tuple[Path, dict], tmp_path: 
 
 
 def test_bench_falls_back_to_eager_without_a_kernel(random_run: tuple[Path, dict], monkeypatch) -> None:
+    """`auto` picks the compiled engine where it serves the format (on a GPU); an artifact without a kernel falls
+    back to the format's own runtime and says why. Named explicitly, the compiled runtime refuses it instead."""
     run_dir, _ = random_run
-    monkeypatch.setattr(engine, "LAYOUTS", {})
-    rt, label, why = bench.load_for_bench(run_dir / "artifacts" / "gptq", "cpu", "compiled")
+    monkeypatch.setattr(kernels, "LAYOUTS", {})
+    with pytest.raises(runtimes.Unavailable, match="no low-bit kernel"):
+        runtimes.load(run_dir / "artifacts" / "gptq", "cpu", "compiled")
+    real = runtimes.resolve  # `auto` as on a GPU: the compiled engine first
+    monkeypatch.setattr(runtimes, "resolve", lambda name, fmt, device: real(
+        "compiled" if name == "auto" else name, fmt, device))
+    rt = runtimes.load(run_dir / "artifacts" / "gptq", "cpu", "auto")
+    label, why = rt.engine, rt.fallback_note
     assert label.startswith("transformers generate") and "no low-bit kernel" in why
     rt.close()
-    rt, label, why = bench.load_for_bench(run_dir / "artifacts" / "baseline", "cpu", "auto")
+    monkeypatch.setattr(runtimes, "resolve", real)
+    rt = runtimes.load(run_dir / "artifacts" / "baseline", "cpu", "auto")
+    label, why = rt.engine, rt.fallback_note
     assert label.startswith("transformers generate") and why is None  # auto on a CPU: eager
     rt.close()
 

@@ -83,6 +83,30 @@ BROKEN_YAML = ["name: [unclosed\n", "variants:\n\t- {name: a}\n", "a: b: c\n", "
                "name: x\nname: y\nmodel: {path: '", "variants: {name: a, method: baseline\n", "\x00\x01binary"]
 
 
+DEEP_KEYS = ["zz_deep", "variants", "gates", "model"]  # where the nested value goes (top-level keys)
+
+
+def deep_yaml(recipe: dict, key: str, depth: int) -> str:
+    """The recipe as YAML with `key` holding lists nested `depth` deep (yaml.safe_dump would recurse itself)."""
+    rest = {k: v for k, v in recipe.items() if k != key}
+    return yaml.safe_dump(rest, sort_keys=False) + f"{key}: " + "[" * depth + "]" * depth + "\n"
+
+
+def latin1_recipe(recipe: dict, tmp: Path, field: str, offset: int, byte: int) -> dict:
+    """The recipe reading a copy of the bundled text with one non-UTF-8 byte inserted at `offset`."""
+    from conftest import ROOT
+
+    text = (ROOT / "calibration" / "default.txt").read_bytes()
+    bad = tmp / "latin1.txt"
+    bad.write_bytes(text[:offset] + bytes([byte]) + b" " + text[offset:])
+    r = copy.deepcopy(recipe)
+    if field == "eval.text":
+        r["eval"]["text"] = str(bad)
+    else:
+        r["calibration"] = {"source": "files", "files": [str(bad)], "n_samples": 4, "seq_len": 64}
+    return r
+
+
 def _set(d: dict, path: tuple, value: object) -> None:
     for p in path[:-1]:
         d = d[p]
@@ -99,7 +123,12 @@ def _del(d: dict, path: tuple) -> None:
 def malformed(draw: st.DrawFn) -> tuple[str, object]:
     """(kind, mutation) where the mutation makes the base recipe invalid, whatever else it holds."""
     kind = draw(st.sampled_from(["wrong_type", "unknown_key", "missing", "impossible", "missing_file", "yaml",
-                                 "duplicate", "several"]))
+                                 "duplicate", "several", "deep", "non_utf8"]))
+    if kind == "deep":  # a value nested 2 to 60,000 lists deep (Python's parser recursion ends near 1,000)
+        return kind, [("deep", draw(st.sampled_from(DEEP_KEYS)), draw(st.integers(2, 60_000)))]
+    if kind == "non_utf8":  # a text file the run would read, with one Latin-1 byte somewhere
+        return kind, [("latin1", draw(st.sampled_from(["eval.text", "calibration.files"])),
+                       draw(st.integers(0, 5000)), draw(st.integers(0x80, 0xFF)))]
     if kind == "wrong_type":
         path = draw(st.sampled_from(sorted(FIELDS, key=str)))
         return kind, [("set", path, draw(st.sampled_from(WRONG[FIELDS[path]])))]
@@ -146,6 +175,10 @@ def field_names(kind: str, mutation: object) -> list[str]:
     name, or, for broken YAML, where the syntax error is (or that the file is not a recipe mapping)."""
     if kind == "yaml":
         return ["YAML syntax error", "must be a YAML mapping", "not a UTF-8 text file"]
+    if kind == "deep":
+        return ["nested too deeply", mutation[0][1]]
+    if kind == "non_utf8":
+        return [f"{mutation[0][1]}: file"]
     if kind == "duplicate":
         return ["is used twice"]
     names = []
@@ -186,6 +219,10 @@ def test_malformed_recipes_exit_2_with_one_message(case: tuple[str, object], fuz
     path = fuzz_dir / "recipe.yaml"
     if kind == "yaml":
         path.write_bytes(str(mutation).encode("utf-8", "surrogateescape"))
+    elif kind == "deep":
+        path.write_text(deep_yaml(base_recipe(fuzz_dir), *mutation[0][1:]))
+    elif kind == "non_utf8":
+        path.write_text(yaml.safe_dump(latin1_recipe(base_recipe(fuzz_dir), fuzz_dir, *mutation[0][1:])))
     else:
         broken, mutation = apply(base_recipe(fuzz_dir), mutation)
         path.write_text(yaml.safe_dump(broken, sort_keys=False))
@@ -206,4 +243,4 @@ def test_malformed_recipes_exit_2_with_one_message(case: tuple[str, object], fuz
 def test_every_kind_of_malformation_was_tried() -> None:
     """The fuzzer above ran (in file order) and covered every kind; the counts go into the closing note."""
     print("malformed recipes tried per kind:", COUNTS, "total", sum(COUNTS.values()))
-    assert sum(COUNTS.values()) >= 200 and len(COUNTS) == 8, COUNTS
+    assert sum(COUNTS.values()) >= 200 and len(COUNTS) == 10, COUNTS

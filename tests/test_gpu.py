@@ -50,13 +50,13 @@ def test_cuda_logits_match_cpu(tiny_model: Path, tmp_path: Path) -> None:
 def test_compiled_engine_on_cuda_follows_eager(tiny_model: Path, tmp_path: Path) -> None:
     """The CUDA-graph decode (static cache, torch.compile reduce-overhead) continues as transformers' eager
     generate does, and a second call with the same shapes replays the captured graphs."""
-    from quantpipe import engine
+    from quantpipe.runtimes import compiled
 
     recipe = tiny_recipe(tiny_model, tmp_path / "run", variants=[{"name": "baseline", "method": "baseline"}])
     recipe["bench"]["enabled"] = False
     assert main(["run", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 0
     art = tmp_path / "run" / "artifacts" / "baseline"
-    eager, fast = runtimes.load(art, "cuda"), engine.CompiledRuntime(art, "cuda")
+    eager, fast = runtimes.load(art, "cuda", "natural"), compiled.CompiledRuntime(art, "cuda")
     assert fast.compiled and "CUDA graphs" in fast.engine
     x = torch.tensor([list(range(5, 37)), list(range(40, 72))])
     want = eager.generate(x, 12)
@@ -66,21 +66,21 @@ def test_compiled_engine_on_cuda_follows_eager(tiny_model: Path, tmp_path: Path)
 
 
 def test_int4_and_int8_kernels_cuda_match_cpu() -> None:
-    from quantpipe import engine
+    from quantpipe.runtimes import kernels
 
     torch.manual_seed(0)
     n, k, g = 256, 384, 128  # K padded to 384 -> 384 (multiple of 128); N multiple of 8
     u = torch.randint(0, 16, (n, k))
     scale, zero = torch.rand(n, k // g) * 0.02 + 0.001, torch.randn(n, k // g) * 0.01
     x = torch.randn(3, k, dtype=torch.bfloat16)
-    cpu = engine.Int4Linear(u, scale, zero, g, None, torch.bfloat16)(x)
-    gpu = engine.Int4Linear(u.cuda(), scale.cuda(), zero.cuda(), g, None, torch.bfloat16)(x.cuda())
+    cpu = kernels.Int4Linear(u, scale, zero, g, None, torch.bfloat16)(x)
+    gpu = kernels.Int4Linear(u.cuda(), scale.cuda(), zero.cuda(), g, None, torch.bfloat16)(x.cuda())
     assert torch.allclose(cpu.float(), gpu.float().cpu(), atol=0.05, rtol=0.02)
     q, s = torch.randint(-128, 128, (n, k), dtype=torch.int8), torch.rand(n) * 0.01
-    cpu8 = engine.Int8Linear(q, s, None, torch.bfloat16)(x)
-    gpu8 = engine.Int8Linear(q.cuda(), s.cuda(), None, torch.bfloat16)(x.cuda())
+    cpu8 = kernels.Int8Linear(q, s, None, torch.bfloat16)(x)
+    gpu8 = kernels.Int8Linear(q.cuda(), s.cuda(), None, torch.bfloat16)(x.cuda())
     assert torch.allclose(cpu8.float(), gpu8.float().cpu(), atol=0.05, rtol=0.02)
-    dyn = engine.Int8DynamicLinear(q.cuda(), s.cuda(), None)(x.cuda()).float().cpu()  # M = 3 < 17: padded
-    ref = engine.Int8DynamicLinear(q, s, None)(x).float()
+    dyn = kernels.Int8DynamicLinear(q.cuda(), s.cuda(), None)(x.cuda()).float().cpu()  # M = 3 < 17: padded
+    ref = kernels.Int8DynamicLinear(q, s, None)(x).float()
     # activations are rounded to int8 on each device: a value at a rounding tie may land one step apart
     assert (dyn - ref).norm() / ref.norm() < 0.01

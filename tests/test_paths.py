@@ -40,7 +40,7 @@ def relative_recipe() -> dict:
         "calibration": {"source": "files", "files": ["data/calib.txt"], "n_samples": 4, "seq_len": 64},
         "variants": ALL_METHODS,
         "eval": {"text": "data/eval.txt", "window": 128, "max_tokens": 256},
-        "bench": {"device": "cpu", "prompt_len": 16, "gen_len": 32, "batch_sizes": [1], "warmup": 1, "repeats": 1},
+        "bench": {"device": "cpu", "prompt_len": 16, "gen_len": 32, "batch_sizes": [1], "warmup": 1, "repeats": 3},
         "output": {"dir": "out/rel-run"},
     }
 

@@ -14,8 +14,10 @@ from conftest import check_memory_prediction, reload_without_quantpipe, tiny_rec
 from quantpipe import report, runtimes
 from quantpipe.cache import file_sha256
 from quantpipe.cli import main
+from quantpipe.deps import Requirements
 from quantpipe.errors import QuantpipeError
 from quantpipe.methods import Method, MethodParams
+from quantpipe.methods.int8 import Int8
 from quantpipe.pipeline import Run
 from quantpipe.recipe import parse_recipe
 
@@ -46,7 +48,7 @@ def test_outputs_exist(tiny_run: tuple[Path, Path, dict]) -> None:
 
 def test_results_quality_and_size(tiny_run: tuple[Path, Path, dict]) -> None:
     _, _, res = tiny_run
-    assert res["schema_version"] == 1 and res["reference"] == "baseline"
+    assert res["schema_version"] == 2 and res["reference"] == "baseline"
     v = {x["name"]: x for x in res["variants"]}
     assert list(v) == ["baseline", "int8", "int8-dyn"]
     assert v["baseline"]["quality"]["kld_mean"] == 0 and v["baseline"]["quality"]["top1_agreement"] == 1
@@ -192,8 +194,11 @@ def test_calibration_stage_is_cached_and_verified(tiny_model: Path, tmp_path: Pa
 
 
 def test_missing_library_names_the_install(monkeypatch) -> None:
-    m = Method(name="fake", summary="", params=MethodParams, quantize=lambda job: {}, runtime="hf",
-               requires=("surely_not_installed_pkg",), extra="gptq")
+    class Fake(Method):
+        name, summary, Params = "fake", "", MethodParams
+        needs = Requirements(("surely_not_installed_pkg",), "gptq")
+
+    m = Fake()
     assert m.missing() == ["surely_not_installed_pkg"]
     assert m.install_hint() == "pip install 'quantpipe[gptq]'"
     with pytest.raises(QuantpipeError, match=r"variants\(q\): method 'fake' needs surely_not_installed_pkg: pip inst"):
@@ -209,23 +214,21 @@ def test_unwritable_output_dir(tiny_model: Path, tmp_path: Path, capsys) -> None
     assert err.startswith("quantpipe: error: ") and "Traceback" not in err
 
 
-def _quantize_disk_full(job):  # module level: the quantize worker process imports it by name
-    import errno
+class _DiskFullInt8(Int8):  # module level: the quantize process imports it by name
+    def quantize(self, job):
+        import errno
 
-    raise OSError(errno.ENOSPC, "No space left on device", str(job.out_dir / "model.safetensors"))
+        raise OSError(errno.ENOSPC, "No space left on device", str(job.out_dir / "model.safetensors"))
 
 
 def test_disk_full_during_a_stage_keeps_finished_stages(tiny_model: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    import dataclasses
-
     from quantpipe import methods
 
     run_dir = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_model, run_dir))
     methods.all_methods()
 
-    monkeypatch.setitem(methods._REGISTRY, "int8",
-                        dataclasses.replace(methods._REGISTRY["int8"], quantize=_quantize_disk_full))
+    monkeypatch.setitem(methods._REGISTRY, "int8", _DiskFullInt8())
     assert main(["run", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert "quantize:int8: no space left on the device while method 'int8' was writing its artifact" in err

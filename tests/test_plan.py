@@ -12,14 +12,15 @@ import pytest
 
 from quantpipe import archs, cli, plan
 from quantpipe.errors import QuantpipeError
-from quantpipe.methods import Storage, get_method, parse_params
+from quantpipe.memory import Storage
+from quantpipe.methods import get_method, parse_params
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def storage(method: str, dtype: str = "float16", **params: object) -> Storage:
     m = get_method(method)
-    return m.storage(m.params.model_validate(params), dtype)
+    return m.storage(m.Params.model_validate(params), dtype)
 
 
 def test_llama2_7b_fp16_and_params():

@@ -171,7 +171,7 @@ def test_format_picks_the_backend_and_its_install_hint(monkeypatch) -> None:
     from quantpipe import methods
 
     gptq = get_method("gptq")
-    ct, classic = gptq.params(format="compressed-tensors"), gptq.params(format="gptq")
+    ct, classic = gptq.Params(format="compressed-tensors"), gptq.Params(format="gptq")
     assert "gptqmodel" in gptq.versions(classic) and "llmcompressor" in gptq.versions(ct)
     real = importlib.util.find_spec
     monkeypatch.setattr(methods.importlib.util, "find_spec",
@@ -198,14 +198,14 @@ def _quantize_raises(job):
     (_quantize_raises, r"quantize:v: method 'm' failed: RuntimeError: simulated library failure \(full log: "),
 ])
 def test_quantize_worker_failures_are_one_line(tmp_path: Path, fn, expected: str) -> None:
-    from quantpipe.methods import Method, MethodParams, QuantizeJob
-    from quantpipe.worker import quantize_in_subprocess
+    from quantpipe import isolate
+    from quantpipe.methods import MethodParams, QuantizeJob
 
-    m = Method(name="m", summary="", params=MethodParams, quantize=fn, runtime="hf")
-    job = QuantizeJob(variant="v", params=MethodParams(), out_dir=tmp_path / "out", base_dir=None, model=None,
-                      calibration=None)
+    job = QuantizeJob(variant="v", method="m", params=MethodParams(), out_dir=tmp_path / "out", base_dir=None,
+                      model=None, calibration=None)
     with pytest.raises(QuantpipeError, match=expected) as e:
-        quantize_in_subprocess(m, job, tmp_path / "logs")
+        isolate.run(f"{__name__}:{fn.__name__}", job, tmp_path / "logs", "quantize:v",
+                    what="the quantization process", who="method 'm'")
     assert "\n" not in str(e.value)
     if fn is _quantize_raises:
         assert "Traceback" in (tmp_path / "logs" / "quantize-v.log").read_text()
@@ -281,7 +281,8 @@ def test_compiled_engine_runs_each_format_on_its_kernel(quant_run: tuple[Path, d
     kernel for say so (the bench then runs them eagerly)."""
     import torch
 
-    from quantpipe import engine, runtimes
+    from quantpipe import runtimes
+    from quantpipe.runtimes import compiled
 
     run_dir, _ = quant_run
     ids = list(range(3, 200))
@@ -289,7 +290,7 @@ def test_compiled_engine_runs_each_format_on_its_kernel(quant_run: tuple[Path, d
               "awq-ct": "int4 tinygemm", "sq": "int8 x int8 dynamic"}
     for name, kernel in expect.items():
         art = run_dir / "artifacts" / name
-        fast, ref = engine.CompiledRuntime(art, "cpu"), runtimes.load(art, "cpu")
+        fast, ref = compiled.CompiledRuntime(art, "cpu"), runtimes.load(art, "cpu")
         assert kernel in fast.kernel() and not fast.compiled, (name, fast.kernel())
         lf, lr = torch.log_softmax(fast.logits(ids), -1), torch.log_softmax(ref.logits(ids), -1)
         kld = (lr.exp() * (lr - lf)).sum(-1).mean().item()
@@ -299,8 +300,8 @@ def test_compiled_engine_runs_each_format_on_its_kernel(quant_run: tuple[Path, d
         x = torch.tensor([ids[:24], ids[30:54]])
         assert (fast.generate(x, 8) == ref.generate(x, 8)).float().mean() >= 0.85, name
         if name != "baseline":  # packed: fewer bytes per step than the float baseline's
-            assert fast.decode_bytes() < engine.CompiledRuntime(run_dir / "artifacts" / "baseline",
+            assert fast.decode_bytes() < compiled.CompiledRuntime(run_dir / "artifacts" / "baseline",
                                                                 "cpu").decode_bytes()
     for name, why in {"gptq-fmt": "act-order", "awq-fmt": "quant_method awq"}.items():
-        with pytest.raises(engine.Unsupported, match=why):
-            engine.CompiledRuntime(run_dir / "artifacts" / name, "cpu")
+        with pytest.raises(compiled.Unsupported, match=why):
+            compiled.CompiledRuntime(run_dir / "artifacts" / name, "cpu")

@@ -1,26 +1,28 @@
-"""The method contract and registry: a method turns (base model dir, calibration, params) into an artifact dir.
+"""The method contract and registry: a method turns (base model dir, calibration ids, params) into an artifact
+directory of one format, and says what it needs, how it stores the weights and how much memory it calibrates in.
 
-Adding a method means adding one module in this package that calls `register(...)`; it is found on import.
-A method module must not import its heavy library at import time, so `quantpipe methods` works without it.
-Modules whose name starts with `_` are helpers shared by several methods (one per backend library).
+A method is a subclass of `Method` with a name, a params model and `quantize`; every other part has a default
+(no calibration, float storage, transformers' safetensors format, no shape checks). Adding a method means adding
+one module in this package that calls `register(TheMethod())`; it is found on import. A method module must not
+import its heavy library at import time, so `quantpipe methods` works without it. Modules whose name starts with
+`_` hold a backend library's glue shared by several methods (llm-compressor, GPTQModel).
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
-import importlib.util
 import pkgutil
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from quantpipe.deps import Requirements
 from quantpipe.errors import QuantpipeError
+from quantpipe.memory import DTYPE_BYTES, Shapes, Storage
 
 
 def _group_size(v: int) -> int:
@@ -45,6 +47,7 @@ class QuantizeJob:
     """Everything a method gets. It writes the servable artifact into `out_dir` and returns its metadata."""
 
     variant: str
+    method: str
     params: Any  # the method's MethodParams subclass instance
     out_dir: Path
     base_dir: Path | None  # HF dir of the baseline artifact (None for the baseline method itself)
@@ -52,102 +55,71 @@ class QuantizeJob:
     calibration: torch.Tensor | None  # [n_samples, seq_len] token ids, identical for every method of a run
 
 
-@dataclass(frozen=True)
-class Storage:
-    """How an artifact stores the weights: the inputs of `quantpipe plan`'s byte arithmetic."""
-
-    float_bytes: int  # bytes per element of what stays float: embeddings, lm_head, norms, biases
-    # bytes of one quantized decoder Linear's weight tensors (no bias) from its (out_features, in_features);
-    # None: the Linears stay float too
-    linear: Callable[[int, int], int] | None = None
-    # transformers turns the weights back into float when it loads this format on a CPU
-    decompressed_on_cpu: bool = False
-    # what the arithmetic leaves out when this format runs on a CPU (shown beside the measured memory)
-    cpu_note: str = ""
-    # bytes of the token embedding (and of an untied lm_head) from (vocab, hidden); None: float_bytes each
-    embedding: Callable[[int, int], int] | None = None
-    # False where the backend picks some tensors' types itself (llama.cpp's k-quant mixes): nominal bytes
-    exact: bool = True
-    # non-empty where the quantization's float model is not all resident at once (why): the prediction's
-    # `model` term is then an upper bound, and the measured peak may fall below the prediction
-    quantize_upper_bound: str = ""
-    # decoder Linears (names as plan.Shapes.linears gives them, matched as substrings) that stay float
-    float_linears: tuple[str, ...] = ()
-    # bytes of an untied lm_head, and of the one tensor a tied embedding and lm_head share, from (vocab, hidden);
-    # None: as `embedding`
-    lm_head: Callable[[int, int], int] | None = None
-    tied_embedding: Callable[[int, int], int] | None = None
-
-
-def float_storage(params: Any, dtype: str) -> Storage:
-    """Default: every tensor in the recipe dtype (the baseline)."""
-    return Storage(float_bytes=DTYPE_BYTES[dtype])
-
-
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-
-@dataclass(frozen=True)
 class Method:
-    name: str
-    summary: str
-    params: type[MethodParams]
-    quantize: Callable[[QuantizeJob], dict[str, Any]]
-    runtime: str  # runtime module that serves the artifact
-    requires: tuple[str, ...] = ()  # import names of the libraries it needs
-    extra: str | None = None  # pip extra that installs them
-    # whether it reads the calibration ids: always, or a function of its params
-    uses_calibration: bool | Callable[[Any], bool] = False
-    libraries: tuple[str, ...] = field(default=())  # distributions whose versions key the cache
-    # Per-params requirements, for methods whose backend depends on a param (e.g. the output format):
-    # params -> (import names, pip extra, distributions). None: `requires`/`extra`/`libraries` always apply.
-    backend: Callable[[Any], tuple[tuple[str, ...], str | None, tuple[str, ...]]] | None = None
-    # Checks of params against the model's config (shapes), before any work: (params, config) -> problems.
-    check_model: Callable[[Any, Any], list[str]] | None = None
-    # How the artifact stores the weights, from (params, recipe dtype); see Storage.
-    storage: Callable[[Any, str], Storage] = float_storage
-    # Memory of calibrated quantization beyond the loaded float model, from (params, plan.Shapes, n_samples,
-    # seq_len, dtype bytes) -> {component: bytes}; None for methods without calibration.
-    calibration_memory: Callable[[Any, Any, int, int, int], dict[str, int]] | None = None
+    """Base class of a quantization method; the defaults fit a method without calibration that writes a float
+    transformers checkpoint."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Params: ClassVar[type[MethodParams]] = MethodParams
     # Bumped when the method's artifact changes for the same inputs, so cached quantize stages are redone.
-    version: int = 1
+    version: ClassVar[int] = 1
+    needs: ClassVar[Requirements] = Requirements(("transformers",), None, ("transformers",))
+
+    def requirements(self, params: Any) -> Requirements:
+        """What quantizing with these params needs installed (a method with backends: the chosen backend's)."""
+        return self.needs
+
+    def format(self, params: Any) -> str:
+        """The artifact format it writes (artifact.FORMATS): what decides which runtimes load it."""
+        return "safetensors"
 
     def calibrates(self, params: Any) -> bool:
-        """Whether this method, with these params, reads the run's calibration ids."""
-        u = self.uses_calibration
-        return bool(u(params)) if callable(u) else u
+        """Whether it reads the run's calibration ids."""
+        return False
 
-    def _deps(self, params: Any = None) -> tuple[tuple[str, ...], str | None, tuple[str, ...]]:
-        if self.backend is not None and params is not None:
-            return self.backend(params)
-        return self.requires, self.extra, self.libraries
+    def storage(self, params: Any, dtype: str) -> Storage:
+        """How the artifact stores the weights (`quantpipe plan`'s arithmetic); default: all in the recipe dtype."""
+        return Storage(float_bytes=DTYPE_BYTES[dtype])
 
-    def imports(self, params: Any = None) -> tuple[str, ...]:
-        """Import names of the libraries this method (with these params) runs."""
-        return self._deps(params)[0]
+    def calibration_memory(self, params: Any, shapes: Shapes, n_samples: int, seq_len: int, act_bytes: int
+                           ) -> dict[str, int] | None:
+        """Memory of calibrated quantization beyond the loaded float model, by part; None without calibration."""
+        return None
 
+    def check_model(self, params: Any, config: Any) -> list[str]:
+        """Problems of the params with the model's shapes (config only), as 'field: message'."""
+        return []
+
+    def quantize(self, job: QuantizeJob) -> dict[str, Any]:
+        """Write the artifact into job.out_dir; return its metadata (format_detail, library, needs, usage, ...)."""
+        raise NotImplementedError
+
+    # -- derived from the above ------------------------------------------------------------------------------
     def missing(self, params: Any = None) -> list[str]:
-        return [r for r in self._deps(params)[0] if importlib.util.find_spec(r) is None]
+        return self.requirements(self.params_or_default(params)).missing()
 
     def install_hint(self, params: Any = None) -> str:
-        extra = self._deps(params)[1]
-        return f"pip install 'quantpipe[{extra}]'" if extra else "pip install " + " ".join(self.missing(params))
+        return self.requirements(self.params_or_default(params)).hint()
 
     def require(self, variant: str, params: Any = None) -> None:
         """Stop before any work when the method's libraries are missing, naming the install command."""
-        missing = self.missing(params)
-        if missing:
-            raise QuantpipeError(f"variants({variant}): method '{self.name}' needs {', '.join(missing)}: "
-                                 f"{self.install_hint(params)}")
+        self.requirements(self.params_or_default(params)).require(f"variants({variant}): method '{self.name}'")
 
     def versions(self, params: Any = None) -> dict[str, str]:
-        out = {}
-        for dist in self._deps(params)[2]:
-            try:
-                out[dist] = importlib.metadata.version(dist)
-            except importlib.metadata.PackageNotFoundError:
-                out[dist] = "not installed"
-        return out
+        return self.requirements(self.params_or_default(params)).versions()
+
+    def params_or_default(self, params: Any) -> Any:
+        return self.Params() if params is None else params
+
+    def choices(self) -> dict[str, Any]:
+        """{format param value: params with that choice} for methods whose `format` param picks a backend."""
+        fmt = self.Params.model_fields.get("format")
+        if fmt is None:
+            return {}
+        import typing
+
+        return {c: self.Params.model_construct(format=c) for c in typing.get_args(fmt.annotation)}
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -183,13 +155,14 @@ def get_method(name: str) -> Method:
     return methods[name]
 
 
-def check_variant(variant: Any) -> list[str]:
-    """Problems with one recipe variant's method and params, each as 'field: message' (empty list if fine)."""
+def check_params(method_name: str, raw: dict[str, Any]) -> tuple[MethodParams | None, list[str]]:
+    """A variant's params validated by its method: (params, []) or (None, ['field: message', ...])."""
     methods = all_methods()
-    if variant.method not in methods:
-        return [f"method: unknown method '{variant.method}'; registered methods: {', '.join(methods)}"]
+    if method_name not in methods:
+        return None, [f"method: unknown method '{method_name}'; registered methods: {', '.join(methods)}"]
+    method = methods[method_name]
     try:
-        methods[variant.method].params.model_validate(variant.raw_params)
+        return method.Params.model_validate(raw), []
     except ValidationError as e:
         out = []
         for err in e.errors():
@@ -199,15 +172,19 @@ def check_variant(variant: Any) -> list[str]:
                 head, sep, rest = msg.partition(": ")
                 loc, msg = (head, rest) if sep and head.isidentifier() else ("params", msg)
             if err["type"] == "extra_forbidden":
-                allowed = ", ".join(methods[variant.method].params.model_fields) or "none"
-                msg = f"unknown parameter for method '{variant.method}'; allowed: {allowed}"
+                allowed = ", ".join(method.Params.model_fields) or "none"
+                msg = f"unknown parameter for method '{method_name}'; allowed: {allowed}"
             out.append(f"{loc}: {msg}")
-        return out
-    return []
+        return None, out
+
+
+def check_variant(variant: Any) -> list[str]:
+    """Problems with one recipe variant's method and params, each as 'field: message' (empty list if fine)."""
+    return check_params(variant.method, variant.raw_params)[1]
 
 
 def parse_params(variant: Any) -> MethodParams:
-    return get_method(variant.method).params.model_validate(variant.raw_params)
+    return get_method(variant.method).Params.model_validate(variant.raw_params)
 
 
 def check_against_model(recipe: Any, config: Any) -> list[str]:
@@ -215,9 +192,7 @@ def check_against_model(recipe: Any, config: Any) -> list[str]:
     layer's input size), as 'variants[i](name).field: message'. `config` is a transformers config."""
     problems = []
     for i, v in enumerate(recipe.variants):
-        method = get_method(v.method)
-        if method.check_model is not None:
-            problems += [f"variants[{i}]({v.name}).{p}" for p in method.check_model(parse_params(v), config)]
+        problems += [f"variants[{i}]({v.name}).{p}" for p in get_method(v.method).check_model(v.params, config)]
     return problems
 
 
@@ -253,3 +228,21 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
     for name in TOKENIZER_FILES:
         if (src / name).is_file() and not (dst / name).exists():
             shutil.copy2(src / name, dst / name)
+
+
+def run_quantize(arg: tuple[Method, QuantizeJob]) -> dict[str, Any]:
+    """The quantize stage's body, in its own process (isolate.run): the method's quantize, timed. The method
+    travels by pickle (its class by reference), so a method defined outside this package runs too."""
+    import time
+    import traceback
+
+    from quantpipe.cache import explain_os_error
+
+    method, job = arg
+    t = time.perf_counter()
+    try:
+        meta = method.quantize(job)
+    except OSError as e:
+        traceback.print_exc()
+        raise explain_os_error(e, f"method '{method.name}' was writing its artifact") from None
+    return {"meta": meta, "quantize_s": time.perf_counter() - t}

@@ -9,13 +9,11 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+from quantpipe.deps import Requirements
 from quantpipe.methods import QuantizeJob, copy_tokenizer
 from quantpipe.sources import DTYPE
 
-EXTRA = "gptqmodel"
-IMPORTS = ("gptqmodel", "optimum")
-DISTS = ("gptqmodel", "optimum", "transformers")
-DEPS = (IMPORTS, EXTRA, DISTS)  # what Method.backend returns for this library
+REQUIREMENTS = Requirements(("gptqmodel", "optimum"), "gptqmodel", ("gptqmodel", "optimum", "transformers"))
 
 
 # Measured on the SmolLM2 demo artifact (docs/benchmarks.md): the bench's RSS over its base was 545 MiB after the
@@ -84,7 +82,7 @@ def quantize(job: QuantizeJob, kind: str, **config: Any) -> dict[str, Any]:
     copy_tokenizer(base, out)
     version = gptqmodel.__version__ if hasattr(gptqmodel, "__version__") else "?"
     return {
-        "format": "gptq" if kind == "gptq" else "awq (gemm)",
+        "format_detail": "gptq" if kind == "gptq" else "awq (gemm)",
         "library": f"GPTQModel {version}",
         "needs": f"pip install gptqmodel=={version} optimum",
         "serve": "vllm serve PATH  # vLLM picks its Marlin kernel for this format on GPUs that have it",

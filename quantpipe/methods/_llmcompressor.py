@@ -8,13 +8,13 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from quantpipe.deps import Requirements
 from quantpipe.methods import QuantizeJob, copy_tokenizer
 from quantpipe.sources import DTYPE
 
-EXTRA = "llmcompressor"  # the pip extra that installs llm-compressor and compressed-tensors
-IMPORTS = ("llmcompressor", "compressed_tensors")
-DISTS = ("llmcompressor", "compressed-tensors", "transformers")
-DEPS = (IMPORTS, EXTRA, DISTS)  # what Method.backend returns for this library
+REQUIREMENTS = Requirements(("llmcompressor", "compressed_tensors"), "llmcompressor",
+                            ("llmcompressor", "compressed-tensors", "transformers"))
+FORMAT = "compressed-tensors"
 
 
 def weight_args(bits: int, group_size: int, symmetric: bool) -> Any:
@@ -84,7 +84,7 @@ def oneshot(job: QuantizeJob, modifiers: list[Any]) -> dict[str, Any]:
     qdict = json.loads((job.out_dir / "config.json").read_text())["quantization_config"]
     ct = compressed_tensors.__version__
     return {
-        "format": f"compressed-tensors ({qdict.get('format')})",
+        "format_detail": f"compressed-tensors ({qdict.get('format')})",
         "quantization_config": {k: qdict.get(k) for k in ("quant_method", "format", "ignore")},
         "library": f"llm-compressor {llmcompressor.__version__}, compressed-tensors {ct}",
         "needs": f"pip install compressed-tensors=={ct}",

@@ -12,13 +12,13 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from quantpipe.methods import DTYPE_BYTES as _BYTES
+from quantpipe.deps import Requirements
+from quantpipe.memory import DTYPE_BYTES, Shapes, Storage, awq_calibration
 from quantpipe.methods import (
     GroupSize,
     Method,
     MethodParams,
     QuantizeJob,
-    Storage,
     _gptqmodel,
     _llmcompressor,
     check_group_size,
@@ -46,47 +46,68 @@ class AWQParams(MethodParams):
         return self
 
 
-def quantize(job: QuantizeJob) -> dict[str, Any]:
-    p: AWQParams = job.params
-    if p.format == "awq":
-        meta = _gptqmodel.quantize(job, "awq", bits=p.bits, group_size=p.group_size, sym=not p.zero_point)
-    else:
+class LLMCompressorAWQ:
+    """`format: compressed-tensors`: llm-compressor's AWQModifier -> compressed-tensors `pack-quantized`."""
+
+    requirements = _llmcompressor.REQUIREMENTS
+
+    def quantize(self, job: QuantizeJob, p: AWQParams) -> dict[str, Any]:
         from llmcompressor.modifiers.awq import AWQModifier
 
         weights = _llmcompressor.weight_args(p.bits, p.group_size, symmetric=not p.zero_point)
         modifier = AWQModifier(config_groups=_llmcompressor.config_groups(weights), ignore=["lm_head"],
                                duo_scaling=p.duo_scaling, n_grid=p.n_grid)
-        meta = _llmcompressor.oneshot(job, [modifier])
-    return {**meta, "bits": p.bits, "group_size": p.group_size}
+        return _llmcompressor.oneshot(job, [modifier])
+
+    def storage(self, p: AWQParams, dtype: str) -> Storage:
+        return Storage(float_bytes=DTYPE_BYTES[dtype], decompressed_on_cpu=True,
+                       linear=_llmcompressor.packed_bytes(p.bits, p.group_size, p.zero_point, DTYPE_BYTES[dtype]))
 
 
-def storage(p: AWQParams, dtype: str) -> Storage:
-    if p.format == "awq":  # float16 throughout, whatever the recipe dtype
+class GPTQModelAWQ:
+    """`format: awq`: GPTQModel -> the AutoAWQ GEMM checkpoint (`quant_method: awq`), float16 throughout."""
+
+    requirements = _gptqmodel.REQUIREMENTS
+
+    def quantize(self, job: QuantizeJob, p: AWQParams) -> dict[str, Any]:
+        return _gptqmodel.quantize(job, "awq", bits=p.bits, group_size=p.group_size, sym=not p.zero_point)
+
+    def storage(self, p: AWQParams, dtype: str) -> Storage:  # float16 whatever the recipe dtype
         return Storage(float_bytes=2, linear=_gptqmodel.awq_bytes(p.bits, p.group_size),
-                       cpu_note=_gptqmodel.CPU_NOTE,
-                       quantize_upper_bound=_gptqmodel.OFFLOAD_NOTE)
-    return Storage(float_bytes=_BYTES[dtype], decompressed_on_cpu=True,
-                   linear=_llmcompressor.packed_bytes(p.bits, p.group_size, p.zero_point, _BYTES[dtype]))
+                       cpu_note=_gptqmodel.CPU_NOTE, quantize_upper_bound=_gptqmodel.OFFLOAD_NOTE)
 
 
-def calibration_memory(p: AWQParams, shapes: Any, n_samples: int, seq_len: int, a: int) -> dict[str, int]:
-    from quantpipe.plan import awq_calibration
-
-    return awq_calibration(shapes, n_samples, seq_len, a)
+# `format` picks the backend library once; everything backend-specific goes through it
+BACKENDS = {"compressed-tensors": LLMCompressorAWQ(), "awq": GPTQModelAWQ()}
 
 
-register(Method(
-    name="awq",
-    summary="AWQ int4 weights (llm-compressor -> compressed-tensors, or GPTQModel -> AutoAWQ GEMM format)",
-    params=AWQParams,
-    quantize=quantize,
-    runtime="hf",
-    requires=_llmcompressor.IMPORTS,
-    extra=_llmcompressor.EXTRA,
-    uses_calibration=True,
-    libraries=_llmcompressor.DISTS,
-    backend=lambda p: _gptqmodel.DEPS if p.format == "awq" else _llmcompressor.DEPS,
-    check_model=lambda p, config: check_group_size(p.group_size, config),
-    storage=storage,
-    calibration_memory=calibration_memory,
-))
+class AWQ(Method):
+    name = "awq"
+    summary = "AWQ int4 weights (llm-compressor -> compressed-tensors, or GPTQModel -> AutoAWQ GEMM format)"
+    Params = AWQParams
+
+    def requirements(self, p: AWQParams) -> Requirements:
+        return BACKENDS[p.format].requirements
+
+    def format(self, p: AWQParams) -> str:
+        return p.format
+
+    def calibrates(self, p: AWQParams) -> bool:
+        return True
+
+    def storage(self, p: AWQParams, dtype: str) -> Storage:
+        return BACKENDS[p.format].storage(p, dtype)
+
+    def calibration_memory(self, p: AWQParams, shapes: Shapes, n_samples: int, seq_len: int, a: int
+                           ) -> dict[str, int]:
+        return awq_calibration(shapes, n_samples, seq_len, a)
+
+    def check_model(self, p: AWQParams, config: Any) -> list[str]:
+        return check_group_size(p.group_size, config)
+
+    def quantize(self, job: QuantizeJob) -> dict[str, Any]:
+        p: AWQParams = job.params
+        return {**BACKENDS[p.format].quantize(job, p), "bits": p.bits, "group_size": p.group_size}
+
+
+register(AWQ())

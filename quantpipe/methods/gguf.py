@@ -17,8 +17,10 @@ from typing import Any, Literal
 import torch
 from pydantic import model_validator
 
+from quantpipe.deps import Requirements
 from quantpipe.errors import QuantpipeError
-from quantpipe.methods import Method, MethodParams, QuantizeJob, Storage, register
+from quantpipe.memory import Storage
+from quantpipe.methods import Method, MethodParams, QuantizeJob, register
 
 # llama.cpp file types (llama-quantize's names); the enum values come from the bindings at run time
 GGUFType = Literal["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S",
@@ -58,23 +60,23 @@ def file_name(params: GGUFParams) -> str:
 
 
 def quantize(job: QuantizeJob) -> dict[str, Any]:
-    from quantpipe import llamacpp
+    from quantpipe.backends import llamacpp_tools
 
     params: GGUFParams = job.params
     out = job.out_dir / file_name(params)
     work = job.out_dir / ".convert"
     work.mkdir()
-    llamacpp.ECHO = True  # this runs in the quantize worker, whose output is the stage's log file
-    meta: dict[str, Any] = {"format": "gguf", "type": params.type, "file": out.name,
-                            "library": f"llama.cpp (llama-cpp-python {llamacpp.version()})"}
+    llamacpp_tools.ECHO = True  # this runs in the quantize worker, whose output is the stage's log file
+    meta: dict[str, Any] = {"format_detail": f"GGUF {params.type}", "type": params.type, "file": out.name,
+                            "library": f"llama.cpp (llama-cpp-python {llamacpp_tools.version()})"}
     if params.type in FLOAT_TYPES:
-        llamacpp.convert(job.base_dir, out, FLOAT_TYPES[params.type])
+        llamacpp_tools.convert(job.base_dir, out, FLOAT_TYPES[params.type])
     else:
         src = work / f"model-{OUTTYPE[job.model.dtype]}.gguf"
-        llamacpp.convert(job.base_dir, src, OUTTYPE[job.model.dtype])
+        llamacpp_tools.convert(job.base_dir, src, OUTTYPE[job.model.dtype])
         imatrix = None
         if params.imatrix:
-            src_info = llamacpp.check_gguf(src)
+            src_info = llamacpp_tools.check_gguf(src)
             imatrix, stats = importance_matrix(job.base_dir, job.calibration, src_info["architecture"],
                                                set(src_info["tensors"]))
             write_imatrix(job.out_dir / "imatrix.gguf", imatrix, stats)
@@ -82,11 +84,11 @@ def quantize(job: QuantizeJob) -> dict[str, Any]:
         quantize_file(src, out, params.type, imatrix)
         src.unlink()
     work.rmdir()
-    info = llamacpp.check_gguf(out, tokens=True)
+    info = llamacpp_tools.check_gguf(out, tokens=True)
     meta["tensor_types"] = info["tensor_types"]
     meta["bits_per_weight"] = 8 * info["tensor_bytes"] / sum(_numel(s) for _, s in info["tensors"].values())
     meta["vocab"] = vocabulary_check(job.base_dir, out, info["tokens"])
-    meta["needs"] = f"pip install llama-cpp-python=={llamacpp.version()} (or any llama.cpp build)"
+    meta["needs"] = f"pip install llama-cpp-python=={llamacpp_tools.version()} (or any llama.cpp build)"
     meta["usage"] = ("from llama_cpp import Llama\n"
                      f"llm = Llama(model_path=\"PATH/{out.name}\", n_ctx=4096)\n"
                      "print(llm.create_chat_completion(messages=[{\"role\": \"user\", \"content\": \"Hi!\"}]))")
@@ -105,12 +107,12 @@ def _numel(shape: list[int]) -> int:
 
 def quantize_file(src: Path, dst: Path, type_name: str, imatrix: dict[str, torch.Tensor] | None) -> None:
     """llama.cpp's quantizer: float GGUF `src` -> `dst` of file type `type_name`, with an importance matrix."""
-    from quantpipe import llamacpp
+    from quantpipe.backends import llamacpp_tools
 
-    lib = llamacpp.bindings()
+    lib = llamacpp_tools.bindings()
     ftype = getattr(lib, f"LLAMA_FTYPE_MOSTLY_{type_name}", None)
     if ftype is None:
-        raise QuantpipeError(f"type: this llama.cpp ({llamacpp.version()}) has no file type {type_name}")
+        raise QuantpipeError(f"type: this llama.cpp ({llamacpp_tools.version()}) has no file type {type_name}")
     p = lib.llama_model_quantize_default_params()
     p.ftype = ftype
     p.nthread = torch.get_num_threads()
@@ -126,7 +128,7 @@ def quantize_file(src: Path, dst: Path, type_name: str, imatrix: dict[str, torch
         keep.append(entries)
     rc = lib.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
     if rc != 0 or not dst.is_file():
-        raise QuantpipeError(f"llama.cpp could not quantize to {type_name}: {llamacpp.last_error()}")
+        raise QuantpipeError(f"llama.cpp could not quantize to {type_name}: {llamacpp_tools.last_error()}")
 
 
 @torch.inference_mode()
@@ -202,14 +204,15 @@ def vocabulary_check(base_dir: Path, gguf_path: Path, theirs: list[str]) -> dict
     only if this holds."""
     from transformers import AutoTokenizer
 
-    from quantpipe import calibration, llamacpp
+    from quantpipe import data
+    from quantpipe.backends import llamacpp_tools
 
     tok = AutoTokenizer.from_pretrained(base_dir)
     ours = tok.convert_ids_to_tokens(list(range(len(tok))))
     diff = [i for i in range(min(len(ours), len(theirs))) if ours[i] != theirs[i]]
-    sample = calibration.data_path("evals", "eval-text.txt").read_text(encoding="utf-8")[:20000]
+    sample = data.eval_text().read_text(encoding="utf-8")[:20000]
     hf_ids = tok(sample, add_special_tokens=False).input_ids
-    cpp_ids = llamacpp.tokenize(gguf_path, sample)
+    cpp_ids = llamacpp_tools.tokenize(gguf_path, sample)
     return {"one_to_one": not diff and len(ours) == len(theirs), "n_baseline": len(ours), "n_gguf": len(theirs),
             "n_different": len(diff) + abs(len(ours) - len(theirs)),
             "examples": [[i, ours[i], theirs[i]] for i in diff[:5]],
@@ -227,15 +230,24 @@ def storage(params: GGUFParams, dtype: str) -> Storage:
                    embedding=lambda vocab, hidden: vocab * hidden * b // n, exact=exact)
 
 
-register(Method(
-    name="gguf",
-    summary="llama.cpp GGUF (F16, Q8_0, k-quants, IQ types), importance matrix from the calibration set",
-    params=GGUFParams,
-    quantize=quantize,
-    runtime="llama.cpp",
-    requires=("llama_cpp", "gguf", "sentencepiece"),
-    extra="gguf",
-    uses_calibration=lambda p: p.imatrix,
-    libraries=("llama_cpp_python", "gguf", "transformers"),
-    storage=storage,
-))
+class GGUF(Method):
+    name = "gguf"
+    summary = "llama.cpp GGUF (F16, Q8_0, k-quants, IQ types), importance matrix from the calibration set"
+    Params = GGUFParams
+    needs = Requirements(("llama_cpp", "gguf", "sentencepiece"), "gguf", ("llama_cpp_python", "gguf", "transformers"),
+                         loads=("llama_cpp",))
+
+    def format(self, p: GGUFParams) -> str:
+        return "gguf"
+
+    def calibrates(self, p: GGUFParams) -> bool:
+        return p.imatrix
+
+    def storage(self, p: GGUFParams, dtype: str) -> Storage:
+        return storage(p, dtype)
+
+    def quantize(self, job: QuantizeJob) -> dict[str, Any]:
+        return quantize(job)
+
+
+register(GGUF())

@@ -13,13 +13,13 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from quantpipe.methods import DTYPE_BYTES as _BYTES
+from quantpipe.deps import Requirements
+from quantpipe.memory import DTYPE_BYTES, Shapes, Storage, gptq_calibration
 from quantpipe.methods import (
     GroupSize,
     Method,
     MethodParams,
     QuantizeJob,
-    Storage,
     _gptqmodel,
     _llmcompressor,
     check_group_size,
@@ -46,48 +46,69 @@ class GPTQParams(MethodParams):
         return self
 
 
-def quantize(job: QuantizeJob) -> dict[str, Any]:
-    p: GPTQParams = job.params
-    if p.format == "gptq":
-        meta = _gptqmodel.quantize(job, "gptq", bits=p.bits, group_size=p.group_size, desc_act=p.desc_act,
-                                   sym=p.sym, damp_percent=p.damp_percent)
-    else:
+class LLMCompressorGPTQ:
+    """`format: compressed-tensors`: llm-compressor's GPTQModifier -> compressed-tensors `pack-quantized`."""
+
+    requirements = _llmcompressor.REQUIREMENTS
+
+    def quantize(self, job: QuantizeJob, p: GPTQParams) -> dict[str, Any]:
         from llmcompressor.modifiers.quantization import GPTQModifier
 
         weights = _llmcompressor.weight_args(p.bits, p.group_size, p.sym)
         modifier = GPTQModifier(config_groups=_llmcompressor.config_groups(weights), ignore=["lm_head"],
                                 dampening_frac=p.damp_percent, actorder="static")
-        meta = _llmcompressor.oneshot(job, [modifier])
-    return {**meta, "bits": p.bits, "group_size": p.group_size}
+        return _llmcompressor.oneshot(job, [modifier])
+
+    def storage(self, p: GPTQParams, dtype: str) -> Storage:
+        return Storage(float_bytes=DTYPE_BYTES[dtype], decompressed_on_cpu=True,
+                       linear=_llmcompressor.packed_bytes(p.bits, p.group_size, not p.sym, DTYPE_BYTES[dtype]))
 
 
-def storage(p: GPTQParams, dtype: str) -> Storage:
-    if p.format == "gptq":
-        return Storage(float_bytes=_BYTES[dtype], linear=_gptqmodel.gptq_bytes(p.bits, p.group_size),
-                       cpu_note=_gptqmodel.CPU_NOTE,
-                       quantize_upper_bound=_gptqmodel.OFFLOAD_NOTE)
-    return Storage(float_bytes=_BYTES[dtype], decompressed_on_cpu=True,
-                   linear=_llmcompressor.packed_bytes(p.bits, p.group_size, not p.sym, _BYTES[dtype]))
+class GPTQModelGPTQ:
+    """`format: gptq`: GPTQModel -> the classic `quant_method: gptq` checkpoint."""
+
+    requirements = _gptqmodel.REQUIREMENTS
+
+    def quantize(self, job: QuantizeJob, p: GPTQParams) -> dict[str, Any]:
+        return _gptqmodel.quantize(job, "gptq", bits=p.bits, group_size=p.group_size, desc_act=p.desc_act,
+                                   sym=p.sym, damp_percent=p.damp_percent)
+
+    def storage(self, p: GPTQParams, dtype: str) -> Storage:
+        return Storage(float_bytes=DTYPE_BYTES[dtype], linear=_gptqmodel.gptq_bytes(p.bits, p.group_size),
+                       cpu_note=_gptqmodel.CPU_NOTE, quantize_upper_bound=_gptqmodel.OFFLOAD_NOTE)
 
 
-def calibration_memory(p: GPTQParams, shapes: Any, n_samples: int, seq_len: int, a: int) -> dict[str, int]:
-    from quantpipe.plan import gptq_calibration
-
-    return gptq_calibration(shapes, n_samples, seq_len, a)
+# `format` picks the backend library once; everything backend-specific goes through it
+BACKENDS = {"compressed-tensors": LLMCompressorGPTQ(), "gptq": GPTQModelGPTQ()}
 
 
-register(Method(
-    name="gptq",
-    summary="GPTQ int4/int8 weights (llm-compressor -> compressed-tensors, or GPTQModel -> gptq format)",
-    params=GPTQParams,
-    quantize=quantize,
-    runtime="hf",
-    requires=_llmcompressor.IMPORTS,
-    extra=_llmcompressor.EXTRA,
-    uses_calibration=True,
-    libraries=_llmcompressor.DISTS,
-    backend=lambda p: _gptqmodel.DEPS if p.format == "gptq" else _llmcompressor.DEPS,
-    check_model=lambda p, config: check_group_size(p.group_size, config),
-    storage=storage,
-    calibration_memory=calibration_memory,
-))
+class GPTQ(Method):
+    name = "gptq"
+    summary = "GPTQ int4/int8 weights (llm-compressor -> compressed-tensors, or GPTQModel -> gptq format)"
+    Params = GPTQParams
+
+    def requirements(self, p: GPTQParams) -> Requirements:
+        return BACKENDS[p.format].requirements
+
+    def format(self, p: GPTQParams) -> str:
+        return p.format
+
+    def calibrates(self, p: GPTQParams) -> bool:
+        return True
+
+    def storage(self, p: GPTQParams, dtype: str) -> Storage:
+        return BACKENDS[p.format].storage(p, dtype)
+
+    def calibration_memory(self, p: GPTQParams, shapes: Shapes, n_samples: int, seq_len: int, a: int
+                           ) -> dict[str, int]:
+        return gptq_calibration(shapes, n_samples, seq_len, a)
+
+    def check_model(self, p: GPTQParams, config: Any) -> list[str]:
+        return check_group_size(p.group_size, config)
+
+    def quantize(self, job: QuantizeJob) -> dict[str, Any]:
+        p: GPTQParams = job.params
+        return {**BACKENDS[p.format].quantize(job, p), "bits": p.bits, "group_size": p.group_size}
+
+
+register(GPTQ())

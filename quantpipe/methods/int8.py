@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from quantpipe.methods import DTYPE_BYTES, Method, MethodParams, QuantizeJob, Storage, copy_tokenizer, register
+from quantpipe.deps import Requirements
+from quantpipe.memory import DTYPE_BYTES, Storage
+from quantpipe.methods import Method, MethodParams, QuantizeJob, copy_tokenizer, register
 from quantpipe.sources import DTYPE
 
 
@@ -17,31 +19,34 @@ class Int8Params(MethodParams):
     scheme: Literal["weight_only", "dynamic"] = "weight_only"
 
 
-def quantize(job: QuantizeJob) -> dict[str, Any]:
-    import torchao
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
-    from transformers import AutoModelForCausalLM, TorchAoConfig
+class Int8(Method):
+    name = "int8"
+    summary = "INT8 Linear weights via torchao (weight-only or W8A8 dynamic), safetensors"
+    Params = Int8Params
+    needs = Requirements(("torchao",), None, ("torchao", "transformers"))
 
-    config = Int8WeightOnlyConfig() if job.params.scheme == "weight_only" else Int8DynamicActivationInt8WeightConfig()
-    model = AutoModelForCausalLM.from_pretrained(
-        job.base_dir, dtype=DTYPE[job.model.dtype], quantization_config=TorchAoConfig(config))
-    model.save_pretrained(job.out_dir, safe_serialization=True)
-    copy_tokenizer(job.base_dir, job.out_dir)
-    n_q = sum(1 for m in model.modules() if type(getattr(m, "weight", None)).__module__.startswith("torchao"))
-    return {"format": "torchao-int8", "scheme": job.params.scheme, "bits": 8, "quantized_linears": n_q,
-            "library": f"torchao {torchao.__version__}", "needs": f"pip install torchao=={torchao.__version__}"}
+    def format(self, p: Int8Params) -> str:
+        return "torchao"
+
+    def storage(self, p: Int8Params, dtype: str) -> Storage:
+        # torchao Int8Tensor: int8 qdata [out, in], a scale and an int8 zero point per output channel
+        return Storage(float_bytes=DTYPE_BYTES[dtype], linear=lambda out, inp: out * inp + out * DTYPE_BYTES[dtype]
+                       + out)
+
+    def quantize(self, job: QuantizeJob) -> dict[str, Any]:
+        import torchao
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+        from transformers import AutoModelForCausalLM, TorchAoConfig
+
+        config = (Int8WeightOnlyConfig() if job.params.scheme == "weight_only"
+                  else Int8DynamicActivationInt8WeightConfig())
+        model = AutoModelForCausalLM.from_pretrained(
+            job.base_dir, dtype=DTYPE[job.model.dtype], quantization_config=TorchAoConfig(config))
+        model.save_pretrained(job.out_dir, safe_serialization=True)
+        copy_tokenizer(job.base_dir, job.out_dir)
+        n_q = sum(1 for m in model.modules() if type(getattr(m, "weight", None)).__module__.startswith("torchao"))
+        return {"format_detail": "torchao int8", "scheme": job.params.scheme, "bits": 8, "quantized_linears": n_q,
+                "library": f"torchao {torchao.__version__}", "needs": f"pip install torchao=={torchao.__version__}"}
 
 
-register(Method(
-    name="int8",
-    summary="INT8 Linear weights via torchao (weight-only or W8A8 dynamic), safetensors",
-    params=Int8Params,
-    quantize=quantize,
-    runtime="hf",
-    requires=("torchao",),
-    extra=None,
-    libraries=("torchao", "transformers"),
-    # torchao Int8Tensor: int8 qdata [out, in], a scale and an int8 zero point per output channel
-    storage=lambda p, dtype: Storage(float_bytes=DTYPE_BYTES[dtype],
-                                     linear=lambda out, inp: out * inp + out * DTYPE_BYTES[dtype] + out),
-))
+register(Int8())

@@ -26,8 +26,11 @@ from typing import Any, Literal
 import torch
 from pydantic import model_validator
 
+from quantpipe.backends.onnx import describe_io, matmul_nodes
+from quantpipe.deps import Requirements
 from quantpipe.errors import QuantpipeError
-from quantpipe.methods import TOKENIZER_FILES, Method, MethodParams, QuantizeJob, Storage, register
+from quantpipe.memory import Storage
+from quantpipe.methods import TOKENIZER_FILES, Method, MethodParams, QuantizeJob, register
 from quantpipe.sysinfo import versions
 
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
@@ -65,7 +68,8 @@ def quantize(job: QuantizeJob) -> dict[str, Any]:
     t = time.perf_counter()
     exported = export_builder(job.base_dir, export_dir) if p.exporter == "builder" else \
         export_torch(job.base_dir, export_dir)
-    meta: dict[str, Any] = {"format": "onnx", "file": MODEL_FILE, "dtype": "float32", "exporter": exported,
+    detail = "ONNX, past key values" + ("" if p.quantize == "none" else f", INT8 {p.quantize}")
+    meta: dict[str, Any] = {"format_detail": detail, "file": MODEL_FILE, "dtype": "float32", "exporter": exported,
                             "export_s": time.perf_counter() - t, "onnxruntime": _version("onnxruntime"),
                             "onnx": _version("onnx")}
     if p.quantize != "none":
@@ -177,19 +181,12 @@ def export_torch(base: Path, out: Path) -> dict[str, Any]:
             "precision": "fp32"}
 
 
-def matmul_nodes(model_path: Path) -> list[str]:
-    import onnx
-
-    m = onnx.load(str(model_path), load_external_data=False)
-    return [node.name for node in m.graph.node if node.op_type == "MatMul"]
-
-
 def calibration_feeds(model_path: Path, config_dir: Path, calib: torch.Tensor) -> list[dict[str, Any]]:
     """One feed per calibration row: the row's ids, full attention mask, positions, empty past."""
     import numpy as np
     import onnx
 
-    from quantpipe.runtimes.ort import past_inputs
+    from quantpipe.backends.onnx import past_inputs
 
     m = onnx.load(str(model_path), load_external_data=False)
     names = {i.name for i in m.graph.input}
@@ -259,19 +256,6 @@ def quantize_onnx(src: Path, dst: Path, p: ONNXParams, calib: torch.Tensor | Non
     return info
 
 
-def describe_io(model_path: Path) -> dict[str, Any]:
-    import onnx
-
-    m = onnx.load(str(model_path), load_external_data=False)
-    ops: dict[str, int] = {}
-    for node in m.graph.node:
-        key = f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
-        ops[key] = ops.get(key, 0) + 1
-    return {"inputs": [i.name for i in m.graph.input], "outputs": [o.name for o in m.graph.output],
-            "opset": max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=None),
-            "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]))}
-
-
 # Measured on the SmolLM2 demo (docs/benchmarks.md): bench RSS over its base 821 MiB against 560 predicted (fp32),
 # 606 against 252 (static INT8).
 ORT_NOTE = ("onnxruntime's session holds buffers its graph optimizations create at load (e.g. a transposed copy of "
@@ -298,19 +282,34 @@ def storage(p: ONNXParams, dtype: str) -> Storage:
                    float_linears=tuple(p.keep_float), exact=False, cpu_note=ORT_NOTE)
 
 
-register(Method(
-    name="onnx",
-    summary="ONNX decoder with KV cache for ONNX Runtime (GenAI builder or torch.onnx), INT8 dynamic or static",
-    params=ONNXParams,
-    quantize=quantize,
-    runtime="onnxruntime",
-    requires=("onnx", "onnxruntime", "onnxruntime_genai", "onnx_ir"),
-    extra="onnx",
-    backend=lambda p: ((("onnx", "onnxruntime", "onnxruntime_genai", "onnx_ir"), "onnx",
-                        ("onnx", "onnxruntime", "onnxruntime-genai", "transformers")) if p.exporter == "builder" else
-                       (("onnx", "onnxruntime", "onnxscript"), "onnx", ("onnx", "onnxruntime", "onnxscript", "torch",
-                                                                        "transformers"))),
-    uses_calibration=lambda p: p.quantize == "static",
-    libraries=("onnx", "onnxruntime", "onnxruntime-genai", "transformers"),
-    storage=storage,
-))
+# the exporter decides the libraries: the GenAI builder, or torch.onnx's dynamo exporter (onnxscript)
+EXPORTERS = {
+    "builder": Requirements(("onnx", "onnxruntime", "onnxruntime_genai", "onnx_ir"), "onnx",
+                            ("onnx", "onnxruntime", "onnxruntime-genai", "transformers")),
+    "torch": Requirements(("onnx", "onnxruntime", "onnxscript"), "onnx",
+                          ("onnx", "onnxruntime", "onnxscript", "torch", "transformers")),
+}
+
+
+class ONNX(Method):
+    name = "onnx"
+    summary = "ONNX decoder with KV cache for ONNX Runtime (GenAI builder or torch.onnx), INT8 dynamic or static"
+    Params = ONNXParams
+
+    def requirements(self, p: ONNXParams) -> Requirements:
+        return EXPORTERS[p.exporter]
+
+    def format(self, p: ONNXParams) -> str:
+        return "onnx"
+
+    def calibrates(self, p: ONNXParams) -> bool:
+        return p.quantize == "static"
+
+    def storage(self, p: ONNXParams, dtype: str) -> Storage:
+        return storage(p, dtype)
+
+    def quantize(self, job: QuantizeJob) -> dict[str, Any]:
+        return quantize(job)
+
+
+register(ONNX())

@@ -10,7 +10,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from quantpipe.methods import DTYPE_BYTES, Method, MethodParams, QuantizeJob, Storage, _llmcompressor, register
+from quantpipe.deps import Requirements
+from quantpipe.memory import DTYPE_BYTES, Shapes, Storage, gptq_calibration
+from quantpipe.methods import Method, MethodParams, QuantizeJob, _llmcompressor, register
 
 
 class SmoothQuantParams(MethodParams):
@@ -19,45 +21,48 @@ class SmoothQuantParams(MethodParams):
     damp_percent: float = Field(0.01, gt=0, lt=1)
 
 
-def quantize(job: QuantizeJob) -> dict[str, Any]:
-    from compressed_tensors.quantization import QuantizationArgs
-    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
-    from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
+class SmoothQuant(Method):
+    name = "smoothquant"
+    summary = "SmoothQuant + W8A8 INT8 weights and activations (llm-compressor -> compressed-tensors)"
+    Params = SmoothQuantParams
 
-    p: SmoothQuantParams = job.params
-    weights = _llmcompressor.weight_args(8, -1, symmetric=True)
-    acts = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
-    groups = _llmcompressor.config_groups(weights, acts)
-    modifiers: list[Any] = []
-    if p.smoothing_strength:
-        modifiers.append(SmoothQuantModifier(smoothing_strength=p.smoothing_strength))
-    if p.weights == "gptq":
-        modifiers.append(GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=p.damp_percent))
-    else:
-        modifiers.append(QuantizationModifier(config_groups=groups, ignore=["lm_head"]))
-    return {**_llmcompressor.oneshot(job, modifiers), "bits": 8, "activations": "int8 per token, dynamic"}
+    def requirements(self, p: SmoothQuantParams) -> Requirements:
+        return _llmcompressor.REQUIREMENTS
+
+    def format(self, p: SmoothQuantParams) -> str:
+        return _llmcompressor.FORMAT
+
+    def calibrates(self, p: SmoothQuantParams) -> bool:
+        return True
+
+    def storage(self, p: SmoothQuantParams, dtype: str) -> Storage:
+        return Storage(float_bytes=DTYPE_BYTES[dtype], decompressed_on_cpu=True,
+                       linear=_llmcompressor.int8_bytes(DTYPE_BYTES[dtype]))
+
+    def calibration_memory(self, p: SmoothQuantParams, shapes: Shapes, n_samples: int, seq_len: int, a: int
+                           ) -> dict[str, int]:
+        """GPTQ's working set (the smoothing statistics are a few vectors per layer); RTN: the layer's inputs
+        and outputs and one sample's forward."""
+        need = gptq_calibration(shapes, n_samples, seq_len, a)
+        return need if p.weights == "gptq" else {k: need[k] for k in ("layer inputs+outputs", "forward")}
+
+    def quantize(self, job: QuantizeJob) -> dict[str, Any]:
+        from compressed_tensors.quantization import QuantizationArgs
+        from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+        from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
+
+        p: SmoothQuantParams = job.params
+        weights = _llmcompressor.weight_args(8, -1, symmetric=True)
+        acts = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+        groups = _llmcompressor.config_groups(weights, acts)
+        modifiers: list[Any] = []
+        if p.smoothing_strength:
+            modifiers.append(SmoothQuantModifier(smoothing_strength=p.smoothing_strength))
+        if p.weights == "gptq":
+            modifiers.append(GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=p.damp_percent))
+        else:
+            modifiers.append(QuantizationModifier(config_groups=groups, ignore=["lm_head"]))
+        return {**_llmcompressor.oneshot(job, modifiers), "bits": 8, "activations": "int8 per token, dynamic"}
 
 
-def calibration_memory(p: SmoothQuantParams, shapes: Any, n_samples: int, seq_len: int, a: int) -> dict[str, int]:
-    """GPTQ's working set (the smoothing statistics are a few vectors per layer); RTN: the layer's inputs and
-    outputs and one sample's forward."""
-    from quantpipe.plan import gptq_calibration
-
-    need = gptq_calibration(shapes, n_samples, seq_len, a)
-    return need if p.weights == "gptq" else {k: need[k] for k in ("layer inputs+outputs", "forward")}
-
-
-register(Method(
-    name="smoothquant",
-    summary="SmoothQuant + W8A8 INT8 weights and activations (llm-compressor -> compressed-tensors)",
-    params=SmoothQuantParams,
-    quantize=quantize,
-    runtime="hf",
-    requires=_llmcompressor.IMPORTS,
-    extra=_llmcompressor.EXTRA,
-    uses_calibration=True,
-    libraries=_llmcompressor.DISTS,
-    storage=lambda p, dtype: Storage(float_bytes=DTYPE_BYTES[dtype], decompressed_on_cpu=True,
-                                     linear=_llmcompressor.int8_bytes(DTYPE_BYTES[dtype])),
-    calibration_memory=calibration_memory,
-))
+register(SmoothQuant())

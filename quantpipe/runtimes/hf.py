@@ -1,4 +1,5 @@
-"""The Hugging Face transformers runtime: any artifact `AutoModelForCausalLM.from_pretrained` loads (CPU or CUDA)."""
+"""The Hugging Face transformers runtime: any artifact `AutoModelForCausalLM.from_pretrained` loads (CPU or CUDA):
+plain safetensors, compressed-tensors, GPTQ and AWQ checkpoints (through GPTQModel), torchao."""
 
 from __future__ import annotations
 
@@ -6,11 +7,15 @@ from pathlib import Path
 
 import torch
 
-from quantpipe.runtimes import RuntimeInfo, register
+from quantpipe import memory
+from quantpipe.artifact import TRANSFORMERS_FORMATS, ArtifactMeta
+from quantpipe.deps import Requirements
+from quantpipe.runtimes import BaseRuntime, Capabilities, RuntimeSpec, register
 
 
-class HFRuntime:
+class HFRuntime(BaseRuntime):
     name = "hf"
+    engine = "transformers generate, dynamic KV cache (eager)"
 
     def __init__(self, artifact_dir: Path, device: str) -> None:
         from transformers import AutoModelForCausalLM
@@ -54,14 +59,11 @@ class HFRuntime:
 
     def decode_bytes(self) -> int:
         """Weight bytes one decode step reads (the bench's bandwidth limit)."""
-        from quantpipe.engine import decode_bytes
-
-        return decode_bytes(self.model)
+        return memory.decode_bytes(self.model)
 
     def kv_bytes_per_position(self) -> int:
-        from quantpipe.engine import kv_bytes_per_position
+        return memory.kv_bytes_per_position(self.model.config, self.model.dtype)
 
-        return kv_bytes_per_position(self.model.config, self.model.dtype)
 
     def kernel(self) -> str:
         """What computes the quantized matmuls (call after a forward: some formats decompress on the first)."""
@@ -99,7 +101,7 @@ QUANT_LIBRARIES = {"compressed-tensors": ("compressed_tensors",), "gptq": ("gptq
                    "awq": ("gptqmodel", "optimum"), "torchao": ("torchao",)}
 
 
-def preload(artifact_dir: Path) -> None:
+def preload(artifact_dir: Path, meta: ArtifactMeta | None = None) -> None:
     """Import the model class and the quantization library of the artifact's format."""
     import importlib
 
@@ -113,4 +115,13 @@ def preload(artifact_dir: Path) -> None:
         importlib.import_module(name)
 
 
-register(RuntimeInfo(name="hf", load=HFRuntime, requires=("transformers",), preload=preload))
+register(RuntimeSpec(
+    name="hf",
+    summary="transformers AutoModelForCausalLM (eval's reference runtime; generate with a dynamic KV cache)",
+    formats=frozenset(TRANSFORMERS_FORMATS),
+    natural_for=frozenset(TRANSFORMERS_FORMATS),
+    load=lambda path, device, meta: HFRuntime(path, device),
+    capabilities=Capabilities(scores="full", batched_scoring=True, decode_bytes=True, devices=("cpu", "cuda")),
+    requirements=Requirements(("transformers",)),
+    preload=preload,
+))

@@ -15,32 +15,35 @@ from typing import Any
 import numpy as np
 import torch
 
-from quantpipe import llamacpp
+from quantpipe.artifact import ArtifactMeta
+from quantpipe.backends import llamacpp_tools
+from quantpipe.deps import Requirements
 from quantpipe.errors import QuantpipeError
-from quantpipe.runtimes import RuntimeInfo, read_meta, register
+from quantpipe.runtimes import BaseRuntime, Capabilities, RuntimeSpec, read_meta, register
 
 
-class LlamaCppRuntime:
+class LlamaCppRuntime(BaseRuntime):
     name = "llama.cpp"
+    engine = "llama.cpp runtime"
 
-    def __init__(self, artifact_dir: Path, device: str) -> None:
-        meta = read_meta(artifact_dir)
-        self.path = Path(artifact_dir) / meta.get("file", "")
-        if not meta.get("file") or not self.path.is_file():
-            raise QuantpipeError(f"{artifact_dir}: the GGUF file named in quantpipe.json ({meta.get('file')}) "
+    def __init__(self, artifact_dir: Path, device: str, meta: ArtifactMeta | None = None) -> None:
+        meta = meta or read_meta(artifact_dir)
+        self.path = Path(artifact_dir) / (meta.file or "")
+        if not meta.file or not self.path.is_file():
+            raise QuantpipeError(f"{artifact_dir}: the GGUF file named in quantpipe.json ({meta.file}) "
                                  "is missing")
-        self.info = llamacpp.check_gguf(self.path)
-        self.lib = lib = llamacpp.bindings()
+        self.info = llamacpp_tools.check_gguf(self.path)
+        self.lib = lib = llamacpp_tools.bindings()
         gpu = device == "cuda" and bool(lib.llama_supports_gpu_offload())
         self.device = "cuda" if gpu else "cpu"
         self.threads = torch.get_num_threads()
         mp = lib.llama_model_default_params()
         mp.n_gpu_layers = 999 if gpu else 0
-        self.extra_bufts, self.extra_bufts_why = llamacpp.use_extra_bufts()
+        self.extra_bufts, self.extra_bufts_why = llamacpp_tools.use_extra_bufts()
         mp.use_extra_bufts = self.extra_bufts
         self.model = lib.llama_model_load_from_file(str(self.path).encode(), mp)
         if not self.model:
-            raise QuantpipeError(f"{self.path}: llama.cpp could not load it: {llamacpp.last_error()}")
+            raise QuantpipeError(f"{self.path}: llama.cpp could not load it: {llamacpp_tools.last_error()}")
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
         self.ctx = None
@@ -63,7 +66,7 @@ class LlamaCppRuntime:
         self.ctx = self.lib.llama_init_from_model(self.model, cp)
         if not self.ctx:
             raise QuantpipeError(f"{self.path}: llama.cpp could not make a context of {tokens} x {seqs} tokens: "
-                                 f"{llamacpp.last_error()}")
+                                 f"{llamacpp_tools.last_error()}")
         self.ctx_shape = (tokens, seqs)
         return self.ctx
 
@@ -80,7 +83,7 @@ class LlamaCppRuntime:
         finally:
             lib.llama_batch_free(batch)
         if rc != 0:
-            raise QuantpipeError(f"{self.path}: llama_decode failed (code {rc}): {llamacpp.last_error()}")
+            raise QuantpipeError(f"{self.path}: llama_decode failed (code {rc}): {llamacpp_tools.last_error()}")
 
     def _row(self, ctx: Any, i: int) -> np.ndarray:
         ptr = self.lib.llama_get_logits_ith(ctx, i)
@@ -120,7 +123,8 @@ class LlamaCppRuntime:
 
     def kernel(self) -> str:
         types = ", ".join(f"{k} x{v}" for k, v in self.info["tensor_types"].items())
-        feats = " ".join(f for f in llamacpp.cpu_features() if f != "REPACK" or self.extra_bufts)  # REPACK needs them
+        # REPACK needs the extra buffer types
+        feats = " ".join(f for f in llamacpp_tools.cpu_features() if f != "REPACK" or self.extra_bufts)
         return f"llama.cpp {self.device.upper()} ({feats}; extra buffer types {self.extra_bufts_why}): {types}"
 
     def _free_context(self) -> None:
@@ -135,9 +139,18 @@ class LlamaCppRuntime:
             self.model = None
 
 
-def preload(artifact_dir: Path) -> None:
-    llamacpp.bindings()
+
+def preload(artifact_dir: Path, meta: ArtifactMeta | None = None) -> None:
+    llamacpp_tools.bindings()
 
 
-register(RuntimeInfo(name="llama.cpp", load=LlamaCppRuntime, requires=("llama_cpp", "gguf"), extra="gguf",
-                     preload=preload))
+register(RuntimeSpec(
+    name="llama.cpp",
+    summary="llama.cpp through llama-cpp-python's C API (GGUF files)",
+    formats=frozenset({"gguf"}),
+    natural_for=frozenset({"gguf"}),
+    load=LlamaCppRuntime,
+    capabilities=Capabilities(scores="full", batched_scoring=True, devices=("cpu", "cuda")),
+    requirements=Requirements(("llama_cpp", "gguf"), "gguf", loads=("llama_cpp",)),
+    preload=preload,
+))

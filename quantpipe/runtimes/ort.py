@@ -10,50 +10,28 @@ runs the B prompts in one prefill, then one token per step with the present key/
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from quantpipe.artifact import ArtifactMeta
+from quantpipe.backends.onnx import past_inputs
+from quantpipe.deps import Requirements
 from quantpipe.errors import QuantpipeError
-from quantpipe.runtimes import RuntimeInfo, read_meta, register
-
-NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+from quantpipe.runtimes import BaseRuntime, Capabilities, RuntimeSpec, read_meta, register
 
 
-def past_inputs(inputs: list[tuple[str, list[Any], str]], config_dir: Path) -> dict[str, tuple[int, int, Any]]:
-    """{past input name: (kv heads, head size, numpy dtype)} from the inputs' (name, shape, type); axes the graph
-    leaves symbolic (the GenAI builder's `kv_cache_dim`) come from the model's config.json."""
-    out, cfg = {}, None
-    for name, shape, typ in inputs:
-        if not name.startswith("past_key_values."):
-            continue
-        heads, size = shape[1], shape[3]
-        if not isinstance(heads, int) or not isinstance(size, int) or not heads or not size:
-            if cfg is None:
-                try:
-                    cfg = json.loads((config_dir / "config.json").read_text())
-                except (OSError, json.JSONDecodeError) as e:
-                    raise QuantpipeError(f"{config_dir}: input {name} has symbolic axes {shape} and config.json "
-                                         f"cannot tell them ({e})") from None
-            heads = heads if isinstance(heads, int) and heads else cfg.get("num_key_value_heads",
-                                                                             cfg["num_attention_heads"])
-            size = size if isinstance(size, int) and size else (
-                cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
-        out[name] = (int(heads), int(size), NP_TYPES.get(typ, np.float32))
-    return out
-
-
-class ORTRuntime:
+class ORTRuntime(BaseRuntime):
     name = "onnxruntime"
+    engine = "onnxruntime runtime"
 
-    def __init__(self, artifact_dir: Path, device: str) -> None:
+    def __init__(self, artifact_dir: Path, device: str, meta: ArtifactMeta | None = None) -> None:
         import onnxruntime as ort
 
-        meta = read_meta(artifact_dir)
-        self.path = Path(artifact_dir) / meta.get("file", "model.onnx")
+        meta = meta or read_meta(artifact_dir)
+        self.path = Path(artifact_dir) / (meta.file or "model.onnx")
         if not self.path.is_file():
             raise QuantpipeError(f"{artifact_dir}: the ONNX file named in quantpipe.json ({self.path.name}) is missing")
         self.threads = torch.get_num_threads()
@@ -76,7 +54,7 @@ class ORTRuntime:
         if "logits" not in self.outputs:
             raise QuantpipeError(f"{self.path}: not a decoder ONNX model (no 'logits' output)")
         self.vocab = self.session.get_outputs()[self.outputs.index("logits")].shape[-1]
-        self.ops = meta.get("io", {}).get("ops", {})
+        self.ops = (meta.extra("io") or {}).get("ops", {})
 
     def _run(self, ids: np.ndarray, past: dict[str, np.ndarray], total: int
              ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -122,8 +100,18 @@ class ORTRuntime:
         self.session = None
 
 
-def preload(artifact_dir: Path) -> None:
+
+def preload(artifact_dir: Path, meta: ArtifactMeta | None = None) -> None:
     import onnxruntime  # noqa: F401
 
 
-register(RuntimeInfo(name="onnxruntime", load=ORTRuntime, requires=("onnxruntime",), extra="onnx", preload=preload))
+register(RuntimeSpec(
+    name="onnxruntime",
+    summary="ONNX Runtime InferenceSession (ONNX decoders with past key values)",
+    formats=frozenset({"onnx"}),
+    natural_for=frozenset({"onnx"}),
+    load=ORTRuntime,
+    capabilities=Capabilities(scores="full", devices=("cpu", "cuda")),
+    requirements=Requirements(("onnxruntime",), "onnx"),
+    preload=preload,
+))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import importlib.metadata
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from quantpipe.errors import QuantpipeError
+from quantpipe.errors import QuantpipeError, first_line
 
 INSTALL_HINT = ("pip install 'quantpipe[gguf]' --find-links DIR_WITH_A_PREBUILT_WHEEL (llama-cpp-python compiles "
                 "llama.cpp when no wheel fits: 12 min to 1.5 h on 2 cores; README.md, GGUF)")
@@ -37,8 +38,14 @@ def bindings() -> Any:
     global _CALLBACK
     try:
         import llama_cpp
-    except ImportError:
-        raise QuantpipeError(f"llama.cpp is not installed: {INSTALL_HINT}") from None
+    except ImportError as e:
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise QuantpipeError(f"llama.cpp is not installed: {INSTALL_HINT}") from None
+        raise QuantpipeError(f"llama.cpp (llama-cpp-python) is installed but fails to load: {first_line(e)}; "
+                             f"reinstall it ({INSTALL_HINT})") from None
+    except Exception as e:  # noqa: BLE001 - its shared library failed to load (OSError from ctypes, ...)
+        raise QuantpipeError(f"llama.cpp (llama-cpp-python) is installed but its library fails to load: "
+                             f"{type(e).__name__}: {first_line(e)}; reinstall it ({INSTALL_HINT})") from None
     if _CALLBACK is None:
         @llama_cpp.llama_log_callback
         def _log(level: int, text: bytes, user_data: Any) -> None:
@@ -180,7 +187,7 @@ def check_gguf(path: Path, tokens: bool = False) -> dict[str, Any]:
         tensors = reader.tensors
         end = max((t.data_offset + t.n_bytes for t in tensors), default=0)
     except Exception as e:  # noqa: BLE001 - any parse failure is a corrupt file
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise QuantpipeError(f"{path}: corrupt or truncated GGUF ({type(e).__name__}: {first})") from None
     if end > size:
         raise QuantpipeError(f"{path}: truncated GGUF: tensor data ends at byte {end}, the file has {size}")

@@ -1,22 +1,20 @@
-"""The compiled decode engine of the bench: an HF artifact read straight from its safetensors, its quantized
-Linears on torch's low-bit weight-only kernels (never dequantized to float), a static KV cache, and the
-one-token decode step compiled with CUDA graphs (torch.compile mode "reduce-overhead").
+"""Low-bit Linear modules on torch's weight-only kernels, and the loader that puts a transformers checkpoint's
+quantized Linears on them without dequantizing (the compiled runtime's model).
 
 Formats with a kernel here (`LAYOUTS`): compressed-tensors `pack-quantized` (llm-compressor's GPTQ/AWQ, 4 or 8
 bits, grouped or per channel, symmetric or not) and `int-quantized` (8-bit weights, with or without dynamic
 per-token int8 activations), GPTQModel's `gptq` (4 bits, no act-order permutation), torchao's int8 (our `int8`
 method). 4-bit weights run on tinygemm (`_weight_int4pack_mm`), 8-bit weight-only on `_weight_int8pack_mm`,
 W8A8 on `_int_mm`; everything else of the model (embeddings, norms, an unquantized lm_head) stays in its dtype.
-A float artifact loads as it is. Another format raises `Unsupported` and the bench runs it eagerly instead.
+A float artifact loads as it is. Another format raises `Unsupported`.
 
-On a CPU the same modules run on the CPU builds of those kernels, without compiling: the tests check the
-arithmetic there against transformers' own loading of each format.
+On a CPU the same modules run on the CPU builds of those kernels: the tests check the arithmetic there against
+transformers' own loading of each format.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -287,131 +285,3 @@ def load_model(artifact_dir: Path, device: str) -> tuple[nn.Module, str]:
 
 KERNEL_NAMES = {Int4Linear: "int4 tinygemm (_weight_int4pack_mm)", Int8Linear: "int8 weight-only (_weight_int8pack_mm)",
                 Int8DynamicLinear: "int8 x int8 dynamic per-token (_int_mm)"}
-
-
-def decode_bytes(model: nn.Module) -> int:
-    """Bytes of weights one decode step reads: every parameter and buffer but the token embedding (a step
-    gathers a few rows of it) — unless the lm_head is tied to it, then it is read whole, once."""
-    emb = model.get_input_embeddings().weight
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.data_ptr() in seen or t.is_meta:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    out = model.get_output_embeddings()
-    tied = out is not None and getattr(out, "weight", None) is not None and out.weight.data_ptr() == emb.data_ptr()
-    return total if tied else total - emb.numel() * emb.element_size()
-
-
-def kv_bytes_per_position(config: Any, dtype: torch.dtype) -> int:
-    """KV-cache bytes of one position of one sequence (keys and values of every layer)."""
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * heads * head_dim * torch.empty((), dtype=dtype).element_size()
-
-
-def copy_bandwidth(device: str, mib: int | None = None, repeats: int = 10) -> float:
-    """Measured device-memory copy bandwidth in bytes/s (bytes read + bytes written over the best time)."""
-    n = (mib or (2048 if device == "cuda" else 128)) * 2**20
-    src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = float("inf")
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        dst.copy_(src)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    del src, dst
-    return 2 * n / best
-
-
-def set_inductor_flags() -> None:
-    """Cache compiled graphs on disk (the GPTQ and AWQ rows of one shape share theirs). gpt-fast's
-    coordinate-descent tuning of kernel tilings is on only with QUANTPIPE_TUNE=1: it multiplies compile time."""
-    import os
-
-    import torch._inductor.config as ic
-
-    ic.fx_graph_cache = True
-    ic.triton.unique_kernel_names = True
-    ic.coordinate_descent_tuning = os.environ.get("QUANTPIPE_TUNE") == "1"
-
-
-class CompiledRuntime:
-    """The runtime contract over `load_model`: eager `logits`; `generate` with a static KV cache per (batch,
-    length) and, on CUDA, the decode step compiled with CUDA graphs."""
-
-    name = "hf"
-
-    def __init__(self, artifact_dir: Path, device: str, compile: bool | None = None) -> None:
-        self.device = device
-        self.model, self.kernels = load_model(artifact_dir, device)
-        self.compiled = device == "cuda" if compile is None else compile
-        self.engine = ("torch.compile reduce-overhead (CUDA graphs), static KV cache" if self.compiled
-                       else "eager, static KV cache")
-        self._caches: dict[tuple[int, int], Any] = {}
-        self._step = self._decode_one
-        if self.compiled:
-            set_inductor_flags()
-            self._step = torch.compile(self._decode_one, mode="reduce-overhead", fullgraph=True, dynamic=False)
-
-    def _decode_one(self, tok: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
-        logits = self.model(input_ids=tok, cache_position=pos, past_key_values=cache, use_cache=True,
-                            logits_to_keep=1).logits
-        return logits[:, -1].argmax(-1, keepdim=True)
-
-    def _cache(self, batch: int, length: int) -> Any:
-        from transformers import StaticCache
-
-        key = (batch, length)
-        if key not in self._caches:
-            self._caches[key] = StaticCache(config=self.model.config, max_cache_len=length)
-        else:
-            self._caches[key].reset()
-        return self._caches[key]
-
-    @torch.inference_mode()
-    def logits(self, ids: list[int]) -> torch.Tensor:
-        x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        return self.model(input_ids=x, use_cache=False).logits[0].float().cpu()
-
-    @torch.inference_mode()
-    def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-        x = ids.to(self.device)
-        b, t = x.shape
-        cache = self._cache(b, self.cache_length(t, new_tokens))
-        pos = torch.arange(t, device=self.device)
-        logits = self.model(input_ids=x, cache_position=pos, past_key_values=cache, use_cache=True,
-                            logits_to_keep=1).logits  # the last position's only: [B, T, vocab] can be GBs
-        tok = logits[:, -1].argmax(-1, keepdim=True)
-        out = [tok]
-        positions = torch.arange(t, t + new_tokens, device=self.device)
-        for i in range(new_tokens - 1):
-            tok = self._step(tok, positions[i:i + 1], cache).clone()  # a CUDA graph's output is reused
-            out.append(tok)
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-        return torch.cat(out, 1).cpu()
-
-    @staticmethod
-    def cache_length(prompt_len: int, new_tokens: int) -> int:
-        """Static cache length: rounded up to 64 for fewer distinct shapes (and compiled graphs) across calls."""
-        return -(-(prompt_len + new_tokens) // 64) * 64
-
-    def kernel(self) -> str:
-        return self.kernels
-
-    def decode_bytes(self) -> int:
-        return decode_bytes(self.model)
-
-    def kv_bytes_per_position(self) -> int:
-        return kv_bytes_per_position(self.model.config, self.model.dtype)
-
-    def close(self) -> None:
-        del self.model
-        self._caches.clear()

@@ -1,0 +1,170 @@
+"""What a finished run writes: results.json (typed, results.py), the matrix (report.py), manifest.json, and
+`quantpipe plan`'s predictions beside each row's measured memory."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from quantpipe import __version__, lmeval, plan, report, results, runtimes, sources, sysinfo
+from quantpipe.cache import digest, explain_os_error, write_json
+from quantpipe.errors import QuantpipeError
+from quantpipe.methods import get_method
+from quantpipe.pipeline.stages import Run
+
+
+def row_result(r: Run, row: Any) -> dict[str, Any]:
+    """One (variant, runtime) row of results.json from its stages' records."""
+    v = row.variant
+    q = r.results[f"quantize:{v.name}"]
+    meta = r.meta(v)
+    e = r.results.get(f"eval:{row.name}") or {}
+    b = r.results.get(f"bench:{row.name}")
+    lm = r.results.get(f"lm-eval:{row.name}")
+    measured = e.get("runtime") or (b or {}).get("runtime")
+    note = e.get("note") or (b or {}).get("engine_note")
+    return {
+        "name": row.name,
+        "variant": v.name,
+        "runtime": measured or row.runtime,
+        "requested_runtime": row.requested,
+        "method": v.method,
+        "params": meta.params,
+        "format": meta.format,
+        "format_detail": meta.format_detail,
+        "artifact": {"path": f"artifacts/{v.name}", "size_bytes": q["size_bytes"],
+                     "n_files": len(r.cache.files(f"quantize:{v.name}"))},
+        "weights": r.recipe.model.weights,
+        "quality": e.get("quality"),
+        "speed": None if b is None else {k: b.get(k) for k in (
+            "runtime", "device", "engine", "engine_note", "threads", "kernel", "per_batch", "copy_bandwidth_gbs",
+            "weight_bytes_per_step", "kv_bytes_per_position", "gpu")},
+        "eval_kernel": e.get("kernel"),
+        "lm_eval": None if lm is None else lm["tasks"],
+        "lm_eval_meta": None if lm is None else {**lm["_meta"], "wall_s": lm["wall_s"]},
+        "memory": {"peak_rss_mib": None if b is None else b["peak_rss_mib"],
+                   "load_rss_mib": None if b is None else b["load_rss_mib"],
+                   "peak_gpu_mib": None if b is None else b.get("peak_gpu_mib"),
+                   "peak_gpu_reserved_mib": None if b is None else b.get("peak_gpu_reserved_mib"),
+                   "gpu_driver_used_mib": None if b is None else b.get("gpu_driver_used_mib"),
+                   "quantize_peak_rss_mib": q["quantize_peak_rss_mib"],
+                   "quantize_peak_gpu_mib": q.get("quantize_peak_gpu_mib")},
+        "timings": {"quantize_s": q["quantize_s"], "eval_s": e.get("wall_s"),
+                    "lm_eval_s": None if lm is None else lm["wall_s"],
+                    "bench_s": None if b is None else b["wall_s"], "load_s": None if b is None else b["load_s"]},
+        "meta": meta.to_dict(),
+        "note": note,
+    }
+
+
+def collect(r: Run, recipe_path: str) -> dict[str, Any]:
+    recipe = r.recipe
+    rows = [row_result(r, row) for row in r.plan.rows]
+    lmeval.add_recoveries(rows, r.ref_row.name)
+    return {
+        "schema_version": results.SCHEMA_VERSION,
+        "quantpipe_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "recipe": {"name": recipe.name, "path": recipe_path, "sha256": recipe.sha256()},
+        "run_dir": str(r.dir),
+        "model": sources.describe(recipe.model),
+        "model_digest": model_digest(r),
+        "weights": recipe.model.weights,
+        "reference": r.ref_row.name,
+        "eval": {**recipe.eval.model_dump(mode="json"), "n_windows": r.results["eval-tokens"]["n_windows"],
+                 "random_ids": bool(r.results["eval-tokens"].get("random_ids")),
+                 "tokens_sha256": r.results["eval-tokens"]["tokens_sha256"]},
+        "bench": recipe.bench.model_dump(mode="json"),
+        "hardware": sysinfo.hardware(),
+        "variants": rows,
+        "gates": recipe.gates.model_dump(mode="json") if recipe.gates else None,
+        "skipped": r.plan.skipped,
+    }
+
+
+def model_digest(r: Run) -> str:
+    """The base model's identity: sha256 over the baseline artifact's weight files' digests (not its metadata,
+    which names library versions)."""
+    files = r.cache.files(f"quantize:{r.recipe.reference.name}")
+    return digest({k: v for k, v in files.items() if k.endswith((".safetensors", ".gguf", ".bin"))})
+
+
+GPU_LAYERWISE = ("on a GPU the quantizing library keeps the float model in CPU memory and moves one decoder layer "
+                 "at a time onto the GPU, so the prediction's whole-model term is an upper bound")
+
+
+def add_predictions(r: Run, res: dict[str, Any]) -> None:
+    """Put `quantpipe plan`'s predictions beside each row's measured memory (`prediction` per row): artifact
+    tensor bytes, the bench process's memory at its largest batch, and calibrated quantization's peak.
+    Measured process memory is the peak minus the process's memory before any weights (libraries loaded)."""
+    from transformers import AutoConfig
+
+    try:
+        s = plan.shapes(AutoConfig.from_pretrained(r.artifact_dir(r.recipe.reference)))
+    except QuantpipeError as e:  # a model family plan does not know: the matrix says so
+        for row in res["variants"]:
+            row["prediction"] = {"error": str(e)}
+        return
+    dtype, cal, spec = r.recipe.model.dtype, r.recipe.calibration, r.recipe.bench.model_dump(mode="json")
+    by_name = {row.name: row for row in r.plan.rows}
+    for row in res["variants"]:
+        variant = by_name[row["name"]].variant
+        method, params = get_method(variant.method), variant.params
+        storage = method.storage(params, dtype)
+        q, b = r.results[f"quantize:{variant.name}"], r.results.get(f"bench:{row['name']}")
+        pred: dict[str, Any] = {"weights_bytes": plan.weight_bytes(s, storage)["total"],
+                                "measured_weights_bytes": q.get("tensor_bytes")}
+        if not storage.exact:
+            pred["weights_nominal"] = "the backend picks some tensors' types itself: nominal bytes of the main type"
+        if b is not None:
+            device = b["device"]
+            pred["bench"] = {k: x / plan.MIB for k, x in plan.bench_memory(s, storage, dtype, device, spec).items()}
+            measured = b.get("peak_gpu_mib") if device == "cuda" else (
+                b["peak_rss_mib"] - b["base_rss_mib"] if "base_rss_mib" in b else None)
+            pred["measured_bench_mib"] = measured
+            pred["bench_measure"] = "peak CUDA memory allocated" if device == "cuda" else "peak RSS - RSS before load"
+            # the storage's CPU note is about the format's own runtime (e.g. GPTQModel's kernel repacking)
+            if device == "cpu" and storage.cpu_note and b.get("runtime") == runtimes.natural(row["format"]).name:
+                pred["bench_not_modelled"] = storage.cpu_note
+        need = plan.quantize_memory(s, method, params, dtype, cal.n_samples, cal.seq_len)
+        if need is not None:
+            pred["quantize"] = {k: x / plan.MIB for k, x in need.items()}
+            base = q.get("quantize_base_rss_mib")
+            on_gpu = row["meta"].get("quantize_device") == "cuda" and q.get("quantize_peak_gpu_mib") is not None
+            pred["measured_quantize_mib"] = q["quantize_peak_gpu_mib"] if on_gpu else (
+                None if base is None else q["quantize_peak_rss_mib"] - base)
+            pred["quantize_measure"] = "peak CUDA memory allocated" if on_gpu else "peak RSS - RSS before load"
+            if storage.quantize_upper_bound:
+                pred["quantize_upper_bound"] = storage.quantize_upper_bound
+            elif on_gpu:
+                pred["quantize_upper_bound"] = GPU_LAYERWISE
+        row["prediction"] = pred
+
+
+def write_outputs(r: Run, res: dict[str, Any], wall_s: float) -> results.Results:
+    """Validate the results through the typed model, then write results.json, the matrix and manifest.json."""
+    typed = results.parse(res, "results of this run")
+    try:
+        results.write(r.dir / "results.json", typed)
+        report.write(r.dir, typed)
+        calib = r.results.get("calibration")
+        manifest = {
+            "quantpipe_version": __version__,
+            "created": typed.created,
+            "recipe": typed.recipe.model_dump(mode="json"),
+            "recipe_content": r.recipe.model_dump(mode="json"),
+            "stage_keys": r.keys,
+            "library_versions": sysinfo.versions(),
+            "method_versions": {v.name: get_method(v.method).versions(v.params) for v in r.recipe.variants},
+            "runtimes": {row.name: row.runtime for row in r.plan.rows},
+            "seeds": {"calibration": r.recipe.calibration.seed},
+            "hardware": typed.hardware,
+            "calibration": None if calib is None else {"shape": calib["shape"], "sha256": calib["sha256"]},
+            "eval_tokens_sha256": typed.eval["tokens_sha256"],
+            "artifacts": {v.name: r.cache.files(f"quantize:{v.name}") for v in r.recipe.variants},
+            "run_wall_s": wall_s,
+        }
+        write_json(r.dir / "manifest.json", manifest)
+    except OSError as e:
+        raise explain_os_error(e, f"writing the results into {r.dir}") from None
+    return typed

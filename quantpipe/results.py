@@ -1,0 +1,290 @@
+"""results.json: the typed record of a run, written from these models and read back through them.
+
+One `Row` per (variant, runtime) pair measured: the variant's artifact (method, params, format, size, how it was
+quantized) and what that runtime measured of it (quality, lm-eval scores, speed, memory). A variant measured in
+one runtime has one row named after it; a second runtime adds a row named `variant@runtime`.
+
+Schema version 2. Version 1 files (one row per variant, before the runtime axis) are upgraded when read, so
+`quantpipe gate --baseline OLD.json` and `quantpipe report` keep working on them. Reading validates once: a file
+with a missing field, a string where a number belongs, a NaN or an impossible value (a negative KL divergence,
+a top-1 agreement above 1) is a one-line error naming the row and the field, never a crash further on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from quantpipe.errors import QuantpipeError
+from quantpipe.recipe import GatesSpec
+
+SCHEMA_VERSION = 2
+
+
+class Model(BaseModel):
+    """Strict about what it knows (a number is a JSON number, never a string; finite), open for what a newer
+    quantpipe adds: unknown keys are kept, not refused."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False, protected_namespaces=())
+
+
+class Quality(Model):
+    """The window eval of one row against the reference (evaluate.py defines every figure)."""
+
+    perplexity: float = Field(gt=0)
+    nll_mean: float | None = None
+    nll_se: float | None = None  # a single token has none
+    kld_mean: float = Field(ge=0)
+    kld_se: float | None = None
+    kld_p99: float | None = Field(None, ge=0)
+    top1_agreement: float = Field(ge=0, le=1)
+    n_windows: int | None = Field(None, ge=1)
+    n_tokens_scored: int | None = Field(None, ge=1)
+    block_tokens: int | None = None
+    blocks: dict[str, list[float]] = Field(default_factory=dict)
+    kld_estimator: str = "full vocabulary"
+
+
+class BatchSpeed(Model):
+    ttft_s: float | None = Field(None, gt=0)
+    prefill_tok_s: float | None = Field(None, gt=0)
+    decode_tok_s: float | None = Field(None, gt=0)  # None: decode took no measurable time beyond the first token
+    e2e_s: float | None = Field(None, gt=0)
+    kv_positions_read: float | None = None
+    limit_tok_s: float | None = Field(None, gt=0)
+    frac_of_limit: float | None = Field(None, ge=0)
+
+
+class Speed(Model):
+    runtime: str | None = None
+    device: str | None = None
+    engine: str | None = None
+    engine_note: str | None = None
+    threads: int | None = None
+    kernel: str | None = None
+    per_batch: dict[str, BatchSpeed] = Field(default_factory=dict)
+    copy_bandwidth_gbs: float | None = None
+    weight_bytes_per_step: int | None = None
+    kv_bytes_per_position: int | None = None
+    gpu: str | None = None
+
+    @field_validator("per_batch")
+    @classmethod
+    def _batch_sizes(cls, v: dict[str, BatchSpeed]) -> dict[str, BatchSpeed]:
+        for k in v:
+            if not k.isdigit() or int(k) < 1:
+                raise ValueError(f"batch size '{k}' is not a positive integer")
+        return v
+
+
+class TaskScore(Model):
+    metric: str
+    value: float | None = None
+    stderr: float | None = None
+    n: int | None = None
+    recovery: float | None = None
+    recovery_se: float | None = None
+    higher_is_better: bool | None = True
+    per_doc: list[Any] | None = None
+
+
+class Memory(Model):
+    peak_rss_mib: float | None = Field(None, ge=0)
+    load_rss_mib: float | None = None
+    peak_gpu_mib: float | None = Field(None, ge=0)
+    peak_gpu_reserved_mib: float | None = None
+    gpu_driver_used_mib: float | None = None
+    quantize_peak_rss_mib: float | None = None
+    quantize_peak_gpu_mib: float | None = None
+
+
+class Timings(Model):
+    quantize_s: float | None = None
+    eval_s: float | None = None
+    lm_eval_s: float | None = None
+    bench_s: float | None = None
+    load_s: float | None = None
+
+
+class ArtifactRef(Model):
+    path: str = ""
+    size_bytes: int = Field(gt=0)
+    n_files: int | None = None
+
+
+class Row(Model):
+    """One (variant, runtime) pair of the matrix."""
+
+    name: str  # the row's name: the variant's, or `variant@runtime` for its further runtimes
+    variant: str
+    runtime: str | None = None  # the runtime that measured it (None: measured nothing)
+    requested_runtime: str = "auto"  # as the recipe named it (auto, natural, or a runtime)
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    format: str | None = None
+    format_detail: str | None = None
+    artifact: ArtifactRef
+    weights: Literal["real", "random"] = "real"
+    quality: Quality | None = None
+    speed: Speed | None = None
+    eval_kernel: str | None = None
+    lm_eval: dict[str, TaskScore] | None = None
+    lm_eval_meta: dict[str, Any] | None = None
+    memory: Memory = Field(default_factory=Memory)
+    timings: Timings = Field(default_factory=Timings)
+    meta: dict[str, Any] = Field(default_factory=dict)
+    prediction: dict[str, Any] | None = None
+    note: str | None = None  # why a runtime measured nothing here (it does not serve this artifact), or a fallback
+
+    @model_validator(mode="before")
+    @classmethod
+    def _variant(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "variant" not in data and "name" in data:
+            data = {**data, "variant": data["name"]}
+        return data
+
+
+class RecipeRef(Model):
+    name: str = "?"
+    path: str = "?"
+    sha256: str | None = None
+
+
+class Results(Model):
+    schema_version: Literal[2] = SCHEMA_VERSION
+    quantpipe_version: str = "?"
+    created: str = "?"
+    recipe: RecipeRef = Field(default_factory=RecipeRef)
+    run_dir: str | None = None
+    model: str = "?"
+    model_digest: str | None = None  # sha256 over the baseline artifact's weight files: which model this run measured
+    weights: Literal["real", "random"] = "real"
+    reference: str  # the reference row's name
+    eval: dict[str, Any] = Field(default_factory=dict)
+    bench: dict[str, Any] = Field(default_factory=dict)
+    hardware: dict[str, Any] = Field(default_factory=dict)
+    variants: list[Row] = Field(min_length=1)
+    gates: GatesSpec | None = None
+    skipped: list[dict[str, str]] = Field(default_factory=list)  # (variant, runtime) pairs a runtime cannot serve
+    upgraded_from: int | None = None  # set when read from an older schema
+
+    def row(self, name: str) -> Row | None:
+        return next((r for r in self.variants if r.name == name), None)
+
+    @property
+    def reference_row(self) -> Row:
+        ref = self.row(self.reference)
+        if ref is None:
+            raise QuantpipeError(f"results: the reference '{self.reference}' is not among its rows")
+        return ref
+
+    def reference_for(self, row: Row) -> Row:
+        """The baseline row a row's speed-up and size compare with: the reference variant in the same runtime
+        when it was measured there, else the reference row."""
+        ref = self.reference_row
+        same = [r for r in self.variants if r.variant == ref.variant and r.runtime == row.runtime]
+        return same[0] if same else ref
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json", exclude={"upgraded_from"}), indent=2) + "\n"
+
+
+def upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """A version 1 results mapping as version 2: every v1 variant is one row in the runtime it named."""
+    out = {**data, "schema_version": SCHEMA_VERSION, "upgraded_from": 1}
+    rows = []
+    for v in data.get("variants") or []:
+        if not isinstance(v, dict):
+            rows.append(v)  # validation names it
+            continue
+        row = {**v, "variant": v.get("name")}
+        fmt = row.get("format")
+        if isinstance(fmt, str) and fmt not in ("safetensors", "compressed-tensors", "gptq", "awq", "torchao",
+                                                "gguf", "onnx"):
+            row["format_detail"] = fmt
+        rows.append(row)
+    out["variants"] = rows
+    bench = dict(out.get("bench") or {})
+    engine = bench.pop("engine", None)
+    if engine is not None and "runtimes" not in bench:
+        bench["runtimes"] = ["compiled"] if engine == "compiled" else ["auto"]
+    out["bench"] = bench
+    return out
+
+
+def _where(err: dict[str, Any], data: Any) -> str:
+    """A validation error's location as `variants[2](int8).quality.kld_mean`."""
+    out, node = "", data
+    for part in err["loc"]:
+        if isinstance(part, int):
+            name = node[part].get("name") if isinstance(node, list) and part < len(node) and isinstance(
+                node[part], dict) else None
+            out += f"[{part}]" + (f"({name})" if name else "")
+        else:
+            out += ("." if out else "") + str(part)
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return out or "results"
+
+
+def parse(data: Any, where: str = "results.json") -> Results:
+    """Validate a results mapping (upgrading version 1) into the typed model; one-line QuantpipeError."""
+    if not isinstance(data, dict):
+        raise QuantpipeError(f"{where}: not a quantpipe results file (a JSON {type(data).__name__}, not an object)")
+    version = data.get("schema_version")
+    if version == 1:
+        data = upgrade_v1(data)
+    elif version != SCHEMA_VERSION:
+        raise QuantpipeError(f"{where}: schema_version {version!r}; this quantpipe reads {SCHEMA_VERSION} and 1 "
+                             "(re-run it with this version)")
+    try:
+        return Results.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "finite_number":
+            msg = "not a finite number (NaN or infinity): the run that wrote it is broken"
+        extra = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise QuantpipeError(f"{where}: {_where(err, data)}: {msg}{extra}") from None
+
+
+def as_results(data: Results | dict[str, Any]) -> Results:
+    """A Results model from itself or from a results mapping (validated)."""
+    return data if isinstance(data, Results) else parse(data)
+
+
+def as_row(data: Row | dict[str, Any]) -> Row:
+    if isinstance(data, Row):
+        return data
+    try:
+        return Row.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise QuantpipeError(f"results: row {data.get('name') if isinstance(data, dict) else '?'}: "
+                             f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
+def load(path: Path, what: str) -> Results:
+    """A results.json (or a run directory holding one); `what` names the command or option in errors."""
+    p = path / "results.json" if path.is_dir() else path
+    if not p.is_file():
+        raise QuantpipeError(f"{what}: '{p}' does not exist (give a run directory or its results.json)")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QuantpipeError(f"{what}: '{p}' is not valid JSON ({e}); re-render it with `quantpipe run`") from None
+    except RecursionError:
+        raise QuantpipeError(f"{what}: '{p}' is nested too deeply to be a quantpipe results file") from None
+    return parse(data, f"{what}: '{p}'")
+
+
+def write(path: Path, results: Results) -> None:
+    """results.json, atomically (temp file + rename)."""
+    from quantpipe.cache import write_text
+
+    write_text(path, results.to_json())

@@ -1,0 +1,127 @@
+"""The `compiled` runtime: a transformers artifact with its quantized Linears on torch's low-bit kernels
+(kernels.py: never dequantized to float), a static KV cache, and the one-token decode step compiled with CUDA
+graphs (torch.compile mode "reduce-overhead") on a GPU. On a CPU the same model runs uncompiled. `auto` picks it
+on a GPU for the formats it loads; formats or layouts without a kernel (AWQ GEMM, GPTQ act-order) raise
+`Unsupported` when loaded, and `auto` then falls back to the format's natural runtime.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantpipe import memory
+from quantpipe.artifact import ArtifactMeta
+from quantpipe.deps import Requirements
+from quantpipe.runtimes import BaseRuntime, Capabilities, RuntimeSpec, Unavailable, register
+from quantpipe.runtimes.hf import preload as hf_preload
+from quantpipe.runtimes.kernels import Unsupported, load_model
+
+# the formats it has kernels for (AWQ's GEMM layout has none: tinygemm's packing differs)
+FORMATS = frozenset({"safetensors", "compressed-tensors", "gptq", "torchao"})
+
+def set_inductor_flags() -> None:
+    """Cache compiled graphs on disk (the GPTQ and AWQ rows of one shape share theirs). gpt-fast's
+    coordinate-descent tuning of kernel tilings is on only with QUANTPIPE_TUNE=1: it multiplies compile time."""
+    import torch._inductor.config as ic
+
+    ic.fx_graph_cache = True
+    ic.triton.unique_kernel_names = True
+    ic.coordinate_descent_tuning = os.environ.get("QUANTPIPE_TUNE") == "1"
+
+
+class CompiledRuntime(BaseRuntime):
+    """The runtime contract over `load_model`: eager `logits`; `generate` with a static KV cache per (batch,
+    length) and, on CUDA, the decode step compiled with CUDA graphs."""
+
+    name = "compiled"
+
+    def __init__(self, artifact_dir: Path, device: str, compile: bool | None = None) -> None:
+        self.device = device
+        self.model, self.kernels = load_model(artifact_dir, device)
+        self.compiled = device == "cuda" if compile is None else compile
+        self.engine = ("torch.compile reduce-overhead (CUDA graphs), static KV cache" if self.compiled
+                       else "eager, static KV cache")
+        self._caches: dict[tuple[int, int], Any] = {}
+        self._step = self._decode_one
+        if self.compiled:
+            set_inductor_flags()
+            self._step = torch.compile(self._decode_one, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+    def _decode_one(self, tok: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
+        logits = self.model(input_ids=tok, cache_position=pos, past_key_values=cache, use_cache=True,
+                            logits_to_keep=1).logits
+        return logits[:, -1].argmax(-1, keepdim=True)
+
+    def _cache(self, batch: int, length: int) -> Any:
+        from transformers import StaticCache
+
+        key = (batch, length)
+        if key not in self._caches:
+            self._caches[key] = StaticCache(config=self.model.config, max_cache_len=length)
+        else:
+            self._caches[key].reset()
+        return self._caches[key]
+
+    @torch.inference_mode()
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        return self.model(input_ids=x, use_cache=False).logits[0].float().cpu()
+
+    @torch.inference_mode()
+    def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        x = ids.to(self.device)
+        b, t = x.shape
+        cache = self._cache(b, self.cache_length(t, new_tokens))
+        pos = torch.arange(t, device=self.device)
+        logits = self.model(input_ids=x, cache_position=pos, past_key_values=cache, use_cache=True,
+                            logits_to_keep=1).logits  # the last position's only: [B, T, vocab] can be GBs
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        out = [tok]
+        positions = torch.arange(t, t + new_tokens, device=self.device)
+        for i in range(new_tokens - 1):
+            tok = self._step(tok, positions[i:i + 1], cache).clone()  # a CUDA graph's output is reused
+            out.append(tok)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return torch.cat(out, 1).cpu()
+
+    @staticmethod
+    def cache_length(prompt_len: int, new_tokens: int) -> int:
+        """Static cache length: rounded up to 64 for fewer distinct shapes (and compiled graphs) across calls."""
+        return -(-(prompt_len + new_tokens) // 64) * 64
+
+    def kernel(self) -> str:
+        return self.kernels
+
+    def decode_bytes(self) -> int:
+        return memory.decode_bytes(self.model)
+
+    def kv_bytes_per_position(self) -> int:
+        return memory.kv_bytes_per_position(self.model.config, self.model.dtype)
+
+    def close(self) -> None:
+        del self.model
+        self._caches.clear()
+
+
+def load(artifact_dir: Path, device: str, meta: ArtifactMeta) -> CompiledRuntime:
+    try:
+        return CompiledRuntime(artifact_dir, device)
+    except Unsupported as e:
+        raise Unavailable(f"no low-bit kernel here for this layout ({e})") from None
+
+
+register(RuntimeSpec(
+    name="compiled",
+    summary="transformers checkpoints on torch's low-bit kernels, static KV cache, CUDA graphs on a GPU",
+    formats=FORMATS,
+    gpu_auto_for=FORMATS,
+    load=load,
+    capabilities=Capabilities(scores="full", decode_bytes=True, static_cache=True, devices=("cpu", "cuda")),
+    requirements=Requirements(("transformers", "accelerate")),
+    preload=hf_preload,
+))
