@@ -114,3 +114,9 @@ def random_model(arch: str, dtype: torch.dtype, seed: int = 0) -> Any:
 def for_hub_id(model_id: str | None) -> str | None:
     """The shipped architecture name of a known hub id, else None."""
     return HUB_IDS.get(model_id.lower()) if model_id else None
+
+
+def random_ids(vocab: int, n: int, seed: int) -> list[int]:
+    """n token ids drawn uniformly from the vocabulary with a fixed seed (random-weight models)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n,), generator=g).tolist()

@@ -136,6 +136,32 @@ def run_bench(artifact_dir: Path, cfg: dict[str, Any], prompt_ids: list[int], ru
     return out
 
 
+def prompt_ids(artifact: Path, meta: Any, n_random: int) -> list[int]:
+    """Prompt ids for `quantpipe bench` on one artifact: the bundled eval text in the artifact's own tokenization
+    (llama.cpp's for a GGUF), or `n_random` seeded random ids of the vocabulary for a random-weight artifact
+    (it has no tokenizer)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from quantpipe.archs import random_ids
+    from quantpipe.data import eval_text
+    from quantpipe.errors import QuantpipeError, first_line
+
+    text = eval_text().read_text(encoding="utf-8")
+    if meta.weights == "random":
+        return random_ids(AutoConfig.from_pretrained(artifact).vocab_size, n_random, int(meta.seed or 0))
+    if meta.format == "gguf":  # the vocabulary is inside the .gguf: llama.cpp tokenizes
+        from quantpipe.backends import llamacpp_tools
+
+        gguf = artifact / str(meta.file)
+        llamacpp_tools.check_gguf(gguf)
+        return llamacpp_tools.tokenize(gguf, text)
+    try:
+        tok = AutoTokenizer.from_pretrained(artifact)
+    except (OSError, ValueError) as e:
+        raise QuantpipeError(f"{artifact}: no usable tokenizer for the prompt ({first_line(e)})") from None
+    return tok(text, add_special_tokens=False).input_ids
+
+
 def bench_job(arg: tuple[str, dict[str, Any], list[int], str, list[str]]) -> dict[str, Any]:
     """The bench stage's body in its own process (isolate.run). Runtimes registered from modules outside
     quantpipe's runtimes package are imported first, so the fresh process knows them too."""

@@ -9,7 +9,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from quantpipe import __version__
 from quantpipe.errors import QuantpipeError, first_line
@@ -244,38 +243,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         runtimes.get_runtime(runtime, "--runtime")
     if args.out:
         _check_writable(args.out, "--out")
-    return _emit_json(bench.run_bench(Path(args.artifact), cfg, bench_prompt(Path(args.artifact), meta, args),
-                                      runtime), args.out)
+    prompt = bench.prompt_ids(Path(args.artifact), meta, args.prompt_len + max(args.batch_sizes))
+    return _emit_json(bench.run_bench(Path(args.artifact), cfg, prompt, runtime), args.out)
 
 
 # the former --engine choices, as runtimes
 ENGINE_ALIASES = {"auto": "auto", "eager": "natural", "compiled": "compiled"}
-
-
-def bench_prompt(artifact: Path, meta: Any, args: argparse.Namespace) -> list[int]:
-    """Prompt ids for `quantpipe bench`: the bundled eval text in the artifact's own tokenization (llama.cpp's
-    for a GGUF), or seeded random ids of the vocabulary for a random-weight artifact (it has no tokenizer)."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from quantpipe.data import eval_text
-
-    text = eval_text().read_text(encoding="utf-8")
-    if meta.weights == "random":
-        from quantpipe.pipeline import random_ids
-
-        vocab = AutoConfig.from_pretrained(artifact).vocab_size
-        return random_ids(vocab, args.prompt_len + max(args.batch_sizes), int(meta.seed or 0))
-    if meta.format == "gguf":  # the vocabulary is inside the .gguf: llama.cpp tokenizes
-        from quantpipe.backends import llamacpp_tools
-
-        gguf = artifact / str(meta.file)
-        llamacpp_tools.check_gguf(gguf)
-        return llamacpp_tools.tokenize(gguf, text)
-    try:
-        tok = AutoTokenizer.from_pretrained(artifact)
-    except (OSError, ValueError) as e:
-        raise QuantpipeError(f"{artifact}: no usable tokenizer for the prompt ({first_line(e)})") from None
-    return tok(text, add_special_tokens=False).input_ids
 
 
 def _check_writable(path: str, option: str) -> None:

@@ -33,7 +33,7 @@ def gate_results() -> dict:
     return copy.deepcopy(_gate_results())
 
 
-BENCH = {"device": "cpu", "prompt_len": 16, "gen_len": 16, "batch_sizes": [1], "warmup": 1, "repeats": 3}
+BENCH = {"device": "cpu", "prompt_len": 16, "gen_len": 32, "batch_sizes": [1], "warmup": 1, "repeats": 3}
 
 
 def one_line_error(capsys: pytest.CaptureFixture, *needles: str) -> str:

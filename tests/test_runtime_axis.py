@@ -19,7 +19,7 @@ from conftest import ROOT, tiny_recipe, write_recipe
 from quantpipe import artifact, evaluate, results, runtimes
 from quantpipe.cli import main
 
-BENCH = {"device": "cpu", "prompt_len": 16, "gen_len": 16, "batch_sizes": [1], "warmup": 1, "repeats": 3}
+BENCH = {"device": "cpu", "prompt_len": 16, "gen_len": 32, "batch_sizes": [1], "warmup": 1, "repeats": 3}
 
 
 def rows_of(run_dir: Path) -> dict[str, dict]:

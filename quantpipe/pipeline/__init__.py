@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from quantpipe import lmeval, plan, sources
+from quantpipe.archs import random_ids
 from quantpipe.cache import check_run_dir, clean_stale_temps, explain_os_error, run_lock
 from quantpipe.errors import QuantpipeError
 from quantpipe.methods import check_against_model, get_method
 from quantpipe.pipeline.outputs import add_predictions, collect, write_outputs
-from quantpipe.pipeline.stages import Run, random_ids
+from quantpipe.pipeline.stages import Run
 from quantpipe.recipe import Recipe
 from quantpipe.results import Results
 

@@ -29,17 +29,12 @@ from quantpipe import (
     runtimes,
     sysinfo,
 )
+from quantpipe.archs import random_ids
 from quantpipe.cache import StageCache, atomic_dir, digest, dir_size, explain_os_error, file_sha256, no_space
 from quantpipe.errors import QuantpipeError
 from quantpipe.methods import QuantizeJob, get_method
 from quantpipe.pipeline.rows import Plan, RowPlan, plan_rows, reference_row
 from quantpipe.recipe import Recipe, VariantSpec
-
-
-def random_ids(vocab: int, n: int, seed: int) -> list[int]:
-    """n token ids drawn uniformly from the vocabulary with a fixed seed (random-weight models)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (n,), generator=g).tolist()
 
 
 def tokenize_prefix(tok: Any, text: str, n_tokens: int, margin: int = 64) -> list[int]:

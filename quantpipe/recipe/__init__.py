@@ -1,0 +1,23 @@
+"""The recipe: its schema (schema.py, the single source of truth for a run) and its loader (load.py)."""
+
+from quantpipe.recipe.load import _format, load_recipe, parse_recipe, resolve_paths
+from quantpipe.recipe.schema import (
+    DTYPES,
+    NAME_RE,
+    QUALITY_GATES,
+    BenchSpec,
+    CalibrationSpec,
+    EvalSpec,
+    GatesSpec,
+    GateThresholds,
+    LMEvalSpec,
+    ModelSpec,
+    OutputSpec,
+    Recipe,
+    VariantSpec,
+    absolute,
+)
+
+__all__ = ["DTYPES", "NAME_RE", "QUALITY_GATES", "BenchSpec", "CalibrationSpec", "EvalSpec", "GateThresholds",
+           "GatesSpec", "LMEvalSpec", "ModelSpec", "OutputSpec", "Recipe", "VariantSpec", "_format", "absolute",
+           "load_recipe", "parse_recipe", "resolve_paths"]
