@@ -111,6 +111,10 @@ def check_bounds(recipe: Recipe, config: Any) -> None:
         s = plan.shapes(config)
     except QuantpipeError:  # a model family plan does not know: no estimate
         return
+    import torch
+
+    if b.device == "cuda" and not torch.cuda.is_available():
+        return  # a GPU recipe checked on a machine without one: its memory is the GPU's, not known here
     ref = recipe.reference
     device = runtimes.pick_device(b.device)
     storage = get_method(ref.method).storage(ref.params, recipe.model.dtype)
