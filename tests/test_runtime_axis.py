@@ -145,7 +145,8 @@ def test_artifact_metadata_is_typed_and_reads_version_1(tmp_path: Path) -> None:
         artifact.parse({"meta_version": 2, "format": "exl2"})
 
 
-V1_FILE = ROOT / "docs" / "bench-smollm2-demo-lmeval-cpu.json"  # a real version-1 results.json of the demo
+# a real version-1 results.json: the demo run of 2026-11-28 (also docs/bench-smollm2-demo-lmeval-cpu.json)
+V1_FILE = ROOT / "tests" / "data" / "results-v1-smollm2-demo.json"
 
 
 def test_version_1_results_still_gate_and_render(tmp_path: Path, capsys) -> None:
