@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from quantpipe.errors import QuantpipeError
+from quantpipe.errors import QuantpipeError, location
 from quantpipe.recipe import GatesSpec
 
 SCHEMA_VERSION = 2
@@ -215,23 +215,6 @@ def upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _where(err: dict[str, Any], data: Any) -> str:
-    """A validation error's location as `variants[2](int8).quality.kld_mean`."""
-    out, node = "", data
-    for part in err["loc"]:
-        if isinstance(part, int):
-            name = node[part].get("name") if isinstance(node, list) and part < len(node) and isinstance(
-                node[part], dict) else None
-            out += f"[{part}]" + (f"({name})" if name else "")
-        else:
-            out += ("." if out else "") + str(part)
-        try:
-            node = node[part]
-        except (KeyError, IndexError, TypeError):
-            node = None
-    return out or "results"
-
-
 def parse(data: Any, where: str = "results.json") -> Results:
     """Validate a results mapping (upgrading version 1) into the typed model; one-line QuantpipeError."""
     if not isinstance(data, dict):
@@ -250,7 +233,7 @@ def parse(data: Any, where: str = "results.json") -> Results:
         if err["type"] == "finite_number":
             msg = "not a finite number (NaN or infinity): the run that wrote it is broken"
         extra = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        raise QuantpipeError(f"{where}: {_where(err, data)}: {msg}{extra}") from None
+        raise QuantpipeError(f"{where}: {location(err['loc'], data, 'results')}: {msg}{extra}") from None
 
 
 def as_results(data: Results | dict[str, Any]) -> Results:

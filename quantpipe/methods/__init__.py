@@ -122,6 +122,36 @@ class Method:
         return {c: self.Params.model_construct(format=c) for c in typing.get_args(fmt.annotation)}
 
 
+class BackendMethod(Method):
+    """A weight-quantizing method whose `format` param picks the backend library once (gptq, awq): `backends`
+    maps each format to an object with `requirements`, `quantize(job, params)` and `storage(params, dtype)`;
+    everything backend-specific goes through it. The params have `format`, `bits` and `group_size`."""
+
+    backends: ClassVar[dict[str, Any]] = {}
+
+    def backend(self, params: Any) -> Any:
+        return self.backends[params.format]
+
+    def requirements(self, params: Any) -> Requirements:
+        return self.backend(params).requirements
+
+    def format(self, params: Any) -> str:
+        return params.format
+
+    def calibrates(self, params: Any) -> bool:
+        return True
+
+    def storage(self, params: Any, dtype: str) -> Storage:
+        return self.backend(params).storage(params, dtype)
+
+    def check_model(self, params: Any, config: Any) -> list[str]:
+        return check_group_size(params.group_size, config)
+
+    def quantize(self, job: QuantizeJob) -> dict[str, Any]:
+        p = job.params
+        return {**self.backend(p).quantize(job, p), "bits": p.bits, "group_size": p.group_size}
+
+
 _REGISTRY: dict[str, Method] = {}
 _LOADED = False
 

@@ -12,16 +12,14 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from quantpipe.deps import Requirements
 from quantpipe.memory import DTYPE_BYTES, Shapes, Storage, awq_calibration
 from quantpipe.methods import (
+    BackendMethod,
     GroupSize,
-    Method,
     MethodParams,
     QuantizeJob,
     _gptqmodel,
     _llmcompressor,
-    check_group_size,
     register,
 )
 
@@ -77,37 +75,19 @@ class GPTQModelAWQ:
                        cpu_note=_gptqmodel.CPU_NOTE, quantize_upper_bound=_gptqmodel.OFFLOAD_NOTE)
 
 
-# `format` picks the backend library once; everything backend-specific goes through it
+# `format` picks the backend library once (BackendMethod); everything backend-specific goes through it
 BACKENDS = {"compressed-tensors": LLMCompressorAWQ(), "awq": GPTQModelAWQ()}
 
 
-class AWQ(Method):
+class AWQ(BackendMethod):
     name = "awq"
     summary = "AWQ int4 weights (llm-compressor -> compressed-tensors, or GPTQModel -> AutoAWQ GEMM format)"
     Params = AWQParams
-
-    def requirements(self, p: AWQParams) -> Requirements:
-        return BACKENDS[p.format].requirements
-
-    def format(self, p: AWQParams) -> str:
-        return p.format
-
-    def calibrates(self, p: AWQParams) -> bool:
-        return True
-
-    def storage(self, p: AWQParams, dtype: str) -> Storage:
-        return BACKENDS[p.format].storage(p, dtype)
+    backends = BACKENDS
 
     def calibration_memory(self, p: AWQParams, shapes: Shapes, n_samples: int, seq_len: int, a: int
                            ) -> dict[str, int]:
         return awq_calibration(shapes, n_samples, seq_len, a)
-
-    def check_model(self, p: AWQParams, config: Any) -> list[str]:
-        return check_group_size(p.group_size, config)
-
-    def quantize(self, job: QuantizeJob) -> dict[str, Any]:
-        p: AWQParams = job.params
-        return {**BACKENDS[p.format].quantize(job, p), "bits": p.bits, "group_size": p.group_size}
 
 
 register(AWQ())

@@ -13,16 +13,14 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from quantpipe.deps import Requirements
 from quantpipe.memory import DTYPE_BYTES, Shapes, Storage, gptq_calibration
 from quantpipe.methods import (
+    BackendMethod,
     GroupSize,
-    Method,
     MethodParams,
     QuantizeJob,
     _gptqmodel,
     _llmcompressor,
-    check_group_size,
     register,
 )
 
@@ -78,37 +76,19 @@ class GPTQModelGPTQ:
                        cpu_note=_gptqmodel.CPU_NOTE, quantize_upper_bound=_gptqmodel.OFFLOAD_NOTE)
 
 
-# `format` picks the backend library once; everything backend-specific goes through it
+# `format` picks the backend library once (BackendMethod); everything backend-specific goes through it
 BACKENDS = {"compressed-tensors": LLMCompressorGPTQ(), "gptq": GPTQModelGPTQ()}
 
 
-class GPTQ(Method):
+class GPTQ(BackendMethod):
     name = "gptq"
     summary = "GPTQ int4/int8 weights (llm-compressor -> compressed-tensors, or GPTQModel -> gptq format)"
     Params = GPTQParams
-
-    def requirements(self, p: GPTQParams) -> Requirements:
-        return BACKENDS[p.format].requirements
-
-    def format(self, p: GPTQParams) -> str:
-        return p.format
-
-    def calibrates(self, p: GPTQParams) -> bool:
-        return True
-
-    def storage(self, p: GPTQParams, dtype: str) -> Storage:
-        return BACKENDS[p.format].storage(p, dtype)
+    backends = BACKENDS
 
     def calibration_memory(self, p: GPTQParams, shapes: Shapes, n_samples: int, seq_len: int, a: int
                            ) -> dict[str, int]:
         return gptq_calibration(shapes, n_samples, seq_len, a)
-
-    def check_model(self, p: GPTQParams, config: Any) -> list[str]:
-        return check_group_size(p.group_size, config)
-
-    def quantize(self, job: QuantizeJob) -> dict[str, Any]:
-        p: GPTQParams = job.params
-        return {**BACKENDS[p.format].quantize(job, p), "bits": p.bits, "group_size": p.group_size}
 
 
 register(GPTQ())

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from quantpipe.errors import QuantpipeError, first_line
+from quantpipe.errors import QuantpipeError, first_line, location
 from quantpipe.recipe.schema import Recipe, absolute
 
 
@@ -42,21 +42,8 @@ def resolve_paths(recipe: Recipe, base: Path | None = None) -> Recipe:
 
 
 def _loc(loc: tuple[Any, ...], data: Any) -> str:
-    """Turn a pydantic error location into `variants[1].bits`, naming the variant where possible."""
-    out = ""
-    node = data
-    for part in loc:
-        if isinstance(part, int):
-            name = node[part].get("name") if isinstance(node, list) and part < len(node) and isinstance(
-                node[part], dict) else None
-            out += f"[{part}]" + (f"({name})" if name else "")
-        else:
-            out += ("." if out else "") + str(part)
-        try:
-            node = node[part]
-        except (KeyError, IndexError, TypeError):
-            node = None
-    return out or "recipe"
+    """Turn a pydantic error location into `variants[1](q).bits`, naming the variant where possible."""
+    return location(loc, data, "recipe")
 
 
 def _format(err: ValidationError, data: Any, prefix: str = "") -> list[str]:
