@@ -175,13 +175,13 @@ def markdown(results: Results | dict[str, Any]) -> str:
                   "quantize process's peak over its memory with the libraries loaded:", "", *_table(mhead, mbody)]
     notes: dict[str, list[str]] = {}
     for v in res.variants:
-        for key in ("bench_not_modelled", "quantize_upper_bound"):
-            note = (v.prediction or {}).get(key)
+        p = v.prediction
+        for note in (p.bench_not_modelled, p.quantize_upper_bound) if p else ():
             if note:
-                notes.setdefault(str(note), []).append(v.name)
+                notes.setdefault(note, []).append(v.name)
     for note, names in notes.items():
         lines += ["", cell(f"Note ({', '.join(names)}): {note}.")]
-    errors = {str((v.prediction or {}).get("error")) for v in res.variants if (v.prediction or {}).get("error")}
+    errors = {v.prediction.error for v in res.variants if v.prediction and v.prediction.error}
     for e in errors:
         lines += ["", cell(f"Memory prediction unavailable: {e}")]
     return "\n".join(lines) + "\n"
@@ -222,14 +222,14 @@ def memory_rows(res: Results) -> tuple[list[str], list[list[str]]]:
     body = []
     for v in res.variants:
         p = v.prediction
-        if not p or "error" in p or p.get("weights_bytes") is None:
+        if p is None or p.error or p.weights_bytes is None:
             continue
-        w, wm = p["weights_bytes"] / 2**20, (p.get("measured_weights_bytes") or 0) / 2**20 or None
-        b, bm = (p.get("bench") or {}).get("total"), p.get("measured_bench_mib")
-        q, qm = (p.get("quantize") or {}).get("total"), p.get("measured_quantize_mib")
-        mark = " (note)" if p.get("bench_not_modelled") else ""
-        nominal = " (nominal)" if p.get("weights_nominal") else ""
-        bound = " (upper bound)" if p.get("quantize_upper_bound") else ""
+        w, wm = p.weights_bytes / 2**20, (p.measured_weights_bytes or 0) / 2**20 or None
+        b, bm = (p.bench or {}).get("total"), p.measured_bench_mib
+        q, qm = (p.quantize or {}).get("total"), p.measured_quantize_mib
+        mark = " (note)" if p.bench_not_modelled else ""
+        nominal = " (nominal)" if p.weights_nominal else ""
+        bound = " (upper bound)" if p.quantize_upper_bound else ""
         body.append([v.name, _f(w, ".1f") + nominal, _f(wm, ".1f"), _diff(w, wm), _f(b, ".0f"), _f(bm, ".0f"),
                      _diff(b, bm) + mark, _f(q, ".0f") + bound, _f(qm, ".0f"), _diff(q, qm)])
     return head, body

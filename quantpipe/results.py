@@ -115,6 +115,31 @@ class ArtifactRef(Model):
     n_files: int | None = None
 
 
+class Prediction(Model):
+    """`quantpipe plan`'s memory arithmetic for one row beside what the run measured (MiB unless named bytes).
+    `error` alone: plan does not know this model family. The measures say what a measured figure is."""
+
+    error: str | None = None
+    weights_bytes: int | None = Field(None, ge=0)  # the artifact's tensors as plan computes them
+    measured_weights_bytes: int | None = Field(None, ge=0)  # ... as the artifact holds them
+    weights_nominal: str | None = None  # why the weights figure is nominal (the backend picks some types itself)
+    bench: dict[str, float] | None = None  # the largest batch: weights, kv_cache, activations, ..., total
+    measured_bench_mib: float | None = None
+    bench_measure: str | None = None
+    bench_not_modelled: str | None = None  # what the bench prediction leaves out for this format's runtime
+    quantize: dict[str, float] | None = None  # calibrated quantization: model, calibration, ..., total
+    measured_quantize_mib: float | None = None
+    quantize_measure: str | None = None
+    quantize_upper_bound: str | None = None  # why the quantize prediction is an upper bound
+
+    @field_validator("bench", "quantize")
+    @classmethod
+    def _has_total(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is not None and "total" not in v:
+            raise ValueError("has no 'total'")
+        return v
+
+
 class Row(Model):
     """One (variant, runtime) pair of the matrix."""
 
@@ -136,7 +161,7 @@ class Row(Model):
     memory: Memory = Field(default_factory=Memory)
     timings: Timings = Field(default_factory=Timings)
     meta: dict[str, Any] = Field(default_factory=dict)
-    prediction: dict[str, Any] | None = None
+    prediction: Prediction | None = None
     note: str | None = None  # why a runtime measured nothing here (it does not serve this artifact), or a fallback
 
     @model_validator(mode="before")

@@ -18,7 +18,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from quantpipe import data, evaluate
+from quantpipe import data, evaluate, results
 from quantpipe.methods import QuantizeJob, _gptqmodel, _llmcompressor
 from quantpipe.recipe import ModelSpec
 from quantpipe.runtimes.hf import HFRuntime
@@ -27,12 +27,12 @@ from quantpipe.runtimes.hf import HFRuntime
 def main(run_dir: Path, which: str) -> dict:
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
-    results = json.loads((run_dir / "results.json").read_text())
-    base = run_dir / "artifacts" / results["reference"]
+    res = results.load(run_dir, "format_ablation")
+    base = run_dir / "artifacts" / res.reference
     ids = load_file(str(run_dir / ".quantpipe" / "calibration" / "ids.safetensors"))["input_ids"].clone()
     tok = AutoTokenizer.from_pretrained(base)
     text = data.eval_text().read_text()
-    ev = results["eval"]
+    ev = res.eval
     windows = evaluate.make_windows(tok(text, add_special_tokens=False).input_ids, ev["window"], ev["max_tokens"])
     with tempfile.TemporaryDirectory() as tmp:
         job = QuantizeJob(variant=which, params=None, out_dir=Path(tmp), base_dir=base,

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from quantpipe import evaluate, runtimes
+from quantpipe import evaluate, results, runtimes
 
 
 def windows_of(run_dir: Path) -> list[list[int]]:
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, nargs="+", default=[5, 20, 100])
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
-    res = json.loads((a.run_dir / "results.json").read_text())
-    names = a.variants or [v.get("variant", v["name"]) for v in res["variants"] if v["name"] != res["reference"]]
+    res = results.load(a.run_dir, "topk_kld")
+    names = a.variants or [v.variant for v in res.variants if v.name != res.reference]
     rows = [measure(a.run_dir, n, a.k) for n in dict.fromkeys(names)]
     print("| variant | runtime | KLD full | " + " | ".join(f"top-{k} estimate (share)" for k in a.k) + " |")
     print("|---|---|---|" + "---|" * len(a.k))

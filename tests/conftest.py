@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import yaml
+
+if TYPE_CHECKING:
+    from quantpipe.results import Prediction, Results, Row
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,26 +29,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 BENCH_FIXED_MIB, BENCH_SHARE, QUANTIZE_SHARE = 24.0, 0.20, 0.35
 
 
-def check_memory_prediction(name: str, p: dict, nominal_slack: int = 0) -> None:
-    """A variant's `prediction` in results.json against its measured figures, within the tolerances above.
+def check_memory_prediction(name: str, p: Prediction | None, nominal_slack: int = 0) -> None:
+    """A row's `prediction` in results.json against its measured figures, within the tolerances above.
     `nominal_slack`: bytes a nominal weights prediction may exceed the artifact by (exporters that merge
     identical constants)."""
-    b, bm = p["bench"], p["measured_bench_mib"]
+    assert p is not None and p.bench is not None, name
+    b, bm = p.bench, p.measured_bench_mib
     assert b["total"] == sum(x for k, x in b.items() if k != "total") and bm > 0, name
-    if p.get("weights_nominal"):  # llama.cpp's k-quant mixes, ONNX: nominal, never more
-        w, wm = p["weights_bytes"], p["measured_weights_bytes"]
+    if p.weights_nominal:  # llama.cpp's k-quant mixes, ONNX: nominal, never more
+        w, wm = p.weights_bytes, p.measured_weights_bytes
         assert 0.6 * wm < w <= wm + nominal_slack, (name, w, wm)
         b = {**b, "total": b["total"] + (wm - w) / 2**20}  # the bench prediction with the file's real bytes
     else:
-        assert p["weights_bytes"] == p["measured_weights_bytes"] > 0, name  # artifact tensors: to the byte
-    if p.get("bench_not_modelled"):
+        assert p.weights_bytes == p.measured_weights_bytes > 0, name  # artifact tensors: to the byte
+    if p.bench_not_modelled:
         assert bm >= b["total"], (name, b["total"], bm)
     else:
         assert abs(b["total"] - bm) <= BENCH_SHARE * bm + BENCH_FIXED_MIB, (name, b["total"], bm)
-    if "quantize" in p:
-        q, qm = p["quantize"]["total"], p["measured_quantize_mib"]
-        if p.get("quantize_upper_bound"):  # the float model is not all resident at once: only the rest is sure
-            assert q - p["quantize"]["model"] <= qm <= (1 + QUANTIZE_SHARE) * q, (name, q, qm)
+    if p.quantize is not None:
+        q, qm = p.quantize["total"], p.measured_quantize_mib
+        if p.quantize_upper_bound:  # the float model is not all resident at once: only the rest is sure
+            assert q - p.quantize["model"] <= qm <= (1 + QUANTIZE_SHARE) * q, (name, q, qm)
         else:
             assert abs(q - qm) <= QUANTIZE_SHARE * qm, (name, q, qm)
 
@@ -142,11 +147,22 @@ def write_recipe(path: Path, recipe: dict) -> Path:
 TINY_LM_EVAL = {"tasks": ["qp_sequence", "qp_copy"], "limit": 10}
 
 
-def run_tiny_recipe(model_dir: Path, root: Path, variants: list[dict], lm_eval: dict | None = None
-                    ) -> tuple[Path, dict]:
-    """`quantpipe run` of the tiny recipe with these variants under `root`; (run dir, results.json)."""
-    import json
+def read_results(path: Path) -> Results:
+    """A run's results.json (or the file itself) read through the typed model, as report and gate read it: a
+    field the run no longer writes, or writes with the wrong type, fails the test here."""
+    from quantpipe import results
 
+    return results.load(path, "test")
+
+
+def rows(res: Results) -> dict[str, Row]:
+    """The rows of a results model by name."""
+    return {r.name: r for r in res.variants}
+
+
+def run_tiny_recipe(model_dir: Path, root: Path, variants: list[dict], lm_eval: dict | None = None
+                    ) -> tuple[Path, Results]:
+    """`quantpipe run` of the tiny recipe with these variants under `root`; (run dir, its results)."""
     from quantpipe import cli
 
     recipe = tiny_recipe(model_dir, root / "run", variants=variants)
@@ -155,7 +171,7 @@ def run_tiny_recipe(model_dir: Path, root: Path, variants: list[dict], lm_eval: 
     # 32 new tokens: enough decode time beyond the first token that a loaded machine still measures it
     recipe["bench"].update(batch_sizes=[1, 2], repeats=2, gen_len=32)
     assert cli.main(["run", str(write_recipe(root / "r.yaml", recipe))]) == 0
-    return root / "run", json.loads((root / "run" / "results.json").read_text())
+    return root / "run", read_results(root / "run")
 
 
 def eval_windows(run_dir: Path, window: int, max_tokens: int) -> list[list[int]]:
@@ -169,13 +185,13 @@ def eval_windows(run_dir: Path, window: int, max_tokens: int) -> list[list[int]]
     return evaluate.make_windows(ids, window, max_tokens)
 
 
-def check_lm_eval_agrees(res: dict, variant: str, reference: str = "baseline") -> None:
+def check_lm_eval_agrees(res: Results, variant: str, reference: str = "baseline") -> None:
     """The same bundled tasks scored through `variant`'s runtime and the reference's agree within their
     standard errors (every row has scores in [0, 1] with a standard error)."""
-    v = {x["name"]: x for x in res["variants"]}
+    v = rows(res)
     for name in (variant, reference):
-        for s in v[name]["lm_eval"].values():
-            assert 0 <= s["value"] <= 1 and s["stderr"] is not None and s["n"] == TINY_LM_EVAL["limit"], (name, s)
-    for task, s in v[variant]["lm_eval"].items():
-        r = v[reference]["lm_eval"][task]
-        assert abs(s["value"] - r["value"]) <= s["stderr"] + r["stderr"] + 1e-9, (variant, task, s, r)
+        for s in v[name].lm_eval.values():
+            assert 0 <= s.value <= 1 and s.stderr is not None and s.n == TINY_LM_EVAL["limit"], (name, s)
+    for task, s in v[variant].lm_eval.items():
+        r = v[reference].lm_eval[task]
+        assert abs(s.value - r.value) <= s.stderr + r.stderr + 1e-9, (variant, task, s, r)

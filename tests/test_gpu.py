@@ -8,12 +8,11 @@ docs/benchmarks.md lists in .whl/):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_recipe, write_recipe
+from conftest import read_results, tiny_recipe, write_recipe
 
 from quantpipe import runtimes
 from quantpipe.cli import main
@@ -25,13 +24,13 @@ def test_run_on_cuda(tiny_model: Path, tmp_path: Path) -> None:
     recipe = tiny_recipe(tiny_model, tmp_path / "run")
     recipe["bench"]["device"] = "cuda"
     assert main(["run", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 0
-    res = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert res["hardware"]["cuda"] and res["hardware"]["gpu"]
-    for v in res["variants"]:
-        assert v["speed"]["device"] == "cuda"
-        assert v["speed"]["per_batch"]["1"]["decode_tok_s"] > 0
-    base, int8 = res["variants"]
-    assert base["quality"]["kld_mean"] == 0 and int8["quality"]["kld_mean"] > 0
+    res = read_results(tmp_path / "run")
+    assert res.hardware["cuda"] and res.hardware["gpu"]
+    for v in res.variants:
+        assert v.speed.device == "cuda"
+        assert v.speed.per_batch["1"].decode_tok_s > 0
+    base, int8 = res.variants
+    assert base.quality.kld_mean == 0 and int8.quality.kld_mean > 0
 
 
 def test_cuda_logits_match_cpu(tiny_model: Path, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, tiny_recipe, write_recipe
+from conftest import ROOT, read_results, tiny_recipe, write_recipe
 
 from quantpipe import cli, lmeval, runtimes
 from quantpipe.errors import QuantpipeError
@@ -210,13 +210,13 @@ def test_pipeline_records_scores_recovery_and_matrix_columns(tiny_model: Path, t
     recipe["gates"] = {"all": {"min_lm_eval_recovery": 0.0}}
     path = write_recipe(tmp_path / "r.yaml", recipe)
     assert cli.main(["run", str(path), "--gate"]) == 0
-    res = json.loads((tmp_path / "run" / "results.json").read_text())
-    for v in res["variants"]:
-        assert set(v["lm_eval"]) == {"qp_sequence", "qp_copy"}
-        for s in v["lm_eval"].values():
-            assert 0 <= s["value"] <= 1 and s["stderr"] is not None and s["n"] == 5
-            assert v["name"] != "baseline" or s["recovery"] in (1.0, None)  # None where the baseline scored 0
-        assert v["lm_eval_meta"]["lm_eval_version"] == "0.4.13" and v["timings"]["lm_eval_s"] > 0
+    res = read_results(tmp_path / "run")
+    for v in res.variants:
+        assert set(v.lm_eval) == {"qp_sequence", "qp_copy"}
+        for s in v.lm_eval.values():
+            assert 0 <= s.value <= 1 and s.stderr is not None and s.n == 5
+            assert v.name != "baseline" or s.recovery in (1.0, None)  # None where the baseline scored 0
+        assert v.lm_eval_meta["lm_eval_version"] == "0.4.13" and v.timings.lm_eval_s > 0
     md = (tmp_path / "run" / "matrix.md").read_text()
     assert "qp_copy exact_match" in md and "qp_sequence acc" in md and "lm-eval: qp_sequence, qp_copy" in md
     # another limit redoes only the lm-eval stages: quantize and the window eval stay cached
@@ -226,8 +226,8 @@ def test_pipeline_records_scores_recovery_and_matrix_columns(tiny_model: Path, t
     assert out.returncode == 0, out.stderr[-2000:]
     redone = [ln for ln in out.stdout.splitlines() if ln.startswith("[") and not ln.endswith(": cached")]
     assert redone and all("lm-eval:" in ln for ln in redone), redone
-    res = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert all(s["n"] == 4 for v in res["variants"] for s in v["lm_eval"].values())
+    res = read_results(tmp_path / "run")
+    assert all(s.n == 4 for v in res.variants for s in v.lm_eval.values())
 
 
 def test_lm_eval_command_on_one_artifact(tiny_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -18,6 +18,7 @@ from conftest import (
     check_lm_eval_agrees,
     check_memory_prediction,
     eval_windows,
+    rows,
     run_tiny_recipe,
     tiny_recipe,
     write_recipe,
@@ -25,6 +26,7 @@ from conftest import (
 
 from quantpipe import cli, runtimes
 from quantpipe.errors import QuantpipeError
+from quantpipe.results import Results
 
 if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnxruntime_genai") is None:
     if os.environ.get("CI"):  # CI installs the onnx extra: a missing onnxruntime there is a broken set-up
@@ -43,7 +45,7 @@ FP32 = ("onnx-fp32", "onnx-fp32-torch")
 
 
 @pytest.fixture(scope="module")
-def onnx_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def onnx_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Results]:
     root = tmp_path_factory.mktemp("onnx")
     return run_tiny_recipe(tiny_model, root, VARIANTS, lm_eval=TINY_LM_EVAL)
 
@@ -53,7 +55,7 @@ def _windows(run_dir: Path) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("variant", FP32)
-def test_onnx_logits_match_pytorch_on_the_same_ids(onnx_run: tuple[Path, dict], variant: str) -> None:
+def test_onnx_logits_match_pytorch_on_the_same_ids(onnx_run: tuple[Path, Results], variant: str) -> None:
     run_dir, _ = onnx_run
     hf = runtimes.load(run_dir / "artifacts" / "baseline", "cpu")
     ort = runtimes.load(run_dir / "artifacts" / variant, "cpu")
@@ -69,7 +71,7 @@ def test_onnx_logits_match_pytorch_on_the_same_ids(onnx_run: tuple[Path, dict], 
 
 
 @pytest.mark.parametrize("variant", FP32)
-def test_onnx_generation_with_past_matches_greedy_hf(onnx_run: tuple[Path, dict], variant: str) -> None:
+def test_onnx_generation_with_past_matches_greedy_hf(onnx_run: tuple[Path, Results], variant: str) -> None:
     run_dir, _ = onnx_run
     ids = torch.tensor([w[:24] for w in _windows(run_dir)[:2]])  # two different prompts, one batch
     hf = runtimes.load(run_dir / "artifacts" / "baseline", "cpu")
@@ -84,27 +86,27 @@ def test_onnx_generation_with_past_matches_greedy_hf(onnx_run: tuple[Path, dict]
         ort.close()
 
 
-def test_onnx_int8_quality_sizes_and_metadata(onnx_run: tuple[Path, dict]) -> None:
+def test_onnx_int8_quality_sizes_and_metadata(onnx_run: tuple[Path, Results]) -> None:
     run_dir, res = onnx_run
-    v = {x["name"]: x for x in res["variants"]}
-    kld = {n: v[n]["quality"]["kld_mean"] for n in v}
+    v = rows(res)
+    kld = {n: v[n].quality.kld_mean for n in v}
     assert kld["onnx-fp32"] < 1e-6 and kld["onnx-fp32-torch"] < 1e-6  # fp32 rounding (measured 8e-8)
     for name in ("onnx-int8", "onnx-int8-static", "onnx-int8-keep"):
         assert kld[name] > 1e-6, (name, kld)
-        assert v[name]["artifact"]["size_bytes"] < 0.6 * v["onnx-fp32"]["artifact"]["size_bytes"]
-    assert v["onnx-int8-keep"]["artifact"]["size_bytes"] > v["onnx-int8"]["artifact"]["size_bytes"]
-    q = {n: v[n]["meta"]["quantization"] for n in ("onnx-int8", "onnx-int8-static", "onnx-int8-keep")}
+        assert v[name].artifact.size_bytes < 0.6 * v["onnx-fp32"].artifact.size_bytes
+    assert v["onnx-int8-keep"].artifact.size_bytes > v["onnx-int8"].artifact.size_bytes
+    q = {n: v[n].meta["quantization"] for n in ("onnx-int8", "onnx-int8-static", "onnx-int8-keep")}
     assert q["onnx-int8"]["matmuls_quantized"] == 2 * 5 + 1 and q["onnx-int8"]["matmuls_float"] == 0  # + lm_head
     assert q["onnx-int8-keep"]["matmuls_float"] == 2
     assert "4 calibration rows" in q["onnx-int8-static"]["activations"]
-    ops = {n: v[n]["meta"]["io"]["ops"] for n in v if n.startswith("onnx")}
+    ops = {n: v[n].meta["io"]["ops"] for n in v if n.startswith("onnx")}
     assert ops["onnx-int8"].get("MatMulInteger") == 11 and "DynamicQuantizeLinear" in ops["onnx-int8"]
     assert ops["onnx-int8-static"].get("QuantizeLinear") and ops["onnx-int8-static"].get("DequantizeLinear")
     assert "com.microsoft.GroupQueryAttention" in ops["onnx-fp32"]  # the builder's fused attention
     assert not any("com.microsoft" in k for k in ops["onnx-fp32-torch"])  # standard ops only
     for name in (n for n in v if n.startswith("onnx")):
-        meta, art = v[name]["meta"], run_dir / "artifacts" / name
-        assert v[name]["runtime"] == "onnxruntime" and meta["format"] == "onnx"
+        meta, art = v[name].meta, run_dir / "artifacts" / name
+        assert v[name].runtime == "onnxruntime" and meta["format"] == "onnx"
         assert meta["io"]["inputs"][:2] == ["input_ids", "attention_mask"]
         assert "present.1.value" in meta["io"]["outputs"]
         assert sorted(p.name for p in art.glob("model.onnx*")) == ["model.onnx", "model.onnx.data"]
@@ -112,18 +114,18 @@ def test_onnx_int8_quality_sizes_and_metadata(onnx_run: tuple[Path, dict]) -> No
         assert (art / "genai_config.json").is_file() == (name != "onnx-fp32-torch")
         assert ("onnxruntime_genai" in (art / "README.md").read_text()) == (name != "onnx-fp32-torch")
         assert not list(art.glob(".*")), list(art.glob(".*"))  # no export or calibration leftovers
-        speed = v[name]["speed"]
-        assert speed["runtime"] == "onnxruntime" and "CPUExecutionProvider" in speed["kernel"]
-        assert speed["per_batch"]["2"]["decode_tok_s"] > 0 and v[name]["memory"]["peak_rss_mib"] > 0
+        speed = v[name].speed
+        assert speed.runtime == "onnxruntime" and "CPUExecutionProvider" in speed.kernel
+        assert speed.per_batch["2"].decode_tok_s > 0 and v[name].memory.peak_rss_mib > 0
         # torch.onnx's optimizer merges identical constants: the tiny model's norm weights are all ones, so
         # four of its five [128] float norms become one (2 KiB under the prediction)
-        check_memory_prediction(name, v[name]["prediction"], nominal_slack=4 * 128 * 4)
-    assert v["onnx-fp32"]["meta"]["exporter"]["name"] == "onnxruntime-genai model builder"
-    assert v["onnx-fp32-torch"]["meta"]["exporter"]["name"] == "torch.onnx (dynamo)"
-    assert v["onnx-int8-static"]["meta"]["exporter"]["version"] and v["onnx-int8"]["meta"]["export_s"] > 0
+        check_memory_prediction(name, v[name].prediction, nominal_slack=4 * 128 * 4)
+    assert v["onnx-fp32"].meta["exporter"]["name"] == "onnxruntime-genai model builder"
+    assert v["onnx-fp32-torch"].meta["exporter"]["name"] == "torch.onnx (dynamo)"
+    assert v["onnx-int8-static"].meta["exporter"]["version"] and v["onnx-int8"].meta["export_s"] > 0
 
 
-def test_plain_onnxruntime_and_genai_load_the_artifact(onnx_run: tuple[Path, dict]) -> None:
+def test_plain_onnxruntime_and_genai_load_the_artifact(onnx_run: tuple[Path, Results]) -> None:
     """Outside quantpipe: plain onnxruntime scores the exported ids as the runtime does, and onnxruntime-genai
     (the README's snippet) generates from the builder's artifact."""
     run_dir, _ = onnx_run
@@ -187,7 +189,7 @@ def test_keep_float_that_matches_nothing_is_an_error(tiny_model: Path, tmp_path:
 
 
 @pytest.mark.parametrize("what,keep", [("model.onnx", 200), ("model.onnx.data", 1000)])
-def test_corrupt_onnx_is_a_clear_error(onnx_run: tuple[Path, dict], tmp_path: Path, what: str, keep: int) -> None:
+def test_corrupt_onnx_is_a_clear_error(onnx_run: tuple[Path, Results], tmp_path: Path, what: str, keep: int) -> None:
     run_dir, _ = onnx_run
     bad = tmp_path / "bad"
     import shutil
@@ -202,9 +204,9 @@ def test_corrupt_onnx_is_a_clear_error(onnx_run: tuple[Path, dict], tmp_path: Pa
     assert out.returncode == 2 and "Traceback" not in out.stderr and "could not load" in out.stderr, out.stderr
 
 
-def test_lm_eval_through_the_ort_runtime_agrees_with_transformers(onnx_run: tuple[Path, dict]) -> None:
+def test_lm_eval_through_the_ort_runtime_agrees_with_transformers(onnx_run: tuple[Path, Results]) -> None:
     """lm-eval's requests through quantpipe's adapter: the onnx-fp32 row (onnxruntime) scores what the HF
     baseline scores, within the standard errors, and every row of the run has task scores."""
     _, res = onnx_run
     check_lm_eval_agrees(res, "onnx-fp32")
-    assert {v["runtime"] for v in res["variants"] if v["lm_eval"]} == {"hf", "onnxruntime"}
+    assert {v.runtime for v in res.variants if v.lm_eval} == {"hf", "onnxruntime"}

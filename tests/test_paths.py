@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, build_smol_tokenizer_model
+from conftest import ROOT, build_smol_tokenizer_model, read_results
 
 from quantpipe import cli, pipeline
 from quantpipe.recipe import load_recipe, parse_recipe
@@ -93,13 +93,13 @@ def test_every_method_runs_with_relative_paths_from_another_directory(project: P
     assert cli.main(["run", "recipe.yaml"]) == 0
     assert os.getcwd() == str(elsewhere) and not any(elsewhere.iterdir())  # nothing was written there
     run = project / "out" / "rel-run"
-    res = json.loads((run / "results.json").read_text())
-    assert [v["name"] for v in res["variants"]] == [v["name"] for v in ALL_METHODS]
-    assert res["run_dir"] == str(run) and res["recipe"]["path"] == str(project / "recipe.yaml")
+    res = read_results(run)
+    assert [v.name for v in res.variants] == [v["name"] for v in ALL_METHODS]
+    assert res.run_dir == str(run) and res.recipe.path == str(project / "recipe.yaml")
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["recipe_content"]["model"]["path"] == str(project / "models" / "tiny")
-    for v in res["variants"]:
-        assert v["quality"]["perplexity"] > 1 and v["speed"]["per_batch"]["1"]["decode_tok_s"] > 0, v["name"]
-        assert (run / "artifacts" / v["name"] / "quantpipe.json").is_file()
-    assert {v["runtime"] for v in res["variants"]} == {"hf", "llama.cpp", "onnxruntime"}
+    for v in res.variants:
+        assert v.quality.perplexity > 1 and v.speed.per_batch["1"].decode_tok_s > 0, v.name
+        assert (run / "artifacts" / v.name / "quantpipe.json").is_file()
+    assert {v.runtime for v in res.variants} == {"hf", "llama.cpp", "onnxruntime"}
     assert (run / "artifacts" / "gguf-q4_0-imatrix" / "imatrix.gguf").is_file()

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import check_memory_prediction, reload_without_quantpipe, tiny_recipe, write_recipe
+from conftest import check_memory_prediction, read_results, reload_without_quantpipe, rows, tiny_recipe, write_recipe
 
-from quantpipe import report, runtimes
+from quantpipe import artifact, report, runtimes
 from quantpipe.cache import file_sha256
 from quantpipe.cli import main
 from quantpipe.deps import Requirements
@@ -20,10 +20,11 @@ from quantpipe.methods import Method, MethodParams
 from quantpipe.methods.int8 import Int8
 from quantpipe.pipeline import Run
 from quantpipe.recipe import parse_recipe
+from quantpipe.results import Results
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+def tiny_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Results]:
     tmp = tmp_path_factory.mktemp("run")
     recipe = write_recipe(tmp / "tiny.yaml", tiny_recipe(tiny_model, tmp / "run", variants=[
         {"name": "baseline", "method": "baseline"},
@@ -31,50 +32,50 @@ def tiny_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
         {"name": "int8-dyn", "method": "int8", "scheme": "dynamic"},
     ]))
     assert main(["run", str(recipe)]) == 0
-    return recipe, tmp / "run", json.loads((tmp / "run" / "results.json").read_text())
+    return recipe, tmp / "run", read_results(tmp / "run")
 
 
-def test_outputs_exist(tiny_run: tuple[Path, Path, dict]) -> None:
+def test_outputs_exist(tiny_run: tuple[Path, Path, Results]) -> None:
     _, run_dir, _ = tiny_run
     for name in ("results.json", "manifest.json", "matrix.md", "matrix.html", "matrix.png"):
         assert (run_dir / name).is_file(), name
     for v in ("baseline", "int8", "int8-dyn"):
         art = run_dir / "artifacts" / v
         assert (art / "model.safetensors").is_file() and (art / "tokenizer.json").is_file()
-        assert json.loads((art / "quantpipe.json").read_text())["variant"] == v
+        assert artifact.read(art).variant == v
         assert "from_pretrained" in (art / "README.md").read_text()
     assert not list((run_dir / "artifacts").glob(".tmp-*"))
 
 
-def test_results_quality_and_size(tiny_run: tuple[Path, Path, dict]) -> None:
+def test_results_quality_and_size(tiny_run: tuple[Path, Path, Results]) -> None:
     _, _, res = tiny_run
-    assert res["schema_version"] == 2 and res["reference"] == "baseline"
-    v = {x["name"]: x for x in res["variants"]}
+    assert res.schema_version == 2 and res.reference == "baseline"
+    v = rows(res)
     assert list(v) == ["baseline", "int8", "int8-dyn"]
-    assert v["baseline"]["quality"]["kld_mean"] == 0 and v["baseline"]["quality"]["top1_agreement"] == 1
-    assert v["int8"]["quality"]["kld_mean"] > 0
-    assert v["int8-dyn"]["quality"]["kld_mean"] > 0
-    assert v["int8"]["artifact"]["size_bytes"] < v["baseline"]["artifact"]["size_bytes"]
-    ppl = v["baseline"]["quality"]["perplexity"]
+    assert v["baseline"].quality.kld_mean == 0 and v["baseline"].quality.top1_agreement == 1
+    assert v["int8"].quality.kld_mean > 0
+    assert v["int8-dyn"].quality.kld_mean > 0
+    assert v["int8"].artifact.size_bytes < v["baseline"].artifact.size_bytes
+    ppl = v["baseline"].quality.perplexity
     assert 1 < ppl < 2 * 512  # random weights: near the vocab size, finite
-    assert v["baseline"]["quality"]["n_tokens_scored"] == 4 * 127
+    assert v["baseline"].quality.n_tokens_scored == 4 * 127
 
 
-def test_results_speed_and_memory(tiny_run: tuple[Path, Path, dict]) -> None:
+def test_results_speed_and_memory(tiny_run: tuple[Path, Path, Results]) -> None:
     _, _, res = tiny_run
-    for v in res["variants"]:
-        pb = v["speed"]["per_batch"]
+    for v in res.variants:
+        pb = v.speed.per_batch
         assert set(pb) == {"1", "2"}
         for b in pb.values():
-            assert b["decode_tok_s"] > 0 and b["prefill_tok_s"] > 0 and b["ttft_s"] > 0
-        assert 50 < v["memory"]["peak_rss_mib"] < 20_000
-        assert v["timings"]["quantize_s"] > 0 and v["speed"]["device"] == "cpu"
+            assert b.decode_tok_s > 0 and b.prefill_tok_s > 0 and b.ttft_s > 0
+        assert 50 < v.memory.peak_rss_mib < 20_000
+        assert v.timings.quantize_s > 0 and v.speed.device == "cpu"
 
 
-def test_manifest_digests_match_files(tiny_run: tuple[Path, Path, dict]) -> None:
+def test_manifest_digests_match_files(tiny_run: tuple[Path, Path, Results]) -> None:
     _, run_dir, res = tiny_run
     man = json.loads((run_dir / "manifest.json").read_text())
-    assert man["recipe"]["sha256"] == res["recipe"]["sha256"]
+    assert man["recipe"]["sha256"] == res.recipe.sha256
     assert man["library_versions"]["transformers"] == "5.17.0"
     for name, files in man["artifacts"].items():
         assert files, name
@@ -82,7 +83,7 @@ def test_manifest_digests_match_files(tiny_run: tuple[Path, Path, dict]) -> None
             assert file_sha256(run_dir / "artifacts" / name / rel) == sha
 
 
-def test_int8_artifact_reloads_without_quantpipe(tiny_run: tuple[Path, Path, dict]) -> None:
+def test_int8_artifact_reloads_without_quantpipe(tiny_run: tuple[Path, Path, Results]) -> None:
     _, run_dir, _ = tiny_run
     out = reload_without_quantpipe(run_dir / "artifacts" / "int8", (
         "w = m.model.layers[0].self_attn.q_proj.weight\n"
@@ -92,23 +93,23 @@ def test_int8_artifact_reloads_without_quantpipe(tiny_run: tuple[Path, Path, dic
     assert out.startswith("ok Int8")
 
 
-def test_second_run_is_served_from_cache(tiny_run: tuple[Path, Path, dict], capsys) -> None:
+def test_second_run_is_served_from_cache(tiny_run: tuple[Path, Path, Results], capsys) -> None:
     recipe, run_dir, first = tiny_run
     capsys.readouterr()
     assert main(["run", str(recipe)]) == 0
     out = capsys.readouterr().out
     stages = [line for line in out.splitlines() if line.startswith("[")]
     assert stages and all(line.endswith(": cached") for line in stages), stages
-    again = json.loads((run_dir / "results.json").read_text())
-    assert [v["quality"] for v in again["variants"]] == [v["quality"] for v in first["variants"]]
+    again = read_results(run_dir)
+    assert [v.quality for v in again.variants] == [v.quality for v in first.variants]
 
 
-def test_run_with_gate(tiny_run: tuple[Path, Path, dict], tiny_model: Path, capsys) -> None:
+def test_run_with_gate(tiny_run: tuple[Path, Path, Results], tiny_model: Path, capsys) -> None:
     """`run --gate` gates the run's results with the recipe's thresholds (stages cached: gates are not part of
     any stage's key), against the previous results too; its exit code is the run's."""
     recipe, run_dir, first = tiny_run
     previous = run_dir.parent / "previous-results.json"
-    previous.write_text(json.dumps(first))
+    previous.write_text(first.to_json())
     data = yaml.safe_load(recipe.read_text())
     data["gates"] = {"all": {"max_kld": 1.0, "max_size_ratio": 0.8}, "variants": {"int8": {"min_top1": 0.5}}}
     gated = write_recipe(recipe.parent / "gated.yaml", data)
@@ -118,7 +119,7 @@ def test_run_with_gate(tiny_run: tuple[Path, Path, dict], tiny_model: Path, caps
     out = capsys.readouterr().out
     assert all(line.endswith(": cached") for line in out.splitlines() if line.startswith("["))
     assert "quantpipe gate" in out and "| int8 | min_top1 | ≥ 0.5 |" in out and "| int8-dyn | kld vs previous |" in out
-    assert json.loads((run_dir / "results.json").read_text())["gates"]["variants"]["int8"]["min_top1"] == 0.5
+    assert read_results(run_dir).gates.variants["int8"].min_top1 == 0.5
     assert int(ET.parse(junit).getroot().get("tests")) == 5 + 2 * 3  # 5 thresholds, 3 metrics × 2 variants
     data["gates"]["all"]["max_kld"] = 1e-9  # quantized rows cannot pass it: exit 1
     assert main(["run", str(write_recipe(recipe.parent / "strict.yaml", data)), "--gate"]) == 1
@@ -133,7 +134,7 @@ def test_run_with_gate(tiny_run: tuple[Path, Path, dict], tiny_model: Path, caps
     assert "--baseline" in err and "does not exist" in err and "[1/" not in out
 
 
-def test_corrupted_artifact_is_rebuilt(tiny_run: tuple[Path, Path, dict], capsys) -> None:
+def test_corrupted_artifact_is_rebuilt(tiny_run: tuple[Path, Path, Results], capsys) -> None:
     recipe, run_dir, first = tiny_run
     weights = run_dir / "artifacts" / "int8" / "model.safetensors"
     data = bytearray(weights.read_bytes())
@@ -144,11 +145,11 @@ def test_corrupted_artifact_is_rebuilt(tiny_run: tuple[Path, Path, dict], capsys
     out = capsys.readouterr().out
     assert "does not match its recorded sha256 digests; rebuilding it" in out
     assert "quantize:int8: done" in out and "quantize:baseline: cached" in out
-    again = json.loads((run_dir / "results.json").read_text())
-    assert again["variants"][1]["quality"] == first["variants"][1]["quality"]
+    again = read_results(run_dir)
+    assert again.variants[1].quality == first.variants[1].quality
 
 
-def test_changed_bench_settings_redo_only_bench(tiny_run: tuple[Path, Path, dict], tiny_model: Path, capsys) -> None:
+def test_changed_bench_settings_redo_only_bench(tiny_run: tuple[Path, Path, Results], tiny_model: Path, capsys) -> None:
     recipe, run_dir, _ = tiny_run
     data = tiny_recipe(tiny_model, run_dir, variants=[{"name": "baseline", "method": "baseline"}],
                        bench={"device": "auto", "prompt_len": 8, "gen_len": 3, "batch_sizes": [1], "warmup": 0,
@@ -162,7 +163,7 @@ def test_changed_bench_settings_redo_only_bench(tiny_run: tuple[Path, Path, dict
         assert "eval:baseline: cached" in out
 
 
-def test_corrupt_artifact_gives_clear_error(tiny_run: tuple[Path, Path, dict], tmp_path: Path) -> None:
+def test_corrupt_artifact_gives_clear_error(tiny_run: tuple[Path, Path, Results], tmp_path: Path) -> None:
     _, run_dir, _ = tiny_run
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -241,10 +242,10 @@ def test_disk_full_during_a_stage_keeps_finished_stages(tiny_model: Path, tmp_pa
 
 
 
-def test_memory_predicted_beside_measured(tiny_run: tuple[Path, Path, dict]) -> None:
+def test_memory_predicted_beside_measured(tiny_run: tuple[Path, Path, Results]) -> None:
     _, _, res = tiny_run
-    for v in res["variants"]:
-        check_memory_prediction(v["name"], v["prediction"])
+    for v in res.variants:
+        check_memory_prediction(v.name, v.prediction)
     matrix = report.markdown(res)  # the run dir's matrix.md is rewritten by later tests of this module
     table = matrix[matrix.index("Memory, predicted"):]
     assert all(f"| {v} | " in table for v in ("baseline", "int8", "int8-dyn"))

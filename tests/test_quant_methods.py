@@ -8,13 +8,14 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import reload_without_quantpipe, tiny_recipe, write_recipe
+from conftest import read_results, reload_without_quantpipe, rows, tiny_recipe, write_recipe
 from safetensors import safe_open
 
 from quantpipe.cli import main
 from quantpipe.errors import QuantpipeError
 from quantpipe.methods import get_method
 from quantpipe.recipe import parse_recipe
+from quantpipe.results import Results
 
 VARIANTS = [
     {"name": "baseline", "method": "baseline"},
@@ -28,7 +29,7 @@ VARIANTS = [
 
 
 @pytest.fixture(scope="module")
-def quant_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def quant_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Results]:
     tmp = tmp_path_factory.mktemp("quant")
     recipe = tiny_recipe(tiny_model, tmp / "run", variants=VARIANTS)
     recipe["bench"]["batch_sizes"] = [1]
@@ -42,7 +43,7 @@ def quant_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
         os.chdir(cwd)
     assert sorted(p.name for p in (tmp / "run").iterdir() if not p.name.startswith(".")) == [
         "artifacts", "manifest.json", "matrix.html", "matrix.md", "matrix.png", "results.json"]  # no library litter
-    return tmp / "run", json.loads((tmp / "run" / "results.json").read_text())
+    return tmp / "run", read_results(tmp / "run")
 
 
 def _qcfg(run_dir: Path, name: str) -> dict:
@@ -59,7 +60,7 @@ Q_PROJ = "model.layers.0.self_attn.q_proj."  # tiny model: 128 -> 128
 DOWN = "model.layers.1.mlp.down_proj."  # 256 -> 128
 
 
-def test_compressed_tensors_gptq_checkpoint(quant_run: tuple[Path, dict]) -> None:
+def test_compressed_tensors_gptq_checkpoint(quant_run: tuple[Path, Results]) -> None:
     run_dir, _ = quant_run
     q = _qcfg(run_dir, "gptq-ct")
     assert q["quant_method"] == "compressed-tensors" and q["format"] == "pack-quantized"
@@ -74,7 +75,7 @@ def test_compressed_tensors_gptq_checkpoint(quant_run: tuple[Path, dict]) -> Non
     assert _tensors(run_dir, "gptq-ct8", Q_PROJ)["weight_scale"][0] == [128, 1]
 
 
-def test_classic_gptq_checkpoint(quant_run: tuple[Path, dict]) -> None:
+def test_classic_gptq_checkpoint(quant_run: tuple[Path, Results]) -> None:
     run_dir, _ = quant_run
     q = _qcfg(run_dir, "gptq-fmt")
     assert (q["quant_method"], q["bits"], q["group_size"], q["desc_act"], q["sym"]) == ("gptq", 4, 32, True, True)
@@ -85,7 +86,7 @@ def test_classic_gptq_checkpoint(quant_run: tuple[Path, dict]) -> None:
     assert t["qzeros"][0] == [256 // 32, 128 // 8]
 
 
-def test_awq_checkpoints(quant_run: tuple[Path, dict]) -> None:
+def test_awq_checkpoints(quant_run: tuple[Path, Results]) -> None:
     run_dir, _ = quant_run
     w = _qcfg(run_dir, "awq-ct")["config_groups"]["group_0"]["weights"]
     assert (w["num_bits"], w["group_size"], w["symmetric"]) == (4, 64, False)  # zero_point: true
@@ -98,7 +99,7 @@ def test_awq_checkpoints(quant_run: tuple[Path, dict]) -> None:
     assert t["scales"] == ([256 // 64, 128], "F16")
 
 
-def test_smoothquant_w8a8_checkpoint(quant_run: tuple[Path, dict]) -> None:
+def test_smoothquant_w8a8_checkpoint(quant_run: tuple[Path, Results]) -> None:
     run_dir, _ = quant_run
     g = _qcfg(run_dir, "sq")["config_groups"]["group_0"]
     assert g["weights"]["num_bits"] == 8 and g["input_activations"]["num_bits"] == 8
@@ -107,7 +108,7 @@ def test_smoothquant_w8a8_checkpoint(quant_run: tuple[Path, dict]) -> None:
 
 
 @pytest.mark.parametrize("name", ["gptq-ct", "gptq-fmt", "awq-ct", "awq-fmt", "sq"])
-def test_artifact_reloads_without_quantpipe(quant_run: tuple[Path, dict], name: str) -> None:
+def test_artifact_reloads_without_quantpipe(quant_run: tuple[Path, Results], name: str) -> None:
     run_dir, _ = quant_run
     out = reload_without_quantpipe(run_dir / "artifacts" / name, (
         "out = m(torch.tensor([[1, 2, 3, 4]])).logits\n"
@@ -116,21 +117,21 @@ def test_artifact_reloads_without_quantpipe(quant_run: tuple[Path, dict], name: 
     assert out.splitlines()[-1].startswith("ok")
 
 
-def test_every_variant_is_scored_benchmarked_and_described(quant_run: tuple[Path, dict]) -> None:
+def test_every_variant_is_scored_benchmarked_and_described(quant_run: tuple[Path, Results]) -> None:
     run_dir, res = quant_run
-    assert [v["name"] for v in res["variants"]] == [v["name"] for v in VARIANTS]
-    base = res["variants"][0]
+    assert [v.name for v in res.variants] == [v["name"] for v in VARIANTS]
+    base = res.variants[0]
     calib = json.loads((run_dir / "manifest.json").read_text())["calibration"]["sha256"]
-    for v in res["variants"][1:]:
-        q = v["quality"]
-        assert 0 < q["kld_mean"] < 1 and 0 < q["top1_agreement"] <= 1, v["name"]
-        assert v["speed"]["per_batch"]["1"]["prefill_tok_s"] > 0 and v["speed"]["kernel"] != "unknown"
-        assert v["timings"]["quantize_s"] > 0 and v["memory"]["quantize_peak_rss_mib"] > 0
-        assert v["artifact"]["size_bytes"] < base["artifact"]["size_bytes"]
-        assert v["meta"]["calibration_sha256"] == calib  # one calibration set for every method
-        readme = (run_dir / "artifacts" / v["name"] / "README.md").read_text()
+    for v in res.variants[1:]:
+        q = v.quality
+        assert 0 < q.kld_mean < 1 and 0 < q.top1_agreement <= 1, v.name
+        assert v.speed.per_batch["1"].prefill_tok_s > 0 and v.speed.kernel != "unknown"
+        assert v.timings.quantize_s > 0 and v.memory.quantize_peak_rss_mib > 0
+        assert v.artifact.size_bytes < base.artifact.size_bytes
+        assert v.meta["calibration_sha256"] == calib  # one calibration set for every method
+        readme = (run_dir / "artifacts" / v.name / "README.md").read_text()
         assert "vllm serve PATH" in readme and "pip install" in readme
-    kernels = {v["name"]: v["speed"]["kernel"] for v in res["variants"]}
+    kernels = {v.name: v.speed.kernel for v in res.variants}
     assert "TorchAtenLinear" in kernels["gptq-fmt"] and "TorchAtenAwqLinear" in kernels["awq-fmt"]
     assert "activations fake-quantized to int8" in kernels["sq"]
     matrix = (run_dir / "matrix.md").read_text()
@@ -240,14 +241,14 @@ def test_bfloat16_recipe(tiny_model: Path, tmp_path: Path) -> None:
     ], bench={"enabled": False})
     recipe["model"]["dtype"] = "bfloat16"
     assert main(["run", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 0
-    res = {v["name"]: v for v in json.loads((tmp_path / "run" / "results.json").read_text())["variants"]}
+    res = rows(read_results(tmp_path / "run"))
     embed = "model.embed_tokens."
     assert _tensors(tmp_path / "run", "baseline", embed)["weight"][1] == "BF16"
     assert _tensors(tmp_path / "run", "gptq-ct", embed)["weight"][1] == "BF16"
     assert _tensors(tmp_path / "run", "gptq-fmt", embed)["weight"][1] == "BF16"
     assert _tensors(tmp_path / "run", "awq-fmt", embed)["weight"][1] == "F16"
     for name in ("gptq-ct", "gptq-fmt", "awq-fmt"):
-        assert 0 < res[name]["quality"]["kld_mean"] < 1, name
+        assert 0 < res[name].quality.kld_mean < 1, name
 
 
 def test_methods_command_shows_each_format_backend(monkeypatch, capsys) -> None:
@@ -265,17 +266,17 @@ def test_methods_command_shows_each_format_backend(monkeypatch, capsys) -> None:
     assert "format awq: needs gptqmodel (pip install 'quantpipe[gptqmodel]')" in out
 
 
-def test_predicted_weight_bytes_match_every_artifact_exactly(quant_run: tuple[Path, dict]) -> None:
+def test_predicted_weight_bytes_match_every_artifact_exactly(quant_run: tuple[Path, Results]) -> None:
     """`quantpipe plan`'s byte arithmetic against the tensors each backend wrote (untied lm_head, 4- and 8-bit,
     grouped and per-channel, symmetric and asymmetric, g_idx, the AWQ GEMM layout, int8 W8A8)."""
     run_dir, res = quant_run
-    for v in res["variants"]:
-        p = v["prediction"]
-        assert p["weights_bytes"] == p["measured_weights_bytes"] > 0, v["name"]
+    for v in res.variants:
+        p = v.prediction
+        assert p.weights_bytes == p.measured_weights_bytes > 0, v.name
     assert "Memory, predicted (`quantpipe plan`) vs measured" in (run_dir / "matrix.md").read_text()
 
 
-def test_compiled_engine_runs_each_format_on_its_kernel(quant_run: tuple[Path, dict]) -> None:
+def test_compiled_engine_runs_each_format_on_its_kernel(quant_run: tuple[Path, Results]) -> None:
     """The bench's compiled engine reads each checkpoint's packed tensors straight onto torch's low-bit kernels
     (CPU builds here) and computes what transformers' own loading of the format computes; formats it has no
     kernel for say so (the bench then runs them eagerly)."""

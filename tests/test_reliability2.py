@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, build_tiny_model, tiny_recipe, write_recipe
+from conftest import ROOT, build_tiny_model, read_results, tiny_recipe, write_recipe
 from test_gate import results as _gate_results
 from test_gate import write as write_results
 
@@ -214,7 +214,7 @@ def test_06_report_renders_or_refuses_in_one_line(tmp_path: Path, capsys, monkey
 
     monkeypatch.setattr(report, "html_page", broken)
     with pytest.raises(RuntimeError):
-        report.write(run_dir, json.loads((run_dir / "results.json").read_text()))
+        report.write(run_dir, read_results(run_dir))
     assert {n: (run_dir / n).read_bytes() for n in before} == before
 
 
@@ -428,7 +428,7 @@ def test_15_a_baseline_of_another_model_is_refused(tmp_path: Path, capsys) -> No
 
 def test_15_runs_record_their_model_digest(run: tuple[Path, Path]) -> None:
     _, run_dir = run
-    assert len(json.loads((run_dir / "results.json").read_text())["model_digest"]) == 64
+    assert len(read_results(run_dir).model_digest) == 64
 
 
 # 16 --------------------------------------------------------------------------------------------------------

@@ -14,16 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, tiny_recipe, write_recipe
+from conftest import ROOT, read_results, rows, tiny_recipe, write_recipe
 
 from quantpipe import artifact, evaluate, results, runtimes
 from quantpipe.cli import main
+from quantpipe.results import Row
 
 BENCH = {"device": "cpu", "prompt_len": 16, "gen_len": 32, "batch_sizes": [1], "warmup": 1, "repeats": 3}
 
 
-def rows_of(run_dir: Path) -> dict[str, dict]:
-    return {v["name"]: v for v in json.loads((run_dir / "results.json").read_text())["variants"]}
+def rows_of(run_dir: Path) -> dict[str, Row]:
+    return rows(read_results(run_dir))
 
 
 def test_one_artifact_in_two_runtimes_gives_two_rows_cached_on_their_own(tiny_model: Path, tmp_path: Path,
@@ -38,14 +39,14 @@ def test_one_artifact_in_two_runtimes_gives_two_rows_cached_on_their_own(tiny_mo
     assert main(["run", str(path)]) == 0
     rows = rows_of(tmp_path / "run")
     assert list(rows) == ["baseline", "baseline@compiled", "gptq", "gptq@compiled"]
-    assert [r["runtime"] for r in rows.values()] == ["hf", "compiled", "hf", "compiled"]
-    assert rows["gptq@compiled"]["variant"] == "gptq" and rows["gptq@compiled"]["format"] == "compressed-tensors"
+    assert [r.runtime for r in rows.values()] == ["hf", "compiled", "hf", "compiled"]
+    assert rows["gptq@compiled"].variant == "gptq" and rows["gptq@compiled"].format == "compressed-tensors"
     hf, fast = rows["gptq"], rows["gptq@compiled"]
-    assert "int4 tinygemm" in fast["speed"]["kernel"] and fast["speed"]["engine"] == "eager, static KV cache"
-    assert "decompressed to float" in hf["speed"]["kernel"]
+    assert "int4 tinygemm" in fast.speed.kernel and fast.speed.engine == "eager, static KV cache"
+    assert "decompressed to float" in hf.speed.kernel
     # the same weights in two runtimes: KL divergences from the one reference close, not identical
-    assert hf["quality"]["kld_mean"] > 0 and fast["quality"]["kld_mean"] > 0
-    assert abs(hf["quality"]["kld_mean"] - fast["quality"]["kld_mean"]) < 0.2 * hf["quality"]["kld_mean"] + 1e-3
+    assert hf.quality.kld_mean > 0 and fast.quality.kld_mean > 0
+    assert abs(hf.quality.kld_mean - fast.quality.kld_mean) < 0.2 * hf.quality.kld_mean + 1e-3
     stages = tmp_path / "run" / ".quantpipe" / "stages"
     keys = {name: json.loads((stages / f"{name}.json").read_text())["key"]
             for name in ("eval--gptq", "eval--gptq@compiled", "bench--gptq", "bench--gptq@compiled")}
@@ -71,16 +72,16 @@ def test_a_runtime_added_from_one_file_runs_a_recipe_with_top_k_quality(tiny_mod
     assert main(["run", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 0
     rows = rows_of(tmp_path / "run")
     assert list(rows) == ["baseline", "baseline@topk-hf", "int8", "int8@topk-hf"]
-    full, est = rows["int8"]["quality"], rows["int8@topk-hf"]["quality"]
-    assert est["perplexity"] == pytest.approx(full["perplexity"], rel=1e-5)
-    assert est["top1_agreement"] == full["top1_agreement"]
-    assert est["kld_estimator"].startswith("top-20") and full["kld_estimator"] == "full vocabulary"
-    assert 0 < est["kld_mean"] <= full["kld_mean"] + 1e-6
-    assert rows["baseline@topk-hf"]["quality"]["kld_mean"] < 1e-6  # the reference model, scored through the API
-    for task, s in rows["int8"]["lm_eval"].items():
-        assert rows["int8@topk-hf"]["lm_eval"][task]["per_doc"] == s["per_doc"], task
-    assert rows["int8@topk-hf"]["speed"]["engine"] == "transformers behind a top-k API"
-    assert rows["int8@topk-hf"]["speed"]["per_batch"]["1"]["decode_tok_s"] > 0
+    full, est = rows["int8"].quality, rows["int8@topk-hf"].quality
+    assert est.perplexity == pytest.approx(full.perplexity, rel=1e-5)
+    assert est.top1_agreement == full.top1_agreement
+    assert est.kld_estimator.startswith("top-20") and full.kld_estimator == "full vocabulary"
+    assert 0 < est.kld_mean <= full.kld_mean + 1e-6
+    assert rows["baseline@topk-hf"].quality.kld_mean < 1e-6  # the reference model, scored through the API
+    for task, s in rows["int8"].lm_eval.items():
+        assert rows["int8@topk-hf"].lm_eval[task].per_doc == s.per_doc, task
+    assert rows["int8@topk-hf"].speed.engine == "transformers behind a top-k API"
+    assert rows["int8@topk-hf"].speed.per_batch["1"].decode_tok_s > 0
     assert "top-20 + rest bucket" in (tmp_path / "run" / "matrix.md").read_text()
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, check_memory_prediction
+from conftest import ROOT, check_memory_prediction, read_results, rows
 
 pytestmark = pytest.mark.slow
 
@@ -104,14 +104,14 @@ def test_make_demo_shows_a_matrix(quick_demo: tuple[Path, subprocess.CompletedPr
     out, done, _ = quick_demo
     assert out == clone / "runs" / "smollm2-quick" and (out / "matrix.html").is_file()
     assert "recipes/smollm2-quick.yaml" in done.stdout
-    res = json.loads((out / "results.json").read_text())
-    assert tuple(v["name"] for v in res["variants"]) == QUICK
-    assert {v["runtime"] for v in res["variants"]} == {"hf", "llama.cpp", "onnxruntime"}
-    assert res["run_dir"] == str(out)
-    for v in res["variants"]:
-        assert f"| {v['name']} |" in done.stdout, v["name"]
-        assert v["quality"]["perplexity"] > 1 and v["speed"]["per_batch"]["4"]["decode_tok_s"] > 0, v["name"]
-        assert set(v["lm_eval"]) == {"qp_arith", "qp_order", "qp_sequence", "qp_copy"}, v["name"]
+    res = read_results(out)
+    assert tuple(v.name for v in res.variants) == QUICK
+    assert {v.runtime for v in res.variants} == {"hf", "llama.cpp", "onnxruntime"}
+    assert res.run_dir == str(out)
+    for v in res.variants:
+        assert f"| {v.name} |" in done.stdout, v.name
+        assert v.quality.perplexity > 1 and v.speed.per_batch["4"].decode_tok_s > 0, v.name
+        assert set(v.lm_eval) == {"qp_arith", "qp_order", "qp_sequence", "qp_copy"}, v.name
     assert "matrix: runs/smollm2-quick/matrix.md" in done.stdout
     assert f"{(out / 'matrix.html').as_uri()}" in done.stdout
     gated = quantpipe("gate", "runs/smollm2-quick", cwd=clone)  # its shipped gates pass, relative path and all
@@ -132,19 +132,18 @@ def test_demo_run_directory(demo: tuple[Path, subprocess.CompletedProcess]) -> N
 
 def test_demo_quality(demo: tuple[Path, subprocess.CompletedProcess]) -> None:
     out, _ = demo
-    res = json.loads((out / "results.json").read_text())
-    v = {x["name"]: x for x in res["variants"]}
+    v = rows(read_results(out))
     base, int8 = v["baseline"], v["int8"]
     # A real model on the bundled prose in 512-token windows (measured 33.3): far below the 49,152 vocab.
-    assert 10 < base["quality"]["perplexity"] < 60
-    assert base["quality"]["kld_mean"] == 0.0
-    assert 0 < int8["quality"]["kld_mean"] < 0.02 and int8["quality"]["top1_agreement"] > 0.9
-    assert int8["artifact"]["size_bytes"] < 0.5 * base["artifact"]["size_bytes"]
+    assert 10 < base.quality.perplexity < 60
+    assert base.quality.kld_mean == 0.0
+    assert 0 < int8.quality.kld_mean < 0.02 and int8.quality.top1_agreement > 0.9
+    assert int8.artifact.size_bytes < 0.5 * base.artifact.size_bytes
     if "int8-w8a8" in v:  # activations quantized too: more error than weight-only
-        assert v["int8-w8a8"]["quality"]["kld_mean"] > int8["quality"]["kld_mean"]
+        assert v["int8-w8a8"].quality.kld_mean > int8.quality.kld_mean
     for x in v.values():
-        assert x["speed"]["per_batch"]["1"]["decode_tok_s"] > 0
-        assert x["memory"]["peak_rss_mib"] > 200
+        assert x.speed.per_batch["1"].decode_tok_s > 0
+        assert x.memory.peak_rss_mib > 200
 
 
 # 4-bit with groups of 64 on a 135M model costs far more than INT8: measured KLD 0.12-0.20 nats per token
@@ -156,18 +155,18 @@ W4 = ("gptq-w4g64", "gptq-w4g64-gptq", "awq-w4g64")
 
 def test_demo_4bit_quality_and_size(demo: tuple[Path, subprocess.CompletedProcess]) -> None:
     out, _ = demo
-    v = {x["name"]: x for x in json.loads((out / "results.json").read_text())["variants"]}
+    v = rows(read_results(out))
     base, int8 = v["baseline"], v["int8"]
     for name in W4:
-        q = v[name]["quality"]
-        assert int8["quality"]["kld_mean"] < q["kld_mean"] < W4_KLD_BOUND, (name, q["kld_mean"])
-        assert v[name]["artifact"]["size_bytes"] < 0.4 * base["artifact"]["size_bytes"], name
-        assert v[name]["timings"]["quantize_s"] > 0 and v[name]["memory"]["quantize_peak_rss_mib"] > 200
+        q = v[name].quality
+        assert int8.quality.kld_mean < q.kld_mean < W4_KLD_BOUND, (name, q.kld_mean)
+        assert v[name].artifact.size_bytes < 0.4 * base.artifact.size_bytes, name
+        assert v[name].timings.quantize_s > 0 and v[name].memory.quantize_peak_rss_mib > 200
     # SmoothQuant moves activation outliers into the weights: W8A8 error drops below plain dynamic W8A8's.
-    assert v["smoothquant-w8a8"]["quality"]["kld_mean"] < v["int8-w8a8"]["quality"]["kld_mean"]
+    assert v["smoothquant-w8a8"].quality.kld_mean < v["int8-w8a8"].quality.kld_mean
     # The two formats of GPTQ: both writers implement the algorithm with different details (column order; see
     # docs/benchmarks.md), so their KLDs agree within a factor of 1.5, not to the last digit.
-    ka, kb = v["gptq-w4g64"]["quality"]["kld_mean"], v["gptq-w4g64-gptq"]["quality"]["kld_mean"]
+    ka, kb = v["gptq-w4g64"].quality.kld_mean, v["gptq-w4g64-gptq"].quality.kld_mean
     assert max(ka, kb) < 1.5 * min(ka, kb), (ka, kb)
 
 
@@ -175,21 +174,21 @@ def test_demo_gguf_rows(demo: tuple[Path, subprocess.CompletedProcess]) -> None:
     """llama.cpp rows beside the HF rows, scored on the same ids (measured on SmolLM2: F16 KLD 3.5e-6, Q8_0
     0.0039, Q4_K_M 0.059 without and 0.032 with the importance matrix; docs/benchmarks.md)."""
     out, _ = demo
-    v = {x["name"]: x for x in json.loads((out / "results.json").read_text())["variants"]}
-    kld = {n: v[n]["quality"]["kld_mean"] for n in v if n.startswith("gguf-")}
+    v = rows(read_results(out))
+    kld = {n: v[n].quality.kld_mean for n in v if n.startswith("gguf-")}
     print("GGUF KLD:", kld)  # both Q4_K_M values, for the record (pytest -s)
-    assert kld["gguf-f16"] < 1e-3 and v["gguf-f16"]["quality"]["top1_agreement"] > 0.98  # the same model
+    assert kld["gguf-f16"] < 1e-3 and v["gguf-f16"].quality.top1_agreement > 0.98  # the same model
     assert kld["gguf-f16"] < kld["gguf-q8_0"] < kld["gguf-q4_k_m"]
     assert kld["gguf-q4_k_m-imatrix"] <= kld["gguf-q4_k_m"]  # the calibration set's importance matrix helps
-    size = {n: v[n]["artifact"]["size_bytes"] for n in v}
+    size = {n: v[n].artifact.size_bytes for n in v}
     base = size["baseline"]  # fp32
     assert abs(size["gguf-f16"] / base - 16 / 32) < 0.02 and abs(size["gguf-q8_0"] / base - 8.5 / 32) < 0.02
     # Q4_K_M: 4.5 bits where rows are multiples of 256; SmolLM2's 576-wide rows fall back to Q5_0/Q8_0
-    assert 4.5 <= v["gguf-q4_k_m"]["meta"]["bits_per_weight"] < 7 and size["gguf-q4_k_m"] < 0.8 * size["gguf-q8_0"]
+    assert 4.5 <= v["gguf-q4_k_m"].meta["bits_per_weight"] < 7 and size["gguf-q4_k_m"] < 0.8 * size["gguf-q8_0"]
     for n in kld:
-        voc = v[n]["meta"]["vocab"]
+        voc = v[n].meta["vocab"]
         assert voc["one_to_one"] and voc["tokenization_matches"] and voc["n_gguf"] == 49152, (n, voc)
-        assert v[n]["speed"]["runtime"] == "llama.cpp" and v[n]["speed"]["per_batch"]["2"]["decode_tok_s"] > 0
+        assert v[n].speed.runtime == "llama.cpp" and v[n].speed.per_batch["2"].decode_tok_s > 0
     # the baseline repaired the tokenizer transformers imported from the GGUF: chat turns end at <|im_end|>
     assert json.loads((out / "artifacts" / "baseline" / "tokenizer_config.json").read_text())["eos_token"] == \
         "<|im_end|>"
@@ -199,41 +198,41 @@ def test_demo_onnx_rows(demo: tuple[Path, subprocess.CompletedProcess]) -> None:
     """ONNX Runtime rows on the same ids: the fp32 export is the same model; INT8 (dynamic, static) differs and
     is smaller (docs/benchmarks.md has the values)."""
     out, _ = demo
-    v = {x["name"]: x for x in json.loads((out / "results.json").read_text())["variants"]}
+    v = rows(read_results(out))
     names = ("onnx-fp32", "onnx-int8", "onnx-int8-static")
-    kld = {n: v[n]["quality"]["kld_mean"] for n in names}
-    print("ONNX KLD:", kld, {n: v[n]["meta"].get("export_s") for n in names},
-          {n: v[n]["meta"].get("quantize_onnx_s") for n in names})
-    assert kld["onnx-fp32"] < 1e-6 and v["onnx-fp32"]["quality"]["top1_agreement"] > 0.999
-    size = {n: v[n]["artifact"]["size_bytes"] for n in v}
+    kld = {n: v[n].quality.kld_mean for n in names}
+    print("ONNX KLD:", kld, {n: v[n].meta.get("export_s") for n in names},
+          {n: v[n].meta.get("quantize_onnx_s") for n in names})
+    assert kld["onnx-fp32"] < 1e-6 and v["onnx-fp32"].quality.top1_agreement > 0.999
+    size = {n: v[n].artifact.size_bytes for n in v}
     for n in ("onnx-int8", "onnx-int8-static"):
         assert kld[n] > 1e-3 and size[n] < 0.75 * size["onnx-fp32"], (n, kld[n], size[n])
-        assert "calibration rows" in v[n]["meta"]["quantization"]["activations"] or n == "onnx-int8"
+        assert "calibration rows" in v[n].meta["quantization"]["activations"] or n == "onnx-int8"
     assert size["onnx-int8-static"] < size["onnx-int8"]  # its tied embedding is served from the int8 lm_head
     for n in names:
-        assert v[n]["runtime"] == "onnxruntime" and v[n]["speed"]["per_batch"]["2"]["decode_tok_s"] > 0
-        assert v[n]["meta"]["exporter"]["name"] == "onnxruntime-genai model builder"
+        assert v[n].runtime == "onnxruntime" and v[n].speed.per_batch["2"].decode_tok_s > 0
+        assert v[n].meta["exporter"]["name"] == "onnxruntime-genai model builder"
 
 
 def test_demo_memory_predicted_beside_measured(demo: tuple[Path, subprocess.CompletedProcess]) -> None:
     out, _ = demo
-    variants = json.loads((out / "results.json").read_text())["variants"]
+    variants = read_results(out).variants
     for v in variants:
-        check_memory_prediction(v["name"], v["prediction"])
-    calibrated = [v["name"] for v in variants if "quantize" in v["prediction"]]
+        check_memory_prediction(v.name, v.prediction)
+    calibrated = [v.name for v in variants if v.prediction.quantize is not None]
     assert set(calibrated) == {"smoothquant-w8a8", "gptq-w4g64", "gptq-w4g64-gptq", "awq-w4g64"}
     assert "Memory, predicted" in (out / "matrix.md").read_text()
 
 
 def test_demo_second_run_is_cached(demo: tuple[Path, subprocess.CompletedProcess]) -> None:
     out, _ = demo
-    before = json.loads((out / "results.json").read_text())
+    before = read_results(out)
     second = quantpipe("run", "recipes/smollm2-demo.yaml", cwd=out.parent.parent)
     assert second.returncode == 0, second.stderr[-3000:]
     stages = [line for line in second.stdout.splitlines() if line.startswith("[")]
     assert stages and all(line.endswith(": cached") for line in stages), stages
-    after = json.loads((out / "results.json").read_text())
-    assert [x["quality"] for x in after["variants"]] == [x["quality"] for x in before["variants"]]
+    after = read_results(out)
+    assert [x.quality for x in after.variants] == [x.quality for x in before.variants]
 
 
 def test_demo_passes_its_shipped_gates(demo: tuple[Path, subprocess.CompletedProcess]) -> None:
@@ -289,8 +288,7 @@ def test_planted_regression_fails_the_gate(demo: tuple[Path, subprocess.Complete
     assert verdict["max_kld"] == verdict["min_top1"] == verdict["max_ppl_increase"] == "FAIL", verdict
     assert verdict["max_size_ratio"] == "PASS"  # smaller still: size alone does not catch it
     assert int(ET.parse(tmp_path / "gate.xml").getroot().get("failures")) == 3
-    kld = {v["name"]: v["quality"]["kld_mean"] for v in
-           json.loads((tmp_path / "run" / "results.json").read_text())["variants"]}
+    kld = {v.name: v.quality.kld_mean for v in read_results(tmp_path / "run").variants}
     assert kld["onnx-int8-static-all"] > 0.3
 
 
@@ -298,19 +296,19 @@ def test_demo_lm_eval_rows(demo: tuple[Path, subprocess.CompletedProcess]) -> No
     """Every row, whatever its runtime (transformers, llama.cpp, ONNX Runtime), has the bundled tasks' scores
     with standard errors and a recovery against the baseline, and the matrix shows them."""
     out, _ = demo
-    res = json.loads((out / "results.json").read_text())
+    res = read_results(out)
     tasks = {"qp_arith", "qp_order", "qp_sequence", "qp_copy"}
-    for v in res["variants"]:
-        assert set(v["lm_eval"]) == tasks, v["name"]
-        for t, s in v["lm_eval"].items():
-            assert 0 <= s["value"] <= 1 and s["stderr"] is not None and s["n"] == SUITE_LM_EVAL_LIMIT, (v["name"], t)
-            assert s["recovery"] is not None or res["variants"][0]["lm_eval"][t]["value"] == 0
-    assert {v["runtime"] for v in res["variants"]} == {"hf", "llama.cpp", "onnxruntime"}
+    for v in res.variants:
+        assert set(v.lm_eval) == tasks, v.name
+        for t, s in v.lm_eval.items():
+            assert 0 <= s.value <= 1 and s.stderr is not None and s.n == SUITE_LM_EVAL_LIMIT, (v.name, t)
+            assert s.recovery is not None or res.variants[0].lm_eval[t].value == 0
+    assert {v.runtime for v in res.variants} == {"hf", "llama.cpp", "onnxruntime"}
     assert "qp_copy exact_match" in (out / "matrix.md").read_text()
     # the F16 GGUF is the same model: the same answer on (nearly) every document
-    v = {x["name"]: x for x in res["variants"]}
-    same = [a == b for t in tasks for a, b in zip(v["gguf-f16"]["lm_eval"][t]["per_doc"],
-                                                  v["baseline"]["lm_eval"][t]["per_doc"], strict=True)]
+    v = rows(res)
+    same = [a == b for t in tasks for a, b in zip(v["gguf-f16"].lm_eval[t].per_doc,
+                                                  v["baseline"].lm_eval[t].per_doc, strict=True)]
     assert sum(same) >= len(same) - 2, same
 
 

@@ -103,7 +103,7 @@ def add_predictions(r: Run, res: dict[str, Any]) -> None:
         s = plan.shapes(AutoConfig.from_pretrained(r.artifact_dir(r.recipe.reference)))
     except QuantpipeError as e:  # a model family plan does not know: the matrix says so
         for row in res["variants"]:
-            row["prediction"] = {"error": str(e)}
+            row["prediction"] = results.Prediction(error=str(e)).model_dump(mode="json", exclude_none=True)
         return
     dtype, cal, spec = r.recipe.model.dtype, r.recipe.calibration, r.recipe.bench.model_dump(mode="json")
     by_name = {row.name: row for row in r.plan.rows}
@@ -138,7 +138,7 @@ def add_predictions(r: Run, res: dict[str, Any]) -> None:
                 pred["quantize_upper_bound"] = storage.quantize_upper_bound
             elif on_gpu:
                 pred["quantize_upper_bound"] = GPU_LAYERWISE
-        row["prediction"] = pred
+        row["prediction"] = results.Prediction(**pred).model_dump(mode="json", exclude_none=True)
 
 
 def write_outputs(r: Run, res: dict[str, Any], wall_s: float) -> results.Results:
