@@ -227,7 +227,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from quantpipe import bench, runtimes
+    from quantpipe import artifact, bench, runtimes
     from quantpipe.recipe import BenchSpec, _format
 
     quiet_libraries()
@@ -238,7 +238,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         cfg = spec.model_dump(mode="json", exclude={"runtimes"})
     except ValidationError as e:
         raise QuantpipeError("; ".join(_format(e, {}, prefix="--"))) from None
-    meta = runtimes.read_meta(Path(args.artifact))
+    meta = artifact.read(Path(args.artifact))
     if runtime not in ("auto", "natural"):
         runtimes.get_runtime(runtime, "--runtime")
     if args.out:
@@ -273,7 +273,7 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
     from transformers import AutoTokenizer
 
-    from quantpipe import lmeval, runtimes
+    from quantpipe import artifact, lmeval, runtimes
     from quantpipe.lm_responses import ADAPTER_VERSION
     from quantpipe.recipe import LMEvalSpec, _format
 
@@ -284,7 +284,7 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
     except ValidationError as e:
         raise QuantpipeError("; ".join(_format(e, {}, prefix="--"))) from None
     lmeval.check_tasks(spec)
-    meta = runtimes.read_meta(Path(args.artifact))
+    meta = artifact.read(Path(args.artifact))
     if meta.weights == "random":
         raise QuantpipeError(f"{args.artifact}: random weights (model.weights: random) have no quality to "
                              "evaluate; this artifact is for speed and memory measurement only")

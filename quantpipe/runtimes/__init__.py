@@ -21,8 +21,8 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from quantpipe.artifact import META_FILE, ArtifactMeta  # noqa: F401 - META_FILE: the runtimes' callers read it here
-from quantpipe.artifact import read as read_artifact
+from quantpipe import artifact
+from quantpipe.artifact import ArtifactMeta
 from quantpipe.deps import Requirements
 from quantpipe.errors import QuantpipeError, first_line
 
@@ -107,10 +107,6 @@ class BaseRuntime:
         pass
 
 
-# the runtime contract's type: a BaseRuntime (kept as a name for the modules that load runtimes)
-Runtime = BaseRuntime
-
-
 @dataclass(frozen=True)
 class RuntimeSpec:
     """One registered runtime: its name, the formats it loads, its capabilities and how to load it."""
@@ -181,10 +177,6 @@ def resolve(name: str, fmt: str, device: str) -> RuntimeSpec | None:
     return spec if fmt in spec.formats else None
 
 
-def read_meta(artifact_dir: Path) -> ArtifactMeta:
-    return read_artifact(artifact_dir)
-
-
 def pick_device(wanted: str = "auto") -> str:
     if wanted == "cuda" and not torch.cuda.is_available():
         raise QuantpipeError("bench.device: 'cuda' was asked for but no CUDA device is visible; use 'auto' or 'cpu'")
@@ -196,7 +188,7 @@ def pick_device(wanted: str = "auto") -> str:
 def preload(artifact_dir: Path, runtime: str = "auto", device: str = "cpu") -> None:
     """Import the libraries a runtime will need to load the artifact (best effort: errors surface in load)."""
     try:
-        meta = read_meta(artifact_dir)
+        meta = artifact.read(artifact_dir)
         spec = resolve(runtime, meta.format, device)
         if spec is not None and spec.preload is not None:
             spec.preload(Path(artifact_dir), meta)
@@ -212,7 +204,7 @@ def load(artifact_dir: Path, device: str = "auto", runtime: str = "auto") -> Bas
     """Load an artifact in a runtime (`auto`: see resolve); every failure is a one-line QuantpipeError. A runtime
     that does not serve the artifact raises Unavailable; `auto` then falls back to the natural runtime (the
     loaded runtime's `fallback_note` says why)."""
-    meta = read_meta(artifact_dir)
+    meta = artifact.read(artifact_dir)
     device = pick_device(device)
     spec = resolve(runtime, meta.format, device)
     if spec is None:
@@ -235,12 +227,6 @@ def _load(spec: RuntimeSpec, artifact_dir: Path, device: str, meta: ArtifactMeta
         raise
     except Exception as e:  # a corrupt or foreign artifact: say which and why, in one line
         raise QuantpipeError(f"{artifact_dir}: could not load with runtime '{spec.name}': {first_line(e)}") from None
-
-
-def scores(runtime: BaseRuntime) -> str:
-    """'full' or 'topk': how a loaded runtime scores (its spec's capability)."""
-    spec = _REGISTRY.get(runtime.name)
-    return spec.capabilities.scores if spec is not None else "full"
 
 
 def capabilities(runtime: BaseRuntime) -> Capabilities:

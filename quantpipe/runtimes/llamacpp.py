@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from quantpipe import artifact
 from quantpipe.artifact import ArtifactMeta
 from quantpipe.backends import llamacpp_tools
 from quantpipe.deps import Requirements
 from quantpipe.errors import QuantpipeError
-from quantpipe.runtimes import BaseRuntime, Capabilities, RuntimeSpec, read_meta, register
+from quantpipe.runtimes import BaseRuntime, Capabilities, RuntimeSpec, register
 
 
 class LlamaCppRuntime(BaseRuntime):
@@ -27,7 +28,7 @@ class LlamaCppRuntime(BaseRuntime):
     engine = "llama.cpp runtime"
 
     def __init__(self, artifact_dir: Path, device: str, meta: ArtifactMeta | None = None) -> None:
-        meta = meta or read_meta(artifact_dir)
+        meta = meta or artifact.read(artifact_dir)
         self.path = Path(artifact_dir) / (meta.file or "")
         if not meta.file or not self.path.is_file():
             raise QuantpipeError(f"{artifact_dir}: the GGUF file named in quantpipe.json ({meta.file}) "

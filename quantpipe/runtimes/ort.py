@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from quantpipe import artifact
 from quantpipe.artifact import ArtifactMeta
 from quantpipe.backends.onnx import past_inputs
 from quantpipe.deps import Requirements
 from quantpipe.errors import QuantpipeError
-from quantpipe.runtimes import BaseRuntime, Capabilities, RuntimeSpec, read_meta, register
+from quantpipe.runtimes import BaseRuntime, Capabilities, RuntimeSpec, register
 
 
 class ORTRuntime(BaseRuntime):
@@ -30,7 +31,7 @@ class ORTRuntime(BaseRuntime):
     def __init__(self, artifact_dir: Path, device: str, meta: ArtifactMeta | None = None) -> None:
         import onnxruntime as ort
 
-        meta = meta or read_meta(artifact_dir)
+        meta = meta or artifact.read(artifact_dir)
         self.path = Path(artifact_dir) / (meta.file or "model.onnx")
         if not self.path.is_file():
             raise QuantpipeError(f"{artifact_dir}: the ONNX file named in quantpipe.json ({self.path.name}) is missing")
