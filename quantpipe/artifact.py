@@ -105,6 +105,8 @@ def read(artifact_dir: Path) -> ArtifactMeta:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise QuantpipeError(f"{path}: corrupt metadata ({e})") from None
+    except RecursionError:
+        raise QuantpipeError(f"{path}: corrupt metadata (nested too deeply to be quantpipe's)") from None
     return parse(data, str(path))
 
 

@@ -246,6 +246,11 @@ def test_08_deeply_nested_yaml_is_one_line(tiny_model: Path, tmp_path: Path, cap
     gates.write_text("all: " + _deep() + "\n")
     assert main(["gate", str(run_dir), "--gates", str(gates)]) == 2
     one_line_error(capsys, "--gates", "nested too deeply")
+    art = tmp_path / "deep-artifact"  # an artifact's quantpipe.json, read by bench, lm-eval and every runtime
+    art.mkdir()
+    (art / "quantpipe.json").write_text(_deep())
+    assert main(["bench", str(art), "--device", "cpu"]) == 2
+    one_line_error(capsys, "quantpipe.json", "nested too deeply")
     if importlib.util.find_spec("lm_eval") is None:
         return
     tasks = tmp_path / "tasks"
