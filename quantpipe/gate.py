@@ -26,8 +26,8 @@ import yaml
 from pydantic import ValidationError
 
 from quantpipe.errors import QuantpipeError, first_line
-from quantpipe.recipe import GatesSpec, _format
-from quantpipe.results import Quality, Results, Row, as_results, as_row, load
+from quantpipe.recipe import SERVE_GATES, GatesSpec, _format
+from quantpipe.results import Quality, Results, Row, Served, as_results, as_row, load
 
 MIB = 2**20
 PASS, FAIL, ERROR, NEW = "PASS", "FAIL", "ERROR", "NEW"
@@ -184,6 +184,8 @@ def check_thresholds(results: Results | dict[str, Any], gates: GatesSpec) -> lis
     for v in res.variants:
         is_ref = v.variant == ref.variant
         for check, limit in thresholds_for(gates, v.variant, is_ref).items():
+            if check in SERVE_GATES:
+                continue
             bound = "≤" if check.startswith("max_") else "≥"
             try:
                 value, how = measure(check, v, res.reference_for(v), gates)
@@ -192,7 +194,68 @@ def check_thresholds(results: Results | dict[str, Any], gates: GatesSpec) -> lis
                 continue
             ok = value <= limit if check.startswith("max_") else value >= limit
             rows.append(Check(v.name, check, f"{bound} {_fmt(limit)}", _fmt(value), PASS if ok else FAIL, how))
+    for variant in dict.fromkeys(r.variant for r in res.variants):
+        for check, limit in thresholds_for(gates, variant, variant == ref.variant).items():
+            if check in SERVE_GATES:
+                rows += serve_checks(res, gates, variant, check, limit)
     return rows
+
+
+def serve_checks(res: Results, gates: GatesSpec, variant: str, check: str, limit: Any) -> list[Check]:
+    """A serve gate of one variant, one check per engine (latency gates assume a dedicated machine)."""
+    served = [s for s in res.served if s.variant == variant]
+    if check == "require_servable":
+        out = []
+        for engine in limit:
+            s = next((x for x in served if x.engine == engine), None)
+            if s is None:
+                out.append(Check(variant, check, f"servable by {engine}", "–", ERROR,
+                                 f"{variant} was not served in {engine} (serve.engines, serve.variants)"))
+            elif s.loads:
+                out.append(Check(f"{variant}@{engine}", check, "loads", "yes", PASS, s.quantization or s.format or ""))
+            else:
+                out.append(Check(f"{variant}@{engine}", check, "loads", "no", FAIL if s.complete else ERROR,
+                                 s.reason or s.error or ""))
+        return out
+    loaded = [s for s in served if s.loads]
+    if not loaded:
+        return [Check(variant, check, _bound(check, limit), "–", ERROR, f"{variant} was not served by any engine")]
+    out = []
+    for s in loaded:
+        try:
+            value, how = _served_value(res, gates, s, check)
+        except QuantpipeError as e:
+            out.append(Check(f"{variant}@{s.engine}", check, _bound(check, limit), "–", ERROR, str(e)))
+            continue
+        ok = value <= limit if check.startswith("max_") else value >= limit
+        out.append(Check(f"{variant}@{s.engine}", check, _bound(check, limit), _fmt(value), PASS if ok else FAIL,
+                         how))
+    return out
+
+
+def _bound(check: str, limit: float) -> str:
+    return f"{'≤' if check.startswith('max_') else '≥'} {_fmt(limit)}"
+
+
+def _served_value(res: Results, gates: GatesSpec, s: Served, check: str) -> tuple[float, str]:
+    name = f"{s.variant}@{s.engine}"
+    if check == "max_served_kld":
+        if s.quality is None or s.quality.kld_mean is None:
+            raise QuantpipeError(f"{name}: max_served_kld needs the served quality (serve.quality), which this run "
+                                 "did not record" + (f": {s.quality.error}" if s.quality and s.quality.error else ""))
+        return s.quality.kld_mean, f"served KLD ({s.quality.kld_estimator})"
+    levels = (res.serve or {}).get("concurrency") or [lv.concurrency for lv in s.levels]
+    c = gates.serve_concurrency or min(levels)
+    lv = s.level(c)
+    if lv is None:
+        raise QuantpipeError(f"{name}: {check} at concurrency {c}, which the load test did not finish")
+    if check == "max_ttft_p95_ms":
+        if lv.ttft_ms is None or lv.ttft_ms.p95 is None:
+            raise QuantpipeError(f"{name}: no TTFT recorded at concurrency {c}")
+        return lv.ttft_ms.p95, f"p95 TTFT at concurrency {c} (dedicated machine)"
+    if lv.output_tok_s is None:
+        raise QuantpipeError(f"{name}: no throughput recorded at concurrency {c}")
+    return lv.output_tok_s, f"output tokens/s at concurrency {c} (dedicated machine)"
 
 
 # -- regressions against a previous run ------------------------------------------------------------------------

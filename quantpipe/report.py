@@ -1,4 +1,6 @@
-"""The run's outputs for people: the comparison matrix as Markdown and HTML, and the quality-vs-memory plot.
+"""The run's outputs for people: the comparison matrix as Markdown and HTML, the quality-vs-memory plot, and (with a
+`serve:` block) the served table, the latency table under load and served.png (p95 TTFT and output tokens/s
+against concurrency).
 
 Everything here is rendered from results.json alone (the typed `results.Results`), so `quantpipe report RUN_DIR`
 can redo it at any time. Text that comes from users (variant names, paths, task names) is escaped in both the
@@ -184,7 +186,112 @@ def markdown(results: Results | dict[str, Any]) -> str:
     errors = {v.prediction.error for v in res.variants if v.prediction and v.prediction.error}
     for e in errors:
         lines += ["", cell(f"Memory prediction unavailable: {e}")]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + served_markdown(res)) + "\n"
+
+
+def served_markdown(res: Results) -> list[str]:
+    if not res.served:
+        return []
+    head, body = served_rows(res)
+    lines = ["", "## Served", "", cell("Each variant in the engine's own OpenAI-compatible server (quantpipe talks "
+             "HTTP only). Served KLD: the server's prompt log-probs (top-k + rest bucket, a lower bound) against the "
+             "baseline's full log-probs, beside the in-process KLD; greedy: share of greedy tokens equal to "
+             "quantpipe's own runtime's; memory: the server's process tree (PSS: shared pages once; GPU memory) "
+             "after loading and at its peak under load; KV tokens: the engine's reported capacity / `quantpipe "
+             "plan`'s for the same budget."), "", *_table(head, body)]
+    lhead, lbody = latency_rows(res)
+    if lbody:
+        lines += ["", cell("Under load (GuideLLM, synthetic prompts of "
+                           f"{(res.serve or {}).get('prompt_tokens')} tokens, {(res.serve or {}).get('output_tokens')} "
+                           "output tokens, bounded by request count and time; latency figures assume a machine "
+                           "doing nothing else):"), "", *_table(lhead, lbody)]
+    for s in res.served:
+        if s.error or any(lv.error for lv in s.levels):
+            why = s.error or next(lv.error for lv in s.levels if lv.error)
+            lines += ["", cell(f"Incomplete ({s.variant} in {s.engine}): {why}")]
+        if s.quality and s.quality.note:
+            lines += ["", cell(f"Note ({s.engine}): {s.quality.note}.")]
+            break
+    return lines
+
+
+def served_rows(res: Results) -> tuple[list[str], list[list[str]]]:
+    head = ["variant", "engine", "loads", "dtype", "quantization / kernel", "served KLD", "in-process KLD",
+            "served top-1 %", "served PPL", "greedy match %", "PSS MiB loaded / peak", "GPU MiB",
+            "KV tokens engine / plan", "start s"]
+    body = []
+    for s in res.served:
+        if not s.loads:
+            verb = "not tried" if not s.tried else ("did not start" if not s.complete else "no")
+            body.append([s.variant, s.engine, f"{verb}: {s.reason or s.error or '?'}", *["–"] * (len(head) - 3)])
+            continue
+        q, m, g = s.quality, s.memory, s.greedy or {}
+        share = g.get("matching_prefix_share")
+        kv = f"{_f(m.kv_cache_tokens, ',')} / {_f(m.predicted_kv_cache_tokens, ',')}"
+        loads = f"yes ({s.engine_version})" if s.engine_version else "yes"
+        if s.error:
+            loads += f", but {s.error.removeprefix('the engine ')}"
+        body.append([s.variant, s.engine, loads, s.engine_dtype or s.dtype or "–",
+                     " / ".join(x for x in (s.quantization, s.kernel) if x) or "–",
+                     _f(q.kld_mean if q else None, ".5f") if not (q and q.error) else f"error: {q.error}",
+                     _f(s.in_process_kld, ".5f"), _f(None if not q or q.top1_agreement is None else
+                                                     100 * q.top1_agreement, ".1f"),
+                     _f(q.perplexity if q else None, ".3f"), _f(None if share is None else 100 * share, ".0f"),
+                     f"{_f(m.pss_loaded_mib, '.0f')} / {_f(m.peak_pss_mib, '.0f')}", _f(m.gpu_mib, ".0f"), kv,
+                     _f(s.start_s, ".1f")])
+    return head, body
+
+
+def latency_rows(res: Results) -> tuple[list[str], list[list[str]]]:
+    head = ["variant", "engine", "concurrency", "TTFT p50 ms", "TTFT p95 ms", "TTFT p99 ms", "ITL p50 ms",
+            "ITL p95 ms", "e2e p50 ms", "e2e p95 ms", "e2e p99 ms", "output tok/s", "requests/s", "requests ok",
+            "failed"]
+    body = []
+    for s in res.served:
+        for lv in s.levels:
+            if lv.error:
+                body.append([s.variant, s.engine, str(lv.concurrency), "failed: " + lv.error.splitlines()[-1],
+                             *["–"] * (len(head) - 4)])
+                continue
+            t, i, e = lv.ttft_ms, lv.itl_ms, lv.e2e_ms
+            body.append([s.variant, s.engine, str(lv.concurrency),
+                         *[_f(getattr(t, q) if t else None, ".1f") for q in ("p50", "p95", "p99")],
+                         *[_f(getattr(i, q) if i else None, ".1f") for q in ("p50", "p95")],
+                         *[_f(getattr(e, q) if e else None, ".0f") for q in ("p50", "p95", "p99")],
+                         _f(lv.output_tok_s, ".1f"), _f(lv.requests_per_s, ".2f"),
+                         str(lv.requests.get("successful", "–")), _f(lv.failed, "d")])
+    return head, body
+
+
+def served_png(res: Results) -> bytes | None:
+    """p95 TTFT and output tokens/s against concurrency, one line per served (variant, engine)."""
+    series = [(f"{s.variant} @ {s.engine}", [lv for lv in s.levels if lv.error is None and lv.ttft_ms])
+              for s in res.served if s.loads]
+    series = [(n, lv) for n, lv in series if lv]
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=110)
+    for name, lvs in series:
+        xs = [lv.concurrency for lv in lvs]
+        a.plot(xs, [lv.ttft_ms.p95 for lv in lvs], marker="o", label=name)  # type: ignore[union-attr]
+        b.plot(xs, [lv.output_tok_s for lv in lvs], marker="o", label=name)
+    for ax, what in ((a, "p95 time to first token (ms)"), (b, "output tokens/s")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent requests")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3)
+    b.legend(fontsize=7, loc="best")
+    fig.suptitle(f"{res.recipe.name}: served under load", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def speed_rows(res: Results) -> tuple[list[str], list[list[str]]]:
@@ -263,11 +370,26 @@ def plot_png(res: Results) -> bytes:
     return buf.getvalue()
 
 
-def html_page(res: Results, png: bytes) -> str:
+def _html_table(head: list[str], body: list[list[str]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    trs = "\n".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>\n{trs}\n</tbody></table>"
+
+
+def html_page(res: Results, png: bytes, served: bytes | None = None) -> str:
     head, body = rows(res)
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     trs = "\n".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
     img = base64.b64encode(png).decode()
+    serve_html = ""
+    if res.served:
+        serve_html = "<h2>Served</h2>" + _html_table(*served_rows(res))
+        lhead, lbody = latency_rows(res)
+        if lbody:
+            serve_html += "<h3>Under load (GuideLLM)</h3>" + _html_table(lhead, lbody)
+        if served is not None:
+            serve_html += (f'<p><img alt="served latency and throughput against concurrency" '
+                           f'src="data:image/png;base64,{base64.b64encode(served).decode()}"></p>')
     name = html.escape(res.recipe.name)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>quantpipe: {name}</title>
@@ -280,6 +402,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child,th
 {trs}
 </tbody></table>
 <p><img alt="quality vs memory" src="data:image/png;base64,{img}"></p>
+{serve_html}
 </body></html>
 """
 
@@ -290,8 +413,10 @@ def write(run_dir: Path, results: Results | dict[str, Any]) -> None:
     from quantpipe.cache import write_bytes, write_text
 
     res = as_results(results)
-    png = plot_png(res)
-    md, page = markdown(res), html_page(res, png)
+    png, served = plot_png(res), served_png(res)
+    md, page = markdown(res), html_page(res, png, served)
     write_bytes(run_dir / "matrix.png", png)
+    if served is not None:
+        write_bytes(run_dir / "served.png", served)
     write_text(run_dir / "matrix.md", md)
     write_text(run_dir / "matrix.html", page)

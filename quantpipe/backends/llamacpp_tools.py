@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from quantpipe.cache import user_cache_root
 from quantpipe.errors import QuantpipeError, first_line
 
 INSTALL_HINT = ("pip install 'quantpipe[gguf]' --find-links DIR_WITH_A_PREBUILT_WHEEL (llama-cpp-python compiles "
@@ -100,12 +101,6 @@ def use_extra_bufts() -> tuple[bool, str]:
 
 
 # -- the converter -------------------------------------------------------------------------------------------
-def cache_root() -> Path:
-    if os.environ.get("QUANTPIPE_CACHE"):
-        return Path(os.environ["QUANTPIPE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "quantpipe"
-
-
 def converter_script(fetch: bool = True) -> Path:
     """llama.cpp's convert_hf_to_gguf.py of the installed llama-cpp-python version (with its `conversion`
     package and the gguf-py it was written against). Taken from $QUANTPIPE_LLAMA_CPP_DIR if set, else from the
@@ -115,7 +110,7 @@ def converter_script(fetch: bool = True) -> Path:
         if not script.is_file():
             raise QuantpipeError(f"{CONVERTER_ENV}={os.environ[CONVERTER_ENV]}: no convert_hf_to_gguf.py there")
         return script
-    dest = cache_root() / "llama.cpp-converter" / version()
+    dest = user_cache_root() / "llama.cpp-converter" / version()
     script = dest / "convert_hf_to_gguf.py"
     if script.is_file():
         return script

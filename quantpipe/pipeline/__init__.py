@@ -67,6 +67,8 @@ def _run(recipe: Recipe, run_dir: Path, force: bool, recipe_path: str) -> Result
         r.lm_eval(row)
     for row in ordered:
         r.bench(row, windows)
+    for variant, engine in r.served():
+        r.serve(variant, engine, windows)
     for s in r.plan.skipped:
         print(f"note: {s['variant']} not measured in runtime '{s['runtime']}' ({s['purpose']}): {s['reason']}")
     res = collect(r, recipe_path)
@@ -83,12 +85,26 @@ def preflight(recipe: Recipe) -> Any:
         get_method(v.method).require(v.name, v.params)
     if recipe.eval.lm_eval is not None:
         lmeval.check_tasks(recipe.eval.lm_eval)
+    if recipe.serve is not None:
+        check_engines(recipe)
     config = check_shapes(recipe)
     if config is not None:
         check_bounds(recipe, config)
         for line in plan.calibration_warnings(recipe, config):
             print(f"warning: {line}")
     return config
+
+
+def check_engines(recipe: Recipe) -> None:
+    """Every engine the serve block names, and GuideLLM, is installed (each in its own environment)."""
+    from quantpipe import runtimes
+    from quantpipe.serving import engines
+
+    assert recipe.serve is not None
+    device = runtimes.pick_device(recipe.bench.device)
+    for name in recipe.serve.engines:
+        engines.get_engine(name).env(device).require(f"serve.engines: {name}")
+    engines.GUIDELLM.require("serve (the load test)")
 
 
 def check_bounds(recipe: Recipe, config: Any) -> None:

@@ -79,7 +79,54 @@ def collect(r: Run, recipe_path: str) -> dict[str, Any]:
         "variants": rows,
         "gates": recipe.gates.model_dump(mode="json") if recipe.gates else None,
         "skipped": r.plan.skipped,
+        "serve": None if recipe.serve is None else recipe.serve.model_dump(mode="json"),
+        "served": [served_result(r, v, e, rows) for v, e in r.served()],
     }
+
+
+def served_result(r: Run, variant: Any, engine: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One (variant, engine) record of results.json: the serve stage's record, typed, with `quantpipe plan`'s
+    predictions for the same model, dtype and KV-cache budget beside the measured memory."""
+    rec = dict(r.results[f"serve:{variant.name}@{engine}"])
+    lt = rec.pop("load_test", None) or {}
+    mem = {**(rec.pop("memory", None) or {}), "peak_pss_mib": lt.get("peak_pss_mib") or None,
+           "kv_cache_tokens": rec.pop("kv_cache_tokens", None)}
+    mem.update(served_prediction(r, variant, rec, mem))
+    row = next((x for x in rows if x["variant"] == variant.name and x.get("quality")), None)
+    keep = set(results.Served.model_fields) - {"levels", "memory", "in_process_kld", "variant"}
+    return {**{k: v for k, v in rec.items() if k in keep}, "variant": variant.name, "levels": lt.get("levels", []),
+            "memory": {k: v for k, v in mem.items() if v is not None},
+            "in_process_kld": None if row is None else row["quality"]["kld_mean"]}
+
+
+def served_prediction(r: Run, variant: Any, rec: dict[str, Any], mem: dict[str, Any]) -> dict[str, Any]:
+    """Weights and KV-cache capacity as `quantpipe plan` computes them for what the engine was given."""
+    from transformers import AutoConfig
+
+    spec = r.recipe.serve
+    if not rec.get("loads") or spec is None:
+        return {}
+    try:
+        s = plan.shapes(AutoConfig.from_pretrained(r.artifact_dir(r.recipe.reference)))
+    except QuantpipeError as e:
+        return {"predicted_note": str(e)}
+    dtype = rec.get("engine_dtype") or spec.dtype_of(variant.name, r.recipe.model.dtype) or r.recipe.model.dtype
+    if dtype not in plan.DTYPE_BYTES:
+        return {"predicted_note": f"the engine computes in {dtype}, which plan does not model"}
+    storage = get_method(variant.method).storage(variant.params, dtype)
+    out: dict[str, Any] = {"predicted_weights_mib": plan.weight_bytes(s, storage)["total"] / plan.MIB}
+    per_token = plan.kv_bytes_per_token(s, plan.DTYPE_BYTES[dtype])
+    if rec.get("device") == "cpu":
+        out["predicted_kv_cache_tokens"] = int(spec.kv_cache_gib * 2**30 // per_token)
+        out["predicted_note"] = (f"KV cache of {spec.kv_cache_gib:g} GiB (serve.kv_cache_gib) at {per_token} bytes "
+                                 f"per token ({dtype})")
+    elif (gib := sysinfo.hardware().get("gpu_memory_gib")) is not None:
+        budget = spec.gpu_memory_utilization * gib * 2**30 - out["predicted_weights_mib"] * plan.MIB
+        out["predicted_kv_cache_tokens"] = max(0, int(budget // per_token))
+        out["predicted_note"] = (f"{spec.gpu_memory_utilization:g} of {gib} GiB less the weights, at {per_token} "
+                                 f"bytes per token ({dtype}): an upper bound (the engine also keeps activations "
+                                 "and CUDA graphs)")
+    return out
 
 
 def model_digest(r: Run) -> str:

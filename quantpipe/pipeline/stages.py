@@ -69,7 +69,7 @@ class Run:
         self.n_stages = (len(recipe.variants) + 1 + int(self.uses_calibration)
                          + sum(r.evaluates for r in rows) * (int(recipe.eval.enabled)
                                                              + int(recipe.eval.lm_eval is not None))
-                         + sum(r.benches for r in rows))
+                         + sum(r.benches for r in rows) + len(self.served()))
         self.step = 0
 
     def stage(self, name: str, payload: dict[str, Any], compute: Any, artifact_dir: Path | None = None) -> dict:
@@ -97,6 +97,10 @@ class Run:
                                      "re-run (finished stages are kept and will not be redone)") from None
             raise
         result["wall_s"] = time.perf_counter() - t
+        if result.get("complete") is False:  # a serve stage that could not finish: kept, not cached
+            print(f"{label}: incomplete after {result['wall_s']:.1f} s (not cached; a re-run tries again)", flush=True)
+            self.results[name] = result
+            return result
         self.cache.put(name, key, result, artifact_dir)
         print(f"{label}: done in {result['wall_s']:.1f} s", flush=True)
         self.results[name] = result
@@ -296,3 +300,45 @@ class Run:
                                              runtime=row.requested, label=f"bench:{row.name}")
 
         return self.stage(f"bench:{row.name}", payload, compute)
+
+    # -- serving ----------------------------------------------------------------------------------------------
+    def served(self) -> list[tuple[VariantSpec, str]]:
+        """The (variant, engine) pairs the recipe's serve block asks for, in recipe order."""
+        spec = self.recipe.serve
+        if spec is None:
+            return []
+        names = spec.variants or [v.name for v in self.recipe.variants]
+        return [(v, e) for v in self.recipe.variants if v.name in names for e in spec.engines]
+
+    def serve(self, variant: VariantSpec, engine: str, windows: list[list[int]]) -> dict[str, Any]:
+        from quantpipe.serving import engines, measure
+
+        spec = self.recipe.serve
+        assert spec is not None
+        quality = spec.quality and self.recipe.eval.enabled
+        env = engines.get_engine(engine).env(self.device)
+        dtype = spec.dtype_of(variant.name, self.recipe.model.dtype)
+        cfg = {**spec.model_dump(mode="json", exclude={"host", "port", "startup_timeout_s", "variants", "engines",
+                                                       "dtype", "dtype_overrides"}),
+               "dtype": dtype, "max_model_len": spec.context(self.recipe.eval.window),
+               "engine_args": spec.engine_args.get(engine)}
+        hw = sysinfo.hardware()
+        payload = {"serve": cfg, "engine": engine, "engine_env": env.version(),
+                   "guidellm": engines.GUIDELLM.version(), "artifact": self.keys[f"quantize:{variant.name}"],
+                   "device": self.device, "hardware": {k: hw.get(k) for k in ("cpu", "cpu_count", "gpu")},
+                   "measure_version": measure.VERSION}
+        if quality:
+            payload["reference"] = self.keys[f"eval:{self.ref_row.name}"]
+
+        def compute() -> dict[str, Any]:
+            fmt = self.meta(variant).format
+            work = self.state / "serve" / f"{variant.name}@{engine}"
+            return measure.measure(engine, self.artifact_dir(variant), fmt,
+                                   {**cfg, "host": spec.host, "port": spec.port,
+                                    "startup_timeout_s": spec.startup_timeout_s,
+                                    "engine_args": spec.engine_args},
+                                   self.device, windows if quality else [], self.state / "reference" if quality
+                                   else None, self.artifact_dir(self.recipe.reference), work, variant.name, dtype,
+                                   file=self.meta(variant).file)
+
+        return self.stage(f"serve:{variant.name}@{engine}", payload, compute)

