@@ -195,10 +195,12 @@ def served_markdown(res: Results) -> list[str]:
     head, body = served_rows(res)
     lines = ["", "## Served", "", cell("Each variant in the engine's own OpenAI-compatible server (quantpipe talks "
              "HTTP only). Served KLD: the server's prompt log-probs (top-k + rest bucket, a lower bound) against the "
-             "baseline's full log-probs, beside the in-process KLD; greedy: share of greedy tokens equal to "
+             "baseline's full log-probs, beside quantpipe's own runtime's with the same estimator (the difference is "
+             "the engine's) and over the full vocabulary; greedy: share of greedy tokens equal to "
              "quantpipe's own runtime's; memory: the server's process tree (PSS: shared pages once; GPU memory) "
-             "after loading and at its peak under load; KV tokens: the engine's reported capacity / `quantpipe "
-             "plan`'s for the same budget."), "", *_table(head, body)]
+             "after loading and at its peak under load; KV: the engine's reported capacity (vLLM, tokens) or "
+             "allocation (llama.cpp, for its n_ctx) / `quantpipe plan`'s for the same budget."), "",
+             *_table(head, body)]
     lhead, lbody = latency_rows(res)
     if lbody:
         lines += ["", cell("Under load (GuideLLM, synthetic prompts of "
@@ -216,9 +218,9 @@ def served_markdown(res: Results) -> list[str]:
 
 
 def served_rows(res: Results) -> tuple[list[str], list[list[str]]]:
-    head = ["variant", "engine", "loads", "dtype", "quantization / kernel", "served KLD", "in-process KLD",
-            "served top-1 %", "served PPL", "greedy match %", "PSS MiB loaded / peak", "GPU MiB",
-            "KV tokens engine / plan", "start s"]
+    head = ["variant", "engine", "loads", "dtype", "quantization / kernel", "served KLD (top-k)",
+            "in-process KLD (top-k)", "in-process KLD (full)", "served top-1 %", "served PPL", "greedy match %",
+            "PSS MiB loaded / peak", "GPU MiB", "KV engine / plan", "start s"]
     body = []
     for s in res.served:
         if not s.loads:
@@ -227,15 +229,18 @@ def served_rows(res: Results) -> tuple[list[str], list[list[str]]]:
             continue
         q, m, g = s.quality, s.memory, s.greedy or {}
         share = g.get("matching_prefix_share")
-        kv = f"{_f(m.kv_cache_tokens, ',')} / {_f(m.predicted_kv_cache_tokens, ',')}"
+        if m.kv_cache_mib is not None:  # llama.cpp: the allocation for its n_ctx tokens
+            kv = f"{m.kv_cache_mib:.1f} / {_f(m.predicted_kv_cache_mib, '.1f')} MiB ({_f(m.kv_cache_tokens, ',')} tok)"
+        else:
+            kv = f"{_f(m.kv_cache_tokens, ',')} / {_f(m.predicted_kv_cache_tokens, ',')} tokens"
         loads = f"yes ({s.engine_version})" if s.engine_version else "yes"
         if s.error:
             loads += f", but {s.error.removeprefix('the engine ')}"
         body.append([s.variant, s.engine, loads, s.engine_dtype or s.dtype or "–",
                      " / ".join(x for x in (s.quantization, s.kernel) if x) or "–",
                      _f(q.kld_mean if q else None, ".5f") if not (q and q.error) else f"error: {q.error}",
-                     _f(s.in_process_kld, ".5f"), _f(None if not q or q.top1_agreement is None else
-                                                     100 * q.top1_agreement, ".1f"),
+                     _f(s.in_process_kld_topk, ".5f"), _f(s.in_process_kld, ".5f"),
+                     _f(None if not q or q.top1_agreement is None else 100 * q.top1_agreement, ".1f"),
                      _f(q.perplexity if q else None, ".3f"), _f(None if share is None else 100 * share, ".0f"),
                      f"{_f(m.pss_loaded_mib, '.0f')} / {_f(m.peak_pss_mib, '.0f')}", _f(m.gpu_mib, ".0f"), kv,
                      _f(s.start_s, ".1f")])

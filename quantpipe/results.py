@@ -211,7 +211,9 @@ class ServedMemory(Model):
     pss_loaded_mib: float | None = None  # the server's process tree after loading (sum of PSS)
     peak_pss_mib: float | None = None  # ... at its peak during the load test
     gpu_mib: float | None = None
-    kv_cache_tokens: int | None = None  # as the engine reports it (vLLM)
+    kv_cache_tokens: int | None = None  # as the engine reports it (vLLM: its capacity; llama.cpp: n_ctx)
+    kv_cache_mib: float | None = None  # the KV cache's allocation as the engine reports it (llama.cpp)
+    predicted_kv_cache_mib: float | None = None  # `quantpipe plan`'s bytes for that many tokens
     predicted_weights_mib: float | None = None  # `quantpipe plan`'s arithmetic for the same model and dtype
     predicted_kv_cache_tokens: int | None = None  # ... for the same KV-cache budget
     predicted_note: str | None = None
@@ -237,7 +239,8 @@ class Served(Model):
     command: str | None = None
     start_s: float | None = None
     quality: ServedQuality | None = None
-    in_process_kld: float | None = None  # the variant's KL divergence in quantpipe's own runtime, for comparison
+    in_process_kld: float | None = None  # the variant's KL divergence in quantpipe's own runtime (full vocabulary)
+    in_process_kld_topk: float | None = None  # ... with the served figure's estimator (top k + rest)
     greedy: dict[str, Any] | None = None
     levels: list[LoadLevel] = Field(default_factory=list)
     memory: ServedMemory = Field(default_factory=ServedMemory)

@@ -334,3 +334,23 @@ def test_serve_gates() -> None:
     at4 = GatesSpec.model_validate({"all": {"min_output_tok_s": 30}, "serve_concurrency": 4})
     (c,) = gate.check_thresholds(res, at4)
     assert c.verdict == "ERROR" and "did not finish" in c.detail
+
+
+def test_an_incomplete_serve_record_is_not_cached(tmp_path: Path) -> None:
+    """A serve stage that could not finish (the engine died, GuideLLM failed) is redone by the next run."""
+    from quantpipe.pipeline.stages import Run
+
+    r = Run(parse_recipe({"name": "c", "model": {"arch": "qwen2-0.5b", "weights": "random"},
+                          "eval": {"enabled": False}, "variants": [{"name": "baseline", "method": "baseline"}]}),
+            tmp_path)
+    calls = []
+
+    def compute(complete: bool) -> dict:
+        calls.append(complete)
+        return {"complete": complete}
+
+    for _ in range(2):
+        r.stage("serve:baseline@vllm", {"k": 1}, lambda: compute(False))
+    for _ in range(2):
+        r.stage("serve:baseline@vllm", {"k": 2}, lambda: compute(True))
+    assert calls == [False, False, True]

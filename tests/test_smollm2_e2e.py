@@ -364,10 +364,23 @@ def test_demo_served_rows(quick_demo: tuple[Path, subprocess.CompletedProcess, f
     onnx = s[("onnx-int8", "vllm")]
     assert not onnx.loads and not onnx.tried and "not onnx" in onnx.reason
     assert not s[("int8", "llama.cpp")].tried and "GGUF" in s[("int8", "llama.cpp")].reason
-    # the GGUF in llama.cpp's server: served KLD (text-keyed top-k) near the in-process KLD of the same file
+    assert not s[("gguf-q4_k_m-imatrix", "vllm")].tried  # vLLM 0.32 has no GGUF loader
+    # torchao's INT8 checkpoint: vLLM's own reason, one line, the run went on
+    i8 = s[("int8", "vllm")]
+    assert i8.tried and not i8.loads and i8.reason.startswith("ValueError: Not supported args for copy_")
+    # served KLD against quantpipe's own runtime with the same top-20 estimator: the engine's share only. Measured
+    # on 2 EPYC cores (2026-11-30): GPTQ 0.1305 served (bfloat16) vs 0.1291 in-process (float32), AWQ 0.0942 vs
+    # 0.0942, the GGUF in llama.cpp's server 0.0216 vs 0.0221 (text-keyed top k, positions 1..T-1)
+    for key in (("gptq-w4g64", "vllm"), ("awq-w4g64", "vllm"), ("gguf-q4_k_m-imatrix", "llama.cpp")):
+        rec = s[key]
+        assert rec.loads and rec.quality.kld_mean > 0.01, key
+        assert abs(rec.quality.kld_mean / rec.in_process_kld_topk - 1) < 0.1, key
+        assert rec.in_process_kld_topk < rec.in_process_kld  # the top-k estimate is a lower bound
+    w4 = s[("gptq-w4g64", "vllm")]
+    assert w4.engine_dtype == "bfloat16" and "CPUWNA16" in w4.kernel and w4.quantization == "compressed-tensors"
     gg = s[("gguf-q4_k_m-imatrix", "llama.cpp")]
-    assert gg.loads and gg.quality.kld_mean > 0 and gg.quality.perplexity is None
-    assert abs(gg.quality.kld_mean - gg.in_process_kld) < 0.5 * gg.in_process_kld
+    assert gg.quality.perplexity is None and gg.quality.note
+    assert abs(gg.memory.kv_cache_mib / gg.memory.predicted_kv_cache_mib - 1) < 0.01
     for rec in s.values():
         if rec.loads:
             assert [lv.concurrency for lv in rec.levels] == [1, 4], rec

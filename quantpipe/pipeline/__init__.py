@@ -117,6 +117,12 @@ def check_bounds(recipe: Recipe, config: Any) -> None:
     b = recipe.bench
     lengths = [("eval.window", recipe.eval.window, recipe.eval.enabled)]
     lengths.append(("bench.prompt_len + bench.gen_len", b.prompt_len + b.gen_len, b.enabled))
+    if recipe.serve is not None:
+        s = recipe.serve
+        lengths.append(("serve.prompt_tokens + serve.output_tokens (+16)", s.needed_context(recipe.eval.window),
+                        True))
+        if s.max_model_len:
+            lengths.append(("serve.max_model_len", s.max_model_len, True))
     for field, n, on in lengths:
         if on and limit and n > limit:
             raise QuantpipeError(f"{field}: {n} tokens is longer than the model's context (max_position_embeddings "

@@ -90,7 +90,7 @@ def served_result(r: Run, variant: Any, engine: str, rows: list[dict[str, Any]])
     rec = dict(r.results[f"serve:{variant.name}@{engine}"])
     lt = rec.pop("load_test", None) or {}
     mem = {**(rec.pop("memory", None) or {}), "peak_pss_mib": lt.get("peak_pss_mib") or None,
-           "kv_cache_tokens": rec.pop("kv_cache_tokens", None)}
+           "kv_cache_tokens": rec.pop("kv_cache_tokens", None), "kv_cache_mib": rec.pop("kv_cache_mib", None)}
     mem.update(served_prediction(r, variant, rec, mem))
     row = next((x for x in rows if x["variant"] == variant.name and x.get("quality")), None)
     keep = set(results.Served.model_fields) - {"levels", "memory", "in_process_kld", "variant"}
@@ -115,6 +115,12 @@ def served_prediction(r: Run, variant: Any, rec: dict[str, Any], mem: dict[str, 
         return {"predicted_note": f"the engine computes in {dtype}, which plan does not model"}
     storage = get_method(variant.method).storage(variant.params, dtype)
     out: dict[str, Any] = {"predicted_weights_mib": plan.weight_bytes(s, storage)["total"] / plan.MIB}
+    if rec.get("engine") == "llama.cpp":  # a KV cache of n_ctx tokens in float16 (llama.cpp's default type)
+        out["predicted_weights_mib"] = None  # its weights are the GGUF's types, which plan does not model
+        if mem.get("kv_cache_tokens"):
+            out["predicted_kv_cache_mib"] = mem["kv_cache_tokens"] * plan.kv_bytes_per_token(s, 2) / plan.MIB
+            out["predicted_note"] = f"llama.cpp's KV cache: n_ctx {mem['kv_cache_tokens']} tokens in float16"
+        return out
     per_token = plan.kv_bytes_per_token(s, plan.DTYPE_BYTES[dtype])
     if rec.get("device") == "cpu":
         out["predicted_kv_cache_tokens"] = int(spec.kv_cache_gib * 2**30 // per_token)

@@ -194,6 +194,12 @@ class Run:
 
         return self.stage("eval-tokens", payload, compute)["windows"]
 
+    def max_positions(self) -> int:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(self.artifact_dir(self.recipe.reference))
+        return int(getattr(cfg, "max_position_embeddings", 0) or 0)
+
     def vocab_size(self) -> int:
         from transformers import AutoConfig
 
@@ -320,7 +326,7 @@ class Run:
         dtype = spec.dtype_of(variant.name, self.recipe.model.dtype)
         cfg = {**spec.model_dump(mode="json", exclude={"host", "port", "startup_timeout_s", "variants", "engines",
                                                        "dtype", "dtype_overrides"}),
-               "dtype": dtype, "max_model_len": spec.context(self.recipe.eval.window),
+               "dtype": dtype, "max_model_len": spec.context(self.recipe.eval.window, self.max_positions()),
                "engine_args": spec.engine_args.get(engine)}
         hw = sysinfo.hardware()
         payload = {"serve": cfg, "engine": engine, "engine_env": env.version(),

@@ -290,10 +290,17 @@ class ServeSpec(Strict):
         d = self.dtype_overrides.get(variant, self.dtype)
         return None if d == "auto" else model_dtype if d == "model" else d
 
-    def context(self, window: int) -> int:
-        """The context the engine allocates: max_model_len, else 2048 or more where the requests need it."""
-        need = max(window + 1, self.prompt_tokens + self.output_tokens + 16)
-        return self.max_model_len or max(2048, -(-need // 256) * 256)
+    def needed_context(self, window: int) -> int:
+        """Tokens one request needs: an eval window and its one generated token, or a load-test request."""
+        return max(window + 1, self.prompt_tokens + self.output_tokens + 16)
+
+    def context(self, window: int, limit: int = 0) -> int:
+        """The context the engine allocates: max_model_len, else 2048 or more where the requests need it, at
+        most the model's own (`limit`, max_position_embeddings)."""
+        if self.max_model_len:
+            return self.max_model_len
+        want = max(2048, -(-self.needed_context(window) // 256) * 256)
+        return min(want, limit) if limit else want
 
 
 class GateThresholds(Strict):

@@ -106,7 +106,8 @@ class Client:
                                                 "return_tokens_as_token_ids": True})
             toks = out["choices"][0]["logprobs"]["tokens"]
             return [int(s.split(":", 1)[1]) for s in toks]
-        out = self.post("/v1/completions", {**body, "prompt": by_text.decode(ids)})
+        # llama-cpp-python's completions apply a repeat penalty of 1.1 unless told otherwise: greedy means none
+        out = self.post("/v1/completions", {**body, "prompt": by_text.decode(ids), "repeat_penalty": 1.0})
         return list(by_text(out["choices"][0]["text"], add_special_tokens=False).input_ids)
 
     def chat_stream(self, message: str, max_tokens: int = 16) -> dict[str, Any]:

@@ -152,6 +152,7 @@ class LogReport:
     quantization: str | None = None
     kernel: str | None = None
     kv_cache_tokens: int | None = None
+    kv_cache_mib: float | None = None  # the KV cache's allocation, where the engine reports it (llama.cpp)
     dtype: str | None = None  # the compute dtype the engine chose (vLLM downcasts float32 to bfloat16 by default)
     refusal: str | None = None  # the engine's own reason for not serving the artifact
 
@@ -188,8 +189,6 @@ def _vllm_command(launch: Launch, env: Env) -> tuple[list[str], dict[str, str]]:
             "--model", str(VLLM.model_file(launch)), "--served-model-name", launch.model_name,
             "--host", launch.host, "--port", str(launch.port), "--max-model-len", str(launch.max_model_len),
             "--max-logprobs", str(VLLM.max_topk), "--disable-uvicorn-access-log"]
-    if launch.format == "gguf" and launch.tokenizer_dir is not None:
-        argv += ["--tokenizer", str(launch.tokenizer_dir)]
     if launch.dtype:
         argv += ["--dtype", launch.dtype]
     if launch.api_key:
@@ -224,6 +223,8 @@ def _refusal(text: str) -> str | None:
         if (m and "Traceback" not in line and "warnings.warn" not in line and "raise " not in line
                 and not re.search(r"\b(?:WARNING|INFO|DEBUG)\b", line) and not _WRAPPERS.search(line)):
             found = re.sub(r"^\(\w+ pid=\d+\)\s*", "", m.group(1)).strip()
+    if found and "tensor(" in found:  # a tensor's repr in the message: its values say nothing
+        found = found[:found.index("tensor(")].rstrip(" ,(=") + " …"
     return found if found is None or len(found) <= 200 else found[:199] + "…"
 
 
@@ -274,6 +275,10 @@ def _llama_log(text: str) -> LogReport:
         simd = [f.split(" = ")[0] for f in (feats.group(1).split(" | ") if feats else []) if f.strip()]
         rep.kernel = "llama.cpp " + "+".join(dict.fromkeys(bufs or ["CPU"])) + (
             f" ({', '.join(s for s in simd if s in ('AVX2', 'AVX512', 'AMX_INT8', 'F16C', 'FMA'))})" if simd else "")
+    if m := re.search(r"n_ctx\s*=\s*(\d+)", text):
+        rep.kv_cache_tokens = int(m.group(1))
+    if m := re.search(r"KV buffer size\s*=\s*([\d.]+) MiB", text):
+        rep.kv_cache_mib = float(m.group(1))
     rep.refusal = _refusal(text)
     return rep
 
@@ -282,8 +287,9 @@ def _vllm_env(device: str) -> Env:
     return VLLM_CUDA if device == "cuda" else VLLM_CPU
 
 
-VLLM = Engine("vllm", "vLLM", frozenset({"safetensors", "compressed-tensors", "gptq", "awq", "torchao", "gguf"}),
-              "vLLM loads Hugging Face checkpoints (safetensors, compressed-tensors, GPTQ, AWQ) and GGUF",
+VLLM = Engine("vllm", "vLLM", frozenset({"safetensors", "compressed-tensors", "gptq", "awq", "torchao"}),
+              "vLLM loads Hugging Face checkpoints (safetensors, compressed-tensors, GPTQ, AWQ, torchao); 0.32 has "
+              "no GGUF loader",
               _vllm_env, _vllm_command, _vllm_log, scores="token ids", health="/health")
 LLAMA = Engine("llama.cpp", "llama.cpp server", frozenset({"gguf"}), "llama.cpp's server loads GGUF files",
                lambda device: LLAMA_CPP, _llama_command, _llama_log, scores="text")

@@ -21,9 +21,11 @@ PERCENTILES = ("p50", "p95", "p99")
 
 
 def scenario(url: str, model: str, tokenizer_dir: Path, concurrency: list[int], requests: int, prompt_tokens: int,
-             output_tokens: int, max_seconds: float, seed: int, out_json: Path, api_key: str | None) -> dict:
+             output_tokens: int, max_seconds: float, seed: int, out_json: Path, api_key: str | None,
+             health: str = "/health") -> dict:
+    # GuideLLM checks the server at /health first; llama-cpp-python's server has none, its /v1/models answers
     backend: dict[str, Any] = {"kind": "openai_http", "target": url, "request_format": "/v1/completions",
-                               "model": model}
+                               "model": model, "api_routes": {"/health": health.lstrip("/")}}
     if api_key:
         backend["api_key"] = api_key
     return {

@@ -23,7 +23,7 @@ from quantpipe.serving.client import Client, text_vocab
 from quantpipe.serving.engines import ENGINES, GUIDELLM, Engine, Launch
 from quantpipe.serving.server import EngineRefused, EngineTimeout, Server, pick_port
 
-VERSION = 2  # bumped when what a serve stage records changes (cached records are then redone)
+VERSION = 3  # bumped when what a serve stage records changes (cached records are then redone)
 
 
 def served_quality(client: Client, engine: Engine, windows: list[list[int]], ref_dir: Path, tokenizer: Any,
@@ -58,11 +58,22 @@ def served_quality(client: Client, engine: Engine, windows: list[list[int]], ref
     return out
 
 
-def own_greedy(artifact_dir: Path, device: str, prompts: list[list[int]], n: int) -> list[list[int]]:
-    """quantpipe's own greedy continuation of each prompt, in the format's natural runtime."""
+def in_process(artifact_dir: Path, device: str, prompts: list[list[int]], n: int, windows: list[list[int]],
+               ref_dir: Path | None, k: int) -> tuple[list[list[int]], float | None]:
+    """quantpipe's own runtime (the format's natural one) on what the server is asked: the greedy continuation
+    of each prompt, and the KL divergence of the windows with the served figure's estimator (top k + rest),
+    so that served and in-process KLD differ only by the engine."""
     rt = runtimes.load(artifact_dir, device, "natural")
     try:
-        return [rt.generate(torch.tensor([p]), n)[0].tolist() for p in prompts]
+        greedy = [rt.generate(torch.tensor([p]), n)[0].tolist() for p in prompts] if n else []
+        kld = None
+        if ref_dir is not None and windows:
+            klds = []
+            for i, ids in enumerate(windows):
+                top = rt.topk(ids, k)
+                klds.append(evaluate.kl_topk(evaluate.reference_logprobs(ref_dir, i), top.ids, top.logprobs))
+            kld = torch.cat(klds).double().mean().item()
+        return greedy, kld
     finally:
         rt.close()
 
@@ -101,16 +112,19 @@ def measure(engine_name: str, artifact_dir: Path, fmt: str, spec: dict[str, Any]
                     device=device, extra_args=tuple(spec.get("engine_args", {}).get(engine.name, [])))
     server = Server(engine, env, launch, work / f"{engine.name}.log", spec["startup_timeout_s"])
     rec["command"] = server.command_line()
-    rec["dtype"] = dtype or "auto"
+    if engine.name == "vllm":  # llama.cpp computes in the GGUF's own types
+        rec["dtype"] = dtype or "auto"
     if port_note:
         rec["port_note"] = port_note
     own = None
     prompts = [w[: spec["prompt_tokens"]] for w in windows[: spec["greedy_prompts"]]] if windows else []
-    if spec["greedy_tokens"] and prompts and ref_dir is not None:
+    k = min(spec["topk"], engine.max_topk)
+    if prompts and ref_dir is not None:
         try:
-            own = own_greedy(artifact_dir, "cuda" if device == "cuda" else "cpu", prompts, spec["greedy_tokens"])
+            own, rec["in_process_kld_topk"] = in_process(artifact_dir, "cuda" if device == "cuda" else "cpu",
+                                                         prompts, spec["greedy_tokens"], windows, ref_dir, k)
         except QuantpipeError as e:
-            rec["greedy"] = {"error": str(e)}
+            rec["greedy"] = {"error": f"quantpipe's own runtime: {e}"}
     try:
         server.start()
     except EngineRefused as e:
@@ -128,12 +142,11 @@ def measure(engine_name: str, artifact_dir: Path, fmt: str, spec: dict[str, Any]
         if ref_dir is not None and spec["quality"]:
             t = time.perf_counter()
             try:
-                rec["quality"] = served_quality(client, engine, windows, ref_dir, tok, min(spec["topk"],
-                                                                                          engine.max_topk))
+                rec["quality"] = served_quality(client, engine, windows, ref_dir, tok, k)
                 rec["quality"]["wall_s"] = time.perf_counter() - t
             except QuantpipeError as e:
                 rec["quality"] = {"error": str(e)}
-        if own is not None:
+        if own:
             try:
                 rec["greedy"] = greedy_match(client, engine, prompts, own, spec["greedy_tokens"], tok)
             except QuantpipeError as e:
@@ -160,7 +173,7 @@ def _log_fields(server: Server) -> dict[str, Any]:
     rep = server.report()
     return {k: v for k, v in {"engine_reported_version": rep.version, "quantization": rep.quantization,
                               "kernel": rep.kernel, "kv_cache_tokens": rep.kv_cache_tokens,
-                              "engine_dtype": rep.dtype}.items() if v is not None}
+                              "kv_cache_mib": rep.kv_cache_mib, "engine_dtype": rep.dtype}.items() if v is not None}
 
 
 def _load_test(server: Server, spec: dict[str, Any], tokenizer_dir: Path, work: Path, model: str, api_key: str,
@@ -171,7 +184,7 @@ def _load_test(server: Server, spec: dict[str, Any], tokenizer_dir: Path, work: 
     for c in spec["concurrency"]:  # one GuideLLM run per level: a crash ends that level, not the whole sweep
         doc = loadtest.scenario(server.url, model, tokenizer_dir, [c], spec["requests"], spec["prompt_tokens"],
                                 spec["output_tokens"], spec["max_seconds"], spec["seed"],
-                                work / f"guidellm-c{c}.json", api_key)
+                                work / f"guidellm-c{c}.json", api_key, server.engine.health)
         with server.sample_memory() as mem:
             report, tail = loadtest.run(python, doc, work / f"guidellm-c{c}", spec["max_seconds"] * 2 + 120)
         peak = max(peak, mem["peak_pss_mib"])
