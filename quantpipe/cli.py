@@ -385,12 +385,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if note:
         print(f"note: {note}")
     tokenizer = Path(args.tokenizer).resolve() if args.tokenizer else _tokenizer_near(art)
-    extra = list(args.engine_args or [])
-    extra = extra[1:] if extra[:1] == ["--"] else extra
+    extra = list(getattr(args, "passthrough", []))
     launch = Launch(artifact_dir=art, format=meta.format, model_name=art.name, host=args.host, port=port,
                     tokenizer_dir=tokenizer, api_key=api_key, dtype=args.dtype, max_model_len=args.max_model_len,
                     kv_cache_gib=args.kv_cache_gib, device=device, extra_args=tuple(extra))
-    log = Path(args.log).resolve() if args.log else art.parent / f".serve-{art.name}-{engine.name}.log"
+    log = Path(args.log).resolve() if args.log else _serve_log(art, engine.name)
     server = Server(engine, env, launch, log, args.startup_timeout)
     print(f"{engine.label} ({env.version()}) for {art} ({meta.format})\n  engine command: {server.command_line()}"
           f"\n  log: {log}\n  waiting until it is healthy ...", flush=True)
@@ -414,6 +413,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     finally:
         server.stop()
+
+
+def _serve_log(art: Path, engine: str) -> Path:
+    """The engine's log: in the run's .quantpipe/serve/ for an artifact of a run, else the temp directory."""
+    import tempfile
+
+    state = art.parent.parent / ".quantpipe"
+    base = state / "serve" if state.is_dir() and os.access(state, os.W_OK) else Path(tempfile.gettempdir())
+    return base / f"cli-{art.name}-{engine}.log"
 
 
 def _tokenizer_near(art: Path) -> Path | None:
@@ -513,7 +521,7 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM on a CPU: KV-cache space")
     sv.add_argument("--startup-timeout", type=float, default=600, help="seconds to wait for health")
     sv.add_argument("--log", help="engine log file (default: beside the artifact)")
-    sv.add_argument("engine_args", nargs=argparse.REMAINDER, help="after --: extra arguments for the engine")
+    sv.epilog = "Arguments after -- go to the engine as they are, e.g. `-- --max-num-seqs 8`."
     sv.set_defaults(fn=cmd_serve)
     rep = sub.add_parser("report", help="re-render matrix.md/html/png from a run's results.json")
     rep.add_argument("run_dir")
@@ -529,7 +537,16 @@ def _gate_options(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough: list[str] = []
+    if "--" in argv:  # `quantpipe serve ARTIFACT ... -- ENGINE ARGS`
+        i = argv.index("--")
+        argv, passthrough = argv[:i], argv[i + 1:]
     args = parser().parse_args(argv)
+    if passthrough and args.command != "serve":
+        print("quantpipe: error: only `quantpipe serve` passes arguments after -- (to the engine)", file=sys.stderr)
+        return 2
+    args.passthrough = passthrough
     try:
         return args.fn(args)
     except QuantpipeError as e:

@@ -354,3 +354,26 @@ def test_an_incomplete_serve_record_is_not_cached(tmp_path: Path) -> None:
     for _ in range(2):
         r.stage("serve:baseline@vllm", {"k": 2}, lambda: compute(True))
     assert calls == [False, False, True]
+
+
+def test_a_killed_quantpipe_takes_the_engine_tree_with_it(tmp_path: Path) -> None:
+    """SIGKILL of the process that started the server (no cleanup can run there): the guard, signalled by the
+    kernel, stops the engine and the child the engine started."""
+    import signal
+    import subprocess
+    import time
+
+    code = (f"import sys, time; sys.path.insert(0, {str(HERE)!r}); from pathlib import Path\n"
+            "from test_serving import server\n"
+            f"s = server('ok', Path({str(tmp_path)!r}), key=None)\n"
+            "s.start(); print(' '.join(map(str, s.pids())), flush=True); time.sleep(600)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    pids = [int(x) for x in p.stdout.readline().split()]
+    assert len(pids) == 2 and not gone(pids)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    deadline = time.monotonic() + 20
+    while not gone(pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert gone(pids)

@@ -4,8 +4,9 @@ Route: preflight (libraries installed, params against the model's shapes, lm-eva
 rows.py) -> the baseline artifact -> the eval token ids -> the calibration ids (when a method uses them) -> one
 quantize stage per variant (own process) -> one eval stage per evaluating row (the reference row's writes the
 reference log-probs) -> one lm-eval stage per evaluating row when the recipe asks for tasks -> one bench stage per
-benchmarking row (own process) -> results.json, the matrix and manifest.json (outputs.py). Every stage is cached
-by content (stages.py); a killed run resumes from the last finished one.
+benchmarking row (own process) -> with a `serve:` block, one serve stage per (variant, engine) (the engine's own
+server, serving/) -> results.json, the matrix and manifest.json (outputs.py). Every stage is cached by content
+(stages.py); a killed run resumes from the last finished one.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """One engine server process: a free port, waiting for health, its log, its memory, and a clean stop.
 
-The engine runs in a session of its own (a Ctrl-C in the terminal reaches quantpipe, which then stops it), dies
-with quantpipe when quantpipe is killed outright (PR_SET_PDEATHSIG), and is stopped with its whole process tree
-(vLLM starts an engine-core and worker processes): nothing is left behind either way.
+The engine runs under its guard (guard.py) in a session of its own: a Ctrl-C in the terminal reaches quantpipe,
+which then stops it; when quantpipe is killed outright, the kernel signals the guard (PR_SET_PDEATHSIG), which
+stops the engine's whole process group (vLLM's API server starts an engine core and workers that would outlive
+a signal to the server alone). Nothing is left behind either way.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,8 +23,18 @@ from typing import Any
 import psutil
 
 from quantpipe.errors import QuantpipeError
-from quantpipe.isolate import die_with_parent
 from quantpipe.serving.engines import Engine, Env, Launch, LogReport
+
+
+def _guard_dies_with(parent: int) -> None:
+    """In the guard's child side of fork: SIGTERM it when quantpipe dies (Linux), or exit if it already has."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 class EngineRefused(QuantpipeError):
@@ -88,9 +100,10 @@ class Server:
         log = open(self.log_path, "wb")  # noqa: SIM115 - the child owns it while it runs
         t = time.perf_counter()
         try:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen([sys.executable, "-m", "quantpipe.serving.guard", *self.argv], stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env={**os.environ, **self.environ}, start_new_session=True,
-                                         cwd=self.log_path.parent, preexec_fn=lambda: die_with_parent(parent))
+                                         cwd=self.log_path.parent, preexec_fn=lambda: _guard_dies_with(parent))
         except OSError as e:
             raise QuantpipeError(f"could not start {self.engine.label}: {e}") from None
         finally:
@@ -139,11 +152,11 @@ class Server:
         return self.engine.read_log(self.log_text())
 
     def pids(self) -> list[int]:
+        """The engine's processes (the guard's descendants; not the guard)."""
         if not self.alive():
             return []
         try:
-            p = psutil.Process(self.proc.pid)  # type: ignore[union-attr]
-            return [p.pid] + [c.pid for c in p.children(recursive=True)]
+            return [c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)]  # type: ignore[union-attr]
         except psutil.Error:
             return []
 
