@@ -220,7 +220,7 @@ def served_markdown(res: Results) -> list[str]:
 def served_rows(res: Results) -> tuple[list[str], list[list[str]]]:
     head = ["variant", "engine", "loads", "dtype", "quantization / kernel", "served KLD (top-k)",
             "in-process KLD (top-k)", "in-process KLD (full)", "served top-1 %", "served PPL", "greedy match %",
-            "PSS MiB loaded / peak", "GPU MiB", "KV engine / plan", "start s"]
+            "PSS MiB loaded / peak", "GPU MiB", "plan MiB weights + KV", "KV engine / plan", "start s"]
     body = []
     for s in res.served:
         if not s.loads:
@@ -229,6 +229,8 @@ def served_rows(res: Results) -> tuple[list[str], list[list[str]]]:
             continue
         q, m, g = s.quality, s.memory, s.greedy or {}
         share = g.get("matching_prefix_share")
+        planned = ("–" if m.predicted_weights_mib is None or m.predicted_kv_cache_mib is None else
+                   f"{m.predicted_weights_mib:.0f} + {m.predicted_kv_cache_mib:.0f}")
         if m.kv_cache_mib is not None:  # llama.cpp: the allocation for its n_ctx tokens
             kv = f"{m.kv_cache_mib:.1f} / {_f(m.predicted_kv_cache_mib, '.1f')} MiB ({_f(m.kv_cache_tokens, ',')} tok)"
         else:
@@ -242,7 +244,7 @@ def served_rows(res: Results) -> tuple[list[str], list[list[str]]]:
                      _f(s.in_process_kld_topk, ".5f"), _f(s.in_process_kld, ".5f"),
                      _f(None if not q or q.top1_agreement is None else 100 * q.top1_agreement, ".1f"),
                      _f(q.perplexity if q else None, ".3f"), _f(None if share is None else 100 * share, ".0f"),
-                     f"{_f(m.pss_loaded_mib, '.0f')} / {_f(m.peak_pss_mib, '.0f')}", _f(m.gpu_mib, ".0f"), kv,
+                     f"{_f(m.pss_loaded_mib, '.0f')} / {_f(m.peak_pss_mib, '.0f')}", _f(m.gpu_mib, ".0f"), planned, kv,
                      _f(s.start_s, ".1f")])
     return head, body
 

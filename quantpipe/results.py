@@ -213,7 +213,7 @@ class ServedMemory(Model):
     gpu_mib: float | None = None
     kv_cache_tokens: int | None = None  # as the engine reports it (vLLM: its capacity; llama.cpp: n_ctx)
     kv_cache_mib: float | None = None  # the KV cache's allocation as the engine reports it (llama.cpp)
-    predicted_kv_cache_mib: float | None = None  # `quantpipe plan`'s bytes for that many tokens
+    predicted_kv_cache_mib: float | None = None  # plan's KV bytes (llama.cpp: for its n_ctx; vLLM: the budget)
     predicted_weights_mib: float | None = None  # `quantpipe plan`'s arithmetic for the same model and dtype
     predicted_kv_cache_tokens: int | None = None  # ... for the same KV-cache budget
     predicted_note: str | None = None

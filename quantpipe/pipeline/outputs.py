@@ -116,19 +116,24 @@ def served_prediction(r: Run, variant: Any, rec: dict[str, Any], mem: dict[str, 
     storage = get_method(variant.method).storage(variant.params, dtype)
     out: dict[str, Any] = {"predicted_weights_mib": plan.weight_bytes(s, storage)["total"] / plan.MIB}
     if rec.get("engine") == "llama.cpp":  # a KV cache of n_ctx tokens in float16 (llama.cpp's default type)
-        out["predicted_weights_mib"] = None  # its weights are the GGUF's types, which plan does not model
+        # its weights are the GGUF's own types, which plan does not model: the file's tensor bytes instead
+        tensors = r.results[f"quantize:{variant.name}"].get("tensor_bytes")
+        out["predicted_weights_mib"] = None if tensors is None else tensors / plan.MIB
         if mem.get("kv_cache_tokens"):
             out["predicted_kv_cache_mib"] = mem["kv_cache_tokens"] * plan.kv_bytes_per_token(s, 2) / plan.MIB
-            out["predicted_note"] = f"llama.cpp's KV cache: n_ctx {mem['kv_cache_tokens']} tokens in float16"
+            out["predicted_note"] = (f"weights: the GGUF's tensor bytes; KV cache: n_ctx {mem['kv_cache_tokens']} "
+                                     "tokens in float16")
         return out
     per_token = plan.kv_bytes_per_token(s, plan.DTYPE_BYTES[dtype])
     if rec.get("device") == "cpu":
         out["predicted_kv_cache_tokens"] = int(spec.kv_cache_gib * 2**30 // per_token)
+        out["predicted_kv_cache_mib"] = spec.kv_cache_gib * 1024
         out["predicted_note"] = (f"KV cache of {spec.kv_cache_gib:g} GiB (serve.kv_cache_gib) at {per_token} bytes "
                                  f"per token ({dtype})")
     elif (gib := sysinfo.hardware().get("gpu_memory_gib")) is not None:
         budget = spec.gpu_memory_utilization * gib * 2**30 - out["predicted_weights_mib"] * plan.MIB
         out["predicted_kv_cache_tokens"] = max(0, int(budget // per_token))
+        out["predicted_kv_cache_mib"] = max(0.0, budget / plan.MIB)
         out["predicted_note"] = (f"{spec.gpu_memory_utilization:g} of {gib} GiB less the weights, at {per_token} "
                                  f"bytes per token ({dtype}): an upper bound (the engine also keeps activations "
                                  "and CUDA graphs)")
