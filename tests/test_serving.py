@@ -377,3 +377,22 @@ def test_a_killed_quantpipe_takes_the_engine_tree_with_it(tmp_path: Path) -> Non
     while not gone(pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert gone(pids)
+
+
+def test_setup_engine_makes_a_marked_environment_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An environment of its own: made by pip from the package index, marked with its distribution's version,
+    not remade when present; a half-made one (no marker) is replaced; a failing install is one line."""
+    monkeypatch.setenv("QUANTPIPE_CACHE", str(tmp_path))
+    env = Env("six-env", ("six==1.16.0",), None, "six", "six")
+    logs: list[str] = []
+    python = engines.setup(env, logs.append)
+    assert env.installed() and env.version() == "six 1.16.0" and python.exists()
+    engines.setup(env, logs.append)
+    assert logs[-1].startswith("six-env: installed (six 1.16.0)")
+    (env.dir / ".installed").unlink()  # as if a setup had been killed midway
+    engines.setup(env, logs.append)
+    assert env.installed()
+    bad = Env("bad-env", ("quantpipe-no-such-package==0.0.1",), None, "x", "x")
+    with pytest.raises(QuantpipeError, match=r"setup-engine bad-env: pip install failed: .*quantpipe-no-such-package"):
+        engines.setup(bad, logs.append)
+    assert not bad.installed()
