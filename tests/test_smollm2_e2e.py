@@ -397,7 +397,8 @@ def test_demo_served_rows(quick_demo: tuple[Path, subprocess.CompletedProcess, f
 
 
 def serve_cli(artifact: Path, *extra: str) -> tuple[subprocess.Popen, list[str], str]:
-    """`quantpipe serve ARTIFACT` as a user starts it; returns the process, its output up to "ready", its URL."""
+    """`quantpipe serve ARTIFACT` as a user starts it; returns the process, its output up to the curl line that
+    follows "ready", and its URL."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     p = subprocess.Popen([sys.executable, "-m", "quantpipe", "serve", str(artifact), *extra], stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, env=env)
@@ -406,6 +407,7 @@ def serve_cli(artifact: Path, *extra: str) -> tuple[subprocess.Popen, list[str],
     for line in p.stdout:
         lines.append(line)
         if line.startswith("ready in"):
+            lines.append(p.stdout.readline())  # the curl line to try
             return p, lines, line.split(" on ", 1)[1].split(" ", 1)[0]
     raise AssertionError("".join(lines))
 
