@@ -288,8 +288,8 @@ def _vllm_env(device: str) -> Env:
 
 
 VLLM = Engine("vllm", "vLLM", frozenset({"safetensors", "compressed-tensors", "gptq", "awq", "torchao"}),
-              "vLLM loads Hugging Face checkpoints (safetensors, compressed-tensors, GPTQ, AWQ, torchao); 0.32 has "
-              "no GGUF loader",
+              "vLLM loads Hugging Face checkpoints (safetensors, compressed-tensors, GPTQ, AWQ, torchao; 0.32 has "
+              "no GGUF loader)",
               _vllm_env, _vllm_command, _vllm_log, scores="token ids", health="/health")
 LLAMA = Engine("llama.cpp", "llama.cpp server", frozenset({"gguf"}), "llama.cpp's server loads GGUF files",
                lambda device: LLAMA_CPP, _llama_command, _llama_log, scores="text")
