@@ -400,7 +400,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def _term(*_: object) -> None:
         raise KeyboardInterrupt
 
+    # Ctrl-C and SIGTERM stop the server, also where SIGINT arrived ignored (a shell's background job inherits
+    # SIGINT ignored, and Python then leaves it ignored: the server would outlive its Ctrl-C)
     signal.signal(signal.SIGTERM, _term)
+    signal.signal(signal.SIGINT, _term)
     try:
         server.start()
         auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""

@@ -88,6 +88,10 @@ def served_result(r: Run, variant: Any, engine: str, rows: list[dict[str, Any]])
     """One (variant, engine) record of results.json: the serve stage's record, typed, with `quantpipe plan`'s
     predictions for the same model, dtype and KV-cache budget beside the measured memory."""
     rec = dict(r.results[f"serve:{variant.name}@{engine}"])
+    if rec.get("tried") is False:  # not a measurement: what the engine loads, as this quantpipe declares it
+        from quantpipe.serving import engines
+
+        rec["reason"] = f"{engines.get_engine(engine).refuses}, not {rec.get('format')}"
     lt = rec.pop("load_test", None) or {}
     mem = {**(rec.pop("memory", None) or {}), "peak_pss_mib": lt.get("peak_pss_mib") or None,
            "kv_cache_tokens": rec.pop("kv_cache_tokens", None), "kv_cache_mib": rec.pop("kv_cache_mib", None)}
