@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/quantpipe setup-engine all --pip-args="$(PIP_EXTRA)"
 	touch $@
 
-# The first matrix, one row per family, each also served in vLLM / llama.cpp's server (about 20 minutes on 2
+# The first matrix, one row per family, each also served in vLLM / llama.cpp's server (about 13 minutes on 2
 # cores); demo-full: all 14 rows, not served (about 30).
 demo: setup
 	$(BIN)/quantpipe run recipes/smollm2-quick.yaml
