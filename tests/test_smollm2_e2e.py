@@ -437,21 +437,26 @@ def test_serve_command_streams_chat_and_ctrl_c_leaves_no_process(
         taken.listen()
         port = taken.getsockname()[1]
         p, lines, url = serve_cli(art, "--engine", engine, "--port", str(port), "--api-key", "k-123")
-    text = "".join(lines)
-    assert f"note: port {port} on 127.0.0.1 is taken" in text and "engine command:" in text and "curl -s" in text
-    assert "k-123" not in text.split("engine command:")[1].split("\n")[0]  # the key is not printed in the command
-    try:
+    engine_pids: list[int] = []
+    try:  # every check inside: a failing one must not leave the server running
+        import psutil
+
+        engine_pids = [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
+        text = "".join(lines)
+        assert f"note: port {port} on 127.0.0.1 is taken" in text and "engine command:" in text and "curl -s" in text
+        assert "k-123" not in text.split("engine command:")[1].split("\n")[0]  # the key is masked in the command
         c = Client(url, variant, api_key="k-123")
         chat = c.chat_stream("Name a colour.", max_tokens=8)
         assert chat["text"].strip() and chat["chunks"] >= 2 and chat["ttft_s"] is not None
         assert c.http.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
-        import psutil
-
-        engine_pids = [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
         assert engine_pids  # the engine (and, for vLLM, its engine core and worker)
     finally:
         p.send_signal(signal.SIGINT)
-        p.wait(timeout=90)
+        try:
+            p.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            raise
     assert p.returncode == 0
     time.sleep(1)
     assert alive(engine_pids) == []  # Ctrl-C stopped the whole engine tree: no orphan
