@@ -384,9 +384,7 @@ def _html_table(head: list[str], body: list[list[str]]) -> str:
 
 
 def html_page(res: Results, png: bytes, served: bytes | None = None) -> str:
-    head, body = rows(res)
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    trs = "\n".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+    matrix = _html_table(*rows(res))
     img = base64.b64encode(png).decode()
     serve_html = ""
     if res.served:
@@ -405,9 +403,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child,th
 </head><body>
 <h1>quantpipe matrix: {name}</h1>
 <p>{html.escape(_context(res))}</p>
-<table><thead><tr>{th}</tr></thead><tbody>
-{trs}
-</tbody></table>
+{matrix}
 <p><img alt="quality vs memory" src="data:image/png;base64,{img}"></p>
 {serve_html}
 </body></html>

@@ -27,6 +27,13 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch: "$" would
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+def positive_levels(v: list[int], field: str) -> list[int]:
+    """A list of counts (batch sizes, concurrency levels): each >= 1, sorted, without repeats."""
+    if any(x < 1 for x in v):
+        raise ValueError(f"every {field} entry must be >= 1")
+    return sorted(set(v))
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -218,9 +225,7 @@ class BenchSpec(Strict):
     @field_validator("batch_sizes")
     @classmethod
     def _positive(cls, v: list[int]) -> list[int]:
-        if any(b < 1 for b in v):
-            raise ValueError("every bench.batch_sizes entry must be >= 1")
-        return sorted(set(v))
+        return positive_levels(v, "bench.batch_sizes")
 
 
 ENGINE_NAMES = ("vllm", "llama.cpp")
@@ -266,9 +271,7 @@ class ServeSpec(Strict):
     @field_validator("concurrency")
     @classmethod
     def _levels(cls, v: list[int]) -> list[int]:
-        if any(c < 1 for c in v):
-            raise ValueError("every serve.concurrency entry must be >= 1")
-        return sorted(set(v))
+        return positive_levels(v, "serve.concurrency")
 
     @field_validator("engines")
     @classmethod

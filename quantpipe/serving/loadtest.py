@@ -15,8 +15,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from quantpipe.errors import QuantpipeError
-
 PERCENTILES = ("p50", "p95", "p99")
 
 
@@ -93,8 +91,3 @@ def levels(report: dict[str, Any]) -> list[dict[str, Any]]:
         })
     return out
 
-
-def require_levels(report: dict[str, Any] | None, why: str) -> list[dict[str, Any]]:
-    if report is None:
-        raise QuantpipeError(why)
-    return levels(report)

@@ -85,7 +85,6 @@ class Server:
         self.proc: subprocess.Popen | None = None
         self.argv, self.environ = engine.command(launch, env)
         self.start_s: float | None = None
-        self._sampler: _RssSampler | None = None
 
     @property
     def url(self) -> str:
