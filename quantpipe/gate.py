@@ -28,45 +28,10 @@ from pydantic import ValidationError
 from quantpipe.errors import QuantpipeError, first_line
 from quantpipe.recipe import SERVE_GATES, GatesSpec, _format
 from quantpipe.results import Quality, Results, Row, Served, as_results, as_row, load
+from quantpipe.stats import normal_quantile, paired_difference, t_quantile  # noqa: F401 - tests read them here
 
 MIB = 2**20
 PASS, FAIL, ERROR, NEW = "PASS", "FAIL", "ERROR", "NEW"
-
-# One-sided Student t quantiles for 1..30 degrees of freedom at the confidences a gate is likely to use;
-# beyond 30 the normal quantile. (Standard table values.)
-_T = {
-    0.95: [6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.796, 1.782, 1.771, 1.761, 1.753,
-           1.746, 1.740, 1.734, 1.729, 1.725, 1.721, 1.717, 1.714, 1.711, 1.708, 1.706, 1.703, 1.701, 1.699, 1.697],
-    0.99: [31.821, 6.965, 4.541, 3.747, 3.365, 3.143, 2.998, 2.896, 2.821, 2.764, 2.718, 2.681, 2.650, 2.624, 2.602,
-           2.583, 2.567, 2.552, 2.539, 2.528, 2.518, 2.508, 2.500, 2.492, 2.485, 2.479, 2.473, 2.467, 2.462, 2.457],
-}
-
-
-def normal_quantile(p: float) -> float:
-    """Inverse standard normal CDF (bisection on erf; plenty for a threshold)."""
-    lo, hi = -10.0, 10.0
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        if 0.5 * (1 + math.erf(mid / math.sqrt(2))) < p:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
-
-
-def t_quantile(p: float, dof: int) -> float:
-    """One-sided Student t quantile: the table above where it has the confidence, else a Cornish-Fisher
-    expansion around the normal quantile (accurate to ~1 % from 3 degrees of freedom)."""
-    if p in _T and 1 <= dof <= 30:
-        return _T[p][dof - 1]
-    z = normal_quantile(p)
-    if dof > 30:
-        return z
-    g1 = (z**3 + z) / 4
-    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
-    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
-    return z + g1 / dof + g2 / dof**2 + g3 / dof**3
-
 
 @dataclass
 class Check:
@@ -268,12 +233,10 @@ def noise(metric: str, old: Quality, new: Quality, confidence: float) -> tuple[f
     """The allowance of a change of `metric` from old to new quality (see the module docstring)."""
     key, wkey, se_key, _ = REGRESSION_METRICS[metric]
     wo, wn = old.blocks.get(wkey), new.blocks.get(wkey)
-    if wo and wn and len(wo) == len(wn) and len(wo) >= 2:
-        d = [b - a for a, b in zip(wo, wn, strict=True)]
-        m = sum(d) / len(d)
-        se = math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d))
-        t = t_quantile(confidence, len(d) - 1)
-        return t * se, f"t{confidence:g}({len(d) - 1} dof) × paired SE over {len(d)} blocks"
+    paired = paired_difference(wo or [], wn or [])
+    if paired is not None:
+        _, se, n = paired
+        return t_quantile(confidence, n - 1) * se, f"t{confidence:g}({n - 1} dof) × paired SE over {n} blocks"
     if se_key is not None:
         se_o, se_n = getattr(old, se_key), getattr(new, se_key)
     else:  # top-1 agreement: a proportion over the scored tokens
