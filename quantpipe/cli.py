@@ -134,6 +134,50 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_config(run_dir: Path, res: object, arch: str | None) -> tuple[object, str]:
+    """The model config `select` works from: --arch, else the reference artifact's config.json in the run."""
+    from quantpipe import archs
+
+    if arch:
+        return archs.config_from(arch, "--arch"), f"--arch {arch}"
+    base = run_dir if run_dir.is_dir() else run_dir.parent
+    path = base / res.reference_row.artifact.path / "config.json"  # type: ignore[attr-defined]
+    if not path.is_file():
+        raise QuantpipeError(f"select: the reference artifact's config.json is not in the run ('{path}'); pass "
+                             "--arch with a config.json or a shipped architecture name")
+    return archs.config_from(str(path), "select"), str(path)
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from quantpipe import select
+    from quantpipe.results import load
+
+    run_dir = Path(args.run_dir)
+    res = load(run_dir, "select")
+    select.require_quality(res)
+    if args.json:
+        _check_writable(args.json, "--json")
+    gpus = select.gpu_list(args.gpu, args.gpu_memory)
+    context = _positive_ints(str(args.context), "--context")[0]
+    concurrency = _positive_ints(str(args.concurrency), "--concurrency")[0]
+    for opt, x in (("--utilization", args.utilization), ("--min-recovery", args.min_recovery)):
+        if x is not None and not 0 < x <= 1:
+            raise QuantpipeError(f"{opt}: {x} must be in (0, 1]")
+    if args.max_kld is not None and args.max_kld < 0:
+        raise QuantpipeError(f"--max-kld: {args.max_kld} must be >= 0")
+    if not 0 <= args.speed_noise < 1:
+        raise QuantpipeError(f"--speed-noise: {args.speed_noise} must be in [0, 1)")
+    config, _ = run_config(run_dir, res, args.arch)
+    result = select.select(res, config, gpus, context, concurrency, args.objective, args.max_kld, args.min_recovery,
+                           args.dtype, args.kv_dtype, args.utilization, args.speed,
+                           select.Noise(confidence=args.confidence, speed=args.speed_noise))
+    result["run"] = str(run_dir)
+    print(select.format_select(result), end="")
+    if args.json:
+        select.write_json(Path(args.json), result)
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from quantpipe.methods import all_methods
 
@@ -467,6 +511,31 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--arch", help="shapes from a shipped architecture name or a config.json, not the recipe's")
     pl.add_argument("--json", help="also write the plan as JSON to this file")
     pl.set_defaults(fn=cmd_plan)
+    se = sub.add_parser("select", help="which variant to ship on which GPU: fit, Pareto frontier of quality, memory "
+                        "and speed, the recommendation and why each other variant is left out")
+    se.add_argument("run_dir")
+    se.add_argument("--gpu", help="known GPUs, comma-separated (L4-24GB,A100-80GB,H100-80GB,H200-141GB, ...)")
+    se.add_argument("--gpu-memory", help="GPU memory sizes instead of or beside --gpu, e.g. 24GiB,80GB")
+    se.add_argument("--context", type=int, default=4096, help="tokens per sequence (prompt + output)")
+    se.add_argument("--concurrency", type=int, default=1, help="concurrent sequences")
+    se.add_argument("--max-kld", type=float, help="quality floor: mean KL divergence from the baseline at most this")
+    se.add_argument("--min-recovery", type=float, help="quality floor: mean lm-eval recovery at least this (0.97)")
+    se.add_argument("--objective", default="quality", choices=["quality", "memory", "speed"],
+                    help="what the recommendation maximizes among the frontier (default quality)")
+    se.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="the dtype the GPU serves the float parts in (default bfloat16)")
+    se.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", "fp8"],
+                    help="KV cache dtype; auto: --dtype")
+    se.add_argument("--utilization", type=float, default=0.9, help="share of GPU memory usable (vLLM's default)")
+    se.add_argument("--speed", default="auto", choices=["auto", "served", "bench"],
+                    help="throughput figure: served (load test) or bench; auto: served where the run served")
+    se.add_argument("--confidence", type=float, default=0.95, choices=[0.95, 0.99],
+                    help="confidence of 'beyond noise' for KLD differences")
+    se.add_argument("--speed-noise", type=float, default=0.05,
+                    help="throughputs within this share of each other are not told apart (default 0.05)")
+    se.add_argument("--arch", help="shapes from a config.json or a shipped architecture name, not the run's")
+    se.add_argument("--json", help="also write the selection as JSON to this file")
+    se.set_defaults(fn=cmd_select)
     m = sub.add_parser("methods", help="list quantization methods and whether their libraries are installed")
     m.set_defaults(fn=cmd_methods)
     rts = sub.add_parser("runtimes", help="list runtimes: the formats each loads, its capabilities, installed or not")

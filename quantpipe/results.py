@@ -251,6 +251,13 @@ class Served(Model):
         return next((lv for lv in self.levels if lv.concurrency == concurrency and lv.error is None), None)
 
 
+def mean_recovery(v: Row) -> float | None:
+    """Mean over tasks of a row's lm-eval score recovery vs the baseline (what the gate's min_lm_eval_recovery
+    checks)."""
+    rec = [sc.recovery for sc in (v.lm_eval or {}).values() if sc.recovery is not None]
+    return sum(rec) / len(rec) if rec else None
+
+
 class RecipeRef(Model):
     name: str = "?"
     path: str = "?"
