@@ -15,7 +15,8 @@ import io
 from pathlib import Path
 from typing import Any
 
-from quantpipe.results import Results, Row, as_results
+from quantpipe import select
+from quantpipe.results import Results, Row, as_results, mean_recovery
 
 
 def cell(text: Any) -> str:
@@ -35,17 +36,23 @@ def several_runtimes(res: Results) -> bool:
     return any(r.name != r.variant for r in res.variants)
 
 
-def rows(results: Results | dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and cells of the matrix, one row per (variant, runtime), reference first."""
+def grouped_rows(results: Results | dict[str, Any]) -> tuple[list[tuple[str, str]], list[list[str]]]:
+    """(group, header) of every column of the matrix and its cells, one row per (variant, runtime), reference
+    first. Groups: identity, quality, tasks (lm-eval), speed, memory, build, frontier. A column none of whose rows
+    has a figure (a stage that did not run: bench off, random weights) is left out."""
     res = as_results(results)
     batches = _batches(res)
     tasks = lm_eval_tasks(res)
-    lm_head = [f"{t} {m}" for t, m in tasks] + (["lm-eval recovery %"] if tasks else [])
-    runtime_col = ["runtime"] if several_runtimes(res) else []
-    head = ["variant", "method", *runtime_col, "size MiB", "size ×", "PPL", "ΔPPL %", "KLD", "top-1 %", *lm_head,
-            "prefill tok/s", *[f"decode tok/s b{b}" for b in batches], "TTFT ms", "peak RSS MiB", "quantize s"]
     ref = res.reference_row
     ref_ppl = ref.quality.perplexity if ref.quality else None
+    front = frontier_status(res)
+    cols: list[tuple[str, str]] = [("", "variant"), ("", "method")] + (
+        [("", "runtime")] if several_runtimes(res) else [])
+    cols += [("quality", h) for h in ("PPL", "ΔPPL %", "KLD", "top-1 %")]
+    cols += [("tasks", f"{t} {m}") for t, m in tasks] + ([("tasks", "lm-eval recovery %")] if tasks else [])
+    cols += [("speed", h) for h in ("prefill tok/s", *[f"decode tok/s b{b}" for b in batches], "TTFT ms")]
+    cols += [("memory", h) for h in ("size MiB", "size ×", "peak RSS MiB")] + [("build", "quantize s")]
+    cols += [("frontier", "Pareto frontier")]
     body = []
     for v in res.variants:
         q, s = v.quality, v.speed
@@ -55,20 +62,32 @@ def rows(results: Results | dict[str, Any]) -> tuple[list[str], list[list[str]]]
         dppl = None if ppl is None or not ref_ppl else 100 * (ppl / ref_ppl - 1)
         base_size = res.reference_for(v).artifact.size_bytes
         body.append([
-            v.name, v.method, *([v.runtime or "–"] if runtime_col else []),
-            _f(v.artifact.size_bytes / 2**20, ".1f"),
-            _f(v.artifact.size_bytes / base_size, ".2f"),
-            _f(ppl, ".3f"), _f(dppl, "+.2f"),
-            _f(q.kld_mean if q else None, ".5f"),
+            v.name, v.method, *([v.runtime or "–"] if several_runtimes(res) else []),
+            _f(ppl, ".3f"), _f(dppl, "+.2f"), _f(q.kld_mean if q else None, ".5f"),
             _f(100 * q.top1_agreement if q else None, ".1f"),
             *lm_eval_cells(v, tasks),
             _f(first.prefill_tok_s if first else None, ".1f"),
             *[_f(pb[b].decode_tok_s if b in pb else None, ".1f") for b in batches],
             _f(1000 * first.ttft_s if first and first.ttft_s is not None else None, ".1f"),
-            _f(v.memory.peak_rss_mib, ".0f"),
-            _f(v.timings.quantize_s, ".1f"),
+            _f(v.artifact.size_bytes / 2**20, ".1f"), _f(v.artifact.size_bytes / base_size, ".2f"),
+            _f(v.memory.peak_rss_mib, ".0f"), _f(v.timings.quantize_s, ".1f"),
+            front.get(v.name, "–"),
         ])
-    return head, body
+    keep = [i for i, (g, _) in enumerate(cols) if not g or any(r[i] != "–" for r in body)]
+    return [cols[i] for i in keep], [[r[i] for i in keep] for r in body]
+
+
+def rows(results: Results | dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the matrix (grouped_rows without the groups)."""
+    cols, body = grouped_rows(results)
+    return [h for _, h in cols], body
+
+
+def frontier_status(res: Results) -> dict[str, str]:
+    """The matrix's frontier column: row name -> 'yes', 'dominated by X', or why the row is not on the axes
+    (`quantpipe select`'s frontier over KLD, the artifact's weight bytes and the measured throughput; rows of a
+    variant's further runtimes carry nothing)."""
+    return select.run_frontier(res).status
 
 
 def lm_eval_tasks(res: Results) -> list[tuple[str, str]]:
@@ -78,12 +97,6 @@ def lm_eval_tasks(res: Results) -> list[tuple[str, str]]:
         for t, sc in sorted((v.lm_eval or {}).items()):
             seen.setdefault(t, sc.metric)
     return list(seen.items())
-
-
-def mean_recovery(v: Row) -> float | None:
-    """Mean over tasks of the score recovery vs the baseline (what the gate's min_lm_eval_recovery checks)."""
-    rec = [sc.recovery for sc in (v.lm_eval or {}).values() if sc.recovery is not None]
-    return sum(rec) / len(rec) if rec else None
 
 
 def lm_eval_cells(v: Row, tasks: list[tuple[str, str]]) -> list[str]:
@@ -148,6 +161,9 @@ def markdown(results: Results | dict[str, Any]) -> str:
     res = as_results(results)
     head, body = rows(res)
     lines = [f"# quantpipe matrix: {cell(res.recipe.name)}", "", cell(_context(res)), "", *_table(head, body)]
+    note = frontier_note(res)
+    if note:
+        lines += ["", cell(note)]
     lines += ["", "Formats and the code that ran each row's matmuls (eval / bench):", ""]
     for v in res.variants:
         kernels = {k for k in (v.eval_kernel, v.speed.kernel if v.speed else None) if k}
@@ -349,42 +365,226 @@ def memory_rows(res: Results) -> tuple[list[str], list[list[str]]]:
     return head, body
 
 
-def plot_png(res: Results) -> bytes:
-    """Quality (perplexity) against memory (peak RSS if benchmarked, else artifact size), one point per row.
-    Names are drawn as plain text (no math-text parsing of `$`)."""
+FRONTIER_COLOR, DOMINATED_COLOR = "#d62728", "#7f7f7f"
+
+
+def plot_figure(res: Results) -> Any:
+    """Quality (KL divergence from the baseline) against the weights' memory (the artifact's tensor bytes), one
+    point per variant on the frontier's axes: frontier points as red diamonds joined by the quality-memory
+    envelope, dominated ones grey; labels placed so that none overlaps another label or a point. A run without
+    quality figures gets an empty plot that says so."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    use_rss = all(v.memory.peak_rss_mib for v in res.variants)
-    for v in res.variants:
-        x = v.memory.peak_rss_mib if use_rss else v.artifact.size_bytes / 2**20
-        y = v.quality.perplexity if v.quality else None
-        if y is None or x is None:
-            continue
-        ax.scatter([x], [y], s=40)
-        ax.annotate(v.name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=9, parse_math=False)
-    ax.set_xlabel("peak resident memory while benchmarking (MiB)" if use_rss else "artifact size (MiB)")
-    ax.set_ylabel("perplexity (lower is better)")
+    fr = select.run_frontier(res)
+    fig, ax = plt.subplots(figsize=(7.2, 4.6), dpi=110)
     ax.set_title(f"{res.recipe.name}: quality vs memory", parse_math=False)
+    if not fr.points:
+        ax.text(0.5, 0.5, "no quality figures (random weights or eval off)", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_axis_off()
+        fig.tight_layout()
+        return fig
+    pts = sorted(fr.points, key=lambda p: p.memory)
+    on = [p for p in pts if fr.dominated_by[p.name] is None]
+    xs = {p.name: p.memory / 2**20 for p in pts}
+    for p in pts:
+        front = fr.dominated_by[p.name] is None
+        ax.scatter([xs[p.name]], [p.kld], s=70 if front else 40, marker="D" if front else "o",
+                   color=FRONTIER_COLOR if front else DOMINATED_COLOR, zorder=3,
+                   edgecolors="black" if front else "none", linewidths=0.6)
+    env_x, env_y, best = [], [], float("inf")  # the staircase of the best KLD at each memory
+    for p in on:
+        if p.kld < best:
+            if env_x:
+                env_x.append(xs[p.name])
+                env_y.append(best)
+            env_x.append(xs[p.name])
+            env_y.append(p.kld)
+            best = p.kld
+    ax.plot(env_x, env_y, color=FRONTIER_COLOR, lw=1.2, zorder=2, label="Pareto frontier (KLD, memory"
+            + (", throughput)" if fr.throughput else ")"))
+    ax.scatter([], [], color=DOMINATED_COLOR, s=40, label="dominated")
+    for p in fr.off_axes:
+        xs[p.name] = p.memory / 2**20
+        ax.scatter([xs[p.name]], [p.kld], s=40, facecolors="none", edgecolors=DOMINATED_COLOR, zorder=3)
+    if fr.off_axes:
+        ax.scatter([], [], s=40, facecolors="none", edgecolors=DOMINATED_COLOR, label="not served: off the frontier")
+    ax.set_xlabel("weights in the artifact (MiB)")
+    ax.set_ylabel("KL divergence from the baseline (lower is better)")
     ax.grid(alpha=0.3)
+    legend = ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
+    renderer = fig.canvas.get_renderer()
+    path = ax.transData.transform(list(zip(env_x, env_y, strict=True))) if env_x else []
+    line = [p for a, b in zip(path, path[1:], strict=False) for p in _segment(a, b)]
+    place_labels(fig, ax, [(p.name, xs[p.name], p.kld) for p in [*pts, *fr.off_axes]],
+                 avoid=[legend.get_window_extent(renderer)], line=line)
+    return fig
+
+
+def _segment(a: Any, b: Any, step: float = 4.0) -> list[tuple[float, float]]:
+    """Points every `step` pixels along a line segment (what a label must not sit on)."""
+    n = max(1, int(((b[0] - a[0]) ** 2 + (b[1] - a[1]) ** 2) ** 0.5 / step))
+    return [(a[0] + (b[0] - a[0]) * i / n, a[1] + (b[1] - a[1]) * i / n) for i in range(n + 1)]
+
+
+# label offsets tried around a point, in points (right, above, left, below, then the diagonals), at growing radii
+_OFFSETS = [(1, 0.3), (1, -1.2), (-1, 0.3), (-1, -1.2), (0, 1.2), (0, -2.2), (1, 1.5), (-1, 1.5), (1, -2.5),
+            (-1, -2.5)]
+
+
+def place_labels(fig: Any, ax: Any, labels: list[tuple[str, float, float]], avoid: list[Any] | None = None,
+                 line: list[tuple[float, float]] | None = None) -> list[Any]:
+    """Annotate each (name, x, y) at the first offset whose text box overlaps no placed label, no point's marker
+    and stays inside the axes; further out (with a leader line) when the near ones are taken. Names are drawn
+    as plain text (no math-text parsing of `$`)."""
+    renderer = fig.canvas.get_renderer()
+    inside = ax.get_window_extent(renderer)
+    markers = [ax.transData.transform((x, y)) for _, x, y in labels]
+    placed: list[Any] = list(avoid or [])
+    texts = []
+    for name, x, y in labels:
+        best = None
+        for radius in (7, 14, 24, 36, 50):
+            for dx, dy in _OFFSETS:
+                ha = "left" if dx > 0 else "right" if dx < 0 else "center"
+                t = ax.annotate(name, (x, y), textcoords="offset points", xytext=(dx * radius, dy * radius * 0.8),
+                                fontsize=8, ha=ha, parse_math=False, zorder=4,
+                                arrowprops={"arrowstyle": "-", "color": "#999999", "lw": 0.6} if radius > 14
+                                else None)
+                box = t.get_window_extent(renderer).expanded(1.05, 1.1)
+                clash = (any(box.overlaps(b) for b in placed)
+                         or any(_near(box, mx, my, 6) for mx, my in markers)
+                         or any(_near(box, lx, ly, 1) for lx, ly in line or [])
+                         or not (inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1)))
+                if not clash:
+                    best = (t, box)
+                    break
+                t.remove()
+            if best:
+                break
+        if best is None:  # nowhere free: the last resort sits far right of the point, outside the crowd
+            t = ax.annotate(name, (x, y), textcoords="offset points", xytext=(60, 20), fontsize=8,
+                            parse_math=False, arrowprops={"arrowstyle": "-", "color": "#999999", "lw": 0.6})
+            best = (t, t.get_window_extent(renderer))
+        placed.append(best[1])
+        texts.append(best[0])
+    return texts
+
+
+def _near(box: Any, x: float, y: float, pad: float) -> bool:
+    return box.x0 - pad <= x <= box.x1 + pad and box.y0 - pad <= y <= box.y1 + pad
+
+
+def plot_png(res: Results) -> bytes:
+    import matplotlib.pyplot as plt
+
+    fig = plot_figure(res)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
 
 
-def _html_table(head: list[str], body: list[list[str]]) -> str:
+def _html_table(head: list[str], body: list[list[str]], groups: list[str] | None = None) -> str:
+    """A table in a scrolling box whose header stays in view; `groups` (one per column) adds a header row that
+    spans each run of equal groups."""
+    group_row = ""
+    if groups:
+        spans: list[list[Any]] = []
+        for g in groups:
+            if spans and spans[-1][0] == g:
+                spans[-1][1] += 1
+            else:
+                spans.append([g, 1])
+        group_row = ('<tr class="groups">' + "".join(f'<th colspan="{n}">{html.escape(g)}</th>' for g, n in spans)
+                     + "</tr>")
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    trs = "\n".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
-    return f"<table><thead><tr>{th}</tr></thead><tbody>\n{trs}\n</tbody></table>"
+    trs = "\n".join("<tr>" + "".join(f'<td class="long">{html.escape(c)}</td>' if len(c) > 60 else
+                                      f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+    return (f'<div class="scroll"><table><thead>{group_row}<tr class="heads">{th}</tr></thead><tbody>\n{trs}\n'
+            "</tbody></table></div>")
+
+
+def frontier_chart(res: Results) -> str:
+    """The quality-vs-memory chart as an interactive Plotly figure (plotly.js inlined: works offline): one trace
+    per variant, frontier points as outlined diamonds joined by the frontier, each point's name and figures on
+    hover. Empty for a run without quality figures."""
+    fr = select.run_frontier(res)
+    if not fr.points:
+        return ""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    on = sorted((p for p in fr.points if fr.dominated_by[p.name] is None), key=lambda p: p.memory)
+    env_x, env_y, best = [], [], float("inf")
+    for p in on:
+        if p.kld < best:
+            if env_x:
+                env_x.append(p.memory / 2**20)
+                env_y.append(best)
+            env_x.append(p.memory / 2**20)
+            env_y.append(p.kld)
+            best = p.kld
+    fig.add_trace(go.Scatter(x=env_x, y=env_y, mode="lines", name="Pareto frontier",
+                             line={"color": FRONTIER_COLOR, "width": 2}, hoverinfo="skip"))
+    for p in sorted([*fr.points, *fr.off_axes], key=lambda p: p.memory):
+        status = fr.status[p.name]
+        front = status == "yes"
+        hover = (f"<b>{html.escape(p.name)}</b><br>KLD {p.kld:.5f}" + (f" ± {p.kld_se:.5f}" if p.kld_se else "")
+                 + f"<br>weights {p.memory / 2**20:.1f} MiB"
+                 + (f"<br>{p.throughput:.1f} tok/s" if p.throughput is not None else "")
+                 + f"<br>{'on the frontier' if front else html.escape(status)}<extra></extra>")
+        fig.add_trace(go.Scatter(
+            x=[p.memory / 2**20], y=[p.kld], mode="markers", name=p.name + (" ◆" if front else ""),
+            hovertemplate=hover, meta=["frontier" if front else "other"],
+            marker={"size": 14 if front else 10, "symbol": "diamond" if front else "circle",
+                    "color": FRONTIER_COLOR if front else DOMINATED_COLOR,
+                    "line": {"color": "black", "width": 1} if front else {"width": 0},
+                    **({} if p.throughput is not None or not fr.throughput else
+                       {"color": "white", "line": {"color": DOMINATED_COLOR, "width": 2}})}))
+    fig.update_layout(title=f"{res.recipe.name}: quality vs memory (◆ Pareto frontier over KLD, memory"
+                      + (", throughput)" if fr.throughput else ")"),
+                      xaxis_title="weights in the artifact (MiB)",
+                      yaxis_title="KL divergence from the baseline (lower is better)", width=1000, height=560,
+                      template="plotly_white", legend={"title": {"text": "variant"}})
+    div = fig.to_html(full_html=False, include_plotlyjs=True, div_id="frontier-chart",
+                      config={"displaylogo": False, "responsive": False})
+    names = ",".join(p.name for p in on)
+    return f'<div class="chart" data-frontier="{html.escape(names)}">{div}</div>'
+
+
+def frontier_note(res: Results) -> str:
+    fr = select.run_frontier(res)
+    if not fr.points:
+        return ""
+    return (f"Pareto frontier: {', '.join(p.name for p in fr.points if fr.dominated_by[p.name] is None)}: over KL "
+            "divergence, the artifact's weight bytes and "
+            + (fr.throughput if fr.throughput else "no throughput (none measured)")
+            + "; dominated = another variant at least as good on every axis and better on one beyond noise "
+            "(KLD: paired t over the eval's blocks). For a GPU, a context and a concurrency: `quantpipe select "
+            "RUN_DIR --gpu L4-24GB,H100-80GB --context 8192 --concurrency 16`.")
+
+
+CSS = """body{font-family:sans-serif;margin:2em}
+.scroll{overflow:auto;max-height:80vh;max-width:100%;border:1px solid #ccc;margin:0.5em 0 1.5em}
+table{border-collapse:separate;border-spacing:0}
+td,th{border-bottom:1px solid #ddd;border-right:1px solid #eee;padding:4px 8px;text-align:right;white-space:nowrap}
+thead th{position:sticky;top:0;background:#f3f3f3;z-index:2}
+thead tr.groups th{height:26px;box-sizing:border-box;text-align:center;border-bottom:2px solid #bbb}
+thead tr.groups + tr.heads th{top:26px}
+td:first-child,th:first-child{position:sticky;left:0;text-align:left;z-index:1}
+td:first-child{background:#fff}
+thead th:first-child{z-index:3}
+td.long{white-space:normal;min-width:24em;text-align:left}"""
 
 
 def html_page(res: Results, png: bytes, served: bytes | None = None) -> str:
-    matrix = _html_table(*rows(res))
+    cols, body = grouped_rows(res)
+    matrix = _html_table([h for _, h in cols], body, [g for g, _ in cols])
     img = base64.b64encode(png).decode()
     serve_html = ""
     if res.served:
@@ -396,15 +596,19 @@ def html_page(res: Results, png: bytes, served: bytes | None = None) -> str:
             serve_html += (f'<p><img alt="served latency and throughput against concurrency" '
                            f'src="data:image/png;base64,{base64.b64encode(served).decode()}"></p>')
     name = html.escape(res.recipe.name)
+    chart = frontier_chart(res)
+    png_img = f'<img alt="quality vs memory" src="data:image/png;base64,{img}">'
+    plot = (f"{chart}<noscript><p>{png_img}</p></noscript>" if chart else f"<p>{png_img}</p>")
+    note = frontier_note(res)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>quantpipe: {name}</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child,th:first-child{{text-align:left}}</style>
+<style>{CSS}</style>
 </head><body>
 <h1>quantpipe matrix: {name}</h1>
 <p>{html.escape(_context(res))}</p>
 {matrix}
-<p><img alt="quality vs memory" src="data:image/png;base64,{img}"></p>
+{f"<p>{html.escape(note)}</p>" if note else ""}
+{plot}
 {serve_html}
 </body></html>
 """

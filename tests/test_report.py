@@ -30,8 +30,8 @@ def results() -> dict:
 def test_markdown_rows() -> None:
     md = report.markdown(results())
     lines = [line for line in md.splitlines() if line.startswith("| int8")]
-    assert lines == ["| int8 | int8 | 40.0 | 0.40 | 21.000 | +5.00 | 0.01230 | 95.0 | 500.0 | 30.0 | 80.0 | "
-                     "200.0 | 900 | 12.0 |"]
+    assert lines == ["| int8 | int8 | 21.000 | +5.00 | 0.01230 | 95.0 | 500.0 | 30.0 | 80.0 | 200.0 | 40.0 | 0.40 | "
+                     "900 | 12.0 | yes |"]
     assert "decode tok/s b4" in md
 
 
