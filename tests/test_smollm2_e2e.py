@@ -460,3 +460,51 @@ def test_serve_command_streams_chat_and_ctrl_c_leaves_no_process(
     assert p.returncode == 0
     time.sleep(1)
     assert alive(engine_pids) == []  # Ctrl-C stopped the whole engine tree: no orphan
+
+
+def test_demo_select_small_and_generous_gpu(quick_demo: tuple[Path, subprocess.CompletedProcess, float],
+                                            clone: Path, tmp_path: Path) -> None:
+    """`quantpipe select` on the demo run as a user types it (repo root, the run's relative path), checked
+    against the arithmetic done here: the KV cache from config.json, GGUF's weights from its tensors (their
+    bytes do not depend on the dtype), the baseline's float32 tensors halved for bfloat16."""
+    from transformers import AutoConfig
+
+    from quantpipe import plan
+
+    res = read_results(quick_demo[0])
+    cfg = json.loads((quick_demo[0] / "artifacts" / "baseline" / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    ctx, conc = 2048, 4
+    kv = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 2 * ctx * conc
+    config = AutoConfig.from_pretrained(quick_demo[0] / "artifacts" / "baseline")
+    acts = plan.activation_bytes(plan.shapes(config), ctx, conc, 2)
+    by = {r.name: r for r in res.variants}
+    gguf_need = by["gguf-q4_k_m-imatrix"].prediction.measured_weights_bytes + kv + acts
+    base_need = by["baseline"].prediction.measured_weights_bytes // 2 + kv + acts
+    usable = gguf_need + 2**20  # 1 MiB more than GGUF needs: less than the 4-bit checkpoints' ~9 MiB more
+    gpu_kib = -(-usable * 10 // 9 // 1024)  # GPU memory whose 90 % is `usable`
+    p = quantpipe("select", "runs/smollm2-quick", "--gpu-memory", f"{gpu_kib}KiB", "--context", str(ctx),
+                  "--concurrency", str(conc), "--json", str(tmp_path / "small.json"), cwd=clone)
+    assert p.returncode == 0, p.stderr
+    small = json.loads((tmp_path / "small.json").read_text())["gpus"][0]
+    rows_ = {r["variant"]: r for r in small["variants"]}
+    assert rows_["gguf-q4_k_m-imatrix"]["need"] == gguf_need and rows_["baseline"]["need"] == base_need
+    assert small["recommended"] == "gguf-q4_k_m-imatrix", p.stdout
+    for name in ("baseline", "gptq-w4g64", "awq-w4g64"):
+        assert rows_[name]["reason"].startswith("does not fit"), rows_[name]
+    for name in ("int8", "onnx-int8"):  # vLLM refuses torchao INT8, nothing serves ONNX: not shippable here
+        assert rows_[name]["reason"].startswith("no engine served it"), rows_[name]
+    # a generous GPU: for quality the baseline (KLD 0), for memory the served variant with the fewest weight bytes
+    served_names = {s.variant for s in res.served if s.loads and s.levels}
+    least = min(served_names, key=lambda n: by[n].prediction.measured_weights_bytes)
+    for objective, want in (("quality", "baseline"), ("memory", least)):
+        p = quantpipe("select", "runs/smollm2-quick", "--gpu", "L4-24GB,H200-141GB", "--context", "8192",
+                      "--concurrency", "16", "--objective", objective, cwd=clone)
+        assert p.returncode == 0, p.stderr
+        assert f"Per GPU: L4-24GB → {want}; H200-141GB → {want}" in p.stdout, p.stdout
+    # the demo's matrix.html: the frontier chart renders in Chromium with one point per variant
+    from test_report_browser import browse
+
+    dom = browse(quick_demo[0] / "matrix.html", tmp_path, "--dump-dom")
+    chart = dom.stdout[dom.stdout.index('id="frontier-chart"'):]
+    assert chart.count('class="point"') == len(QUICK)
