@@ -368,6 +368,23 @@ def memory_rows(res: Results) -> tuple[list[str], list[list[str]]]:
 FRONTIER_COLOR, DOMINATED_COLOR = "#d62728", "#7f7f7f"
 
 
+def envelope(front: list[Any]) -> tuple[list[float], list[float]]:
+    """The frontier's quality-memory staircase: (MiB, KLD) corners of the best KLD at each memory, from frontier
+    points sorted by memory."""
+    xs: list[float] = []
+    ys: list[float] = []
+    best = float("inf")
+    for p in front:
+        if p.kld < best:
+            if xs:
+                xs.append(p.memory / 2**20)
+                ys.append(best)
+            xs.append(p.memory / 2**20)
+            ys.append(p.kld)
+            best = p.kld
+    return xs, ys
+
+
 def plot_figure(res: Results) -> Any:
     """Quality (KL divergence from the baseline) against the weights' memory (the artifact's tensor bytes), one
     point per variant on the frontier's axes: frontier points as red diamonds joined by the quality-memory
@@ -395,15 +412,7 @@ def plot_figure(res: Results) -> Any:
         ax.scatter([xs[p.name]], [p.kld], s=70 if front else 40, marker="D" if front else "o",
                    color=FRONTIER_COLOR if front else DOMINATED_COLOR, zorder=3,
                    edgecolors="black" if front else "none", linewidths=0.6)
-    env_x, env_y, best = [], [], float("inf")  # the staircase of the best KLD at each memory
-    for p in on:
-        if p.kld < best:
-            if env_x:
-                env_x.append(xs[p.name])
-                env_y.append(best)
-            env_x.append(xs[p.name])
-            env_y.append(p.kld)
-            best = p.kld
+    env_x, env_y = envelope(on)
     ax.plot(env_x, env_y, color=FRONTIER_COLOR, lw=1.2, zorder=2, label="Pareto frontier (KLD, memory"
             + (", throughput)" if fr.throughput else ")"))
     ax.scatter([], [], color=DOMINATED_COLOR, s=40, label="dominated")
@@ -520,15 +529,7 @@ def frontier_chart(res: Results) -> str:
 
     fig = go.Figure()
     on = sorted((p for p in fr.points if fr.dominated_by[p.name] is None), key=lambda p: p.memory)
-    env_x, env_y, best = [], [], float("inf")
-    for p in on:
-        if p.kld < best:
-            if env_x:
-                env_x.append(p.memory / 2**20)
-                env_y.append(best)
-            env_x.append(p.memory / 2**20)
-            env_y.append(p.kld)
-            best = p.kld
+    env_x, env_y = envelope(on)
     fig.add_trace(go.Scatter(x=env_x, y=env_y, mode="lines", name="Pareto frontier",
                              line={"color": FRONTIER_COLOR, "width": 2}, hoverinfo="skip"))
     for p in sorted([*fr.points, *fr.off_axes], key=lambda p: p.memory):
