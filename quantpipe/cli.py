@@ -228,6 +228,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     elif args.gates or args.baseline or args.junit:
         raise QuantpipeError("--gates, --baseline and --junit go with --gate (or run `quantpipe gate RUN_DIR` later)")
     junit = _path(args.junit)
+    if args.executor or args.address:
+        if args.address and (args.executor or recipe.execution.executor) != "ray":
+            raise QuantpipeError("--address: only the ray executor connects to a cluster; add --executor ray")
+        execution = recipe.execution.model_copy(update={k: v for k, v in (("executor", args.executor),
+                                                                        ("address", args.address)) if v})
+        recipe = recipe.model_copy(update={"execution": execution})
     quiet_libraries()
     t = time.perf_counter()
     run_dir = recipe.run_dir(args.out)
@@ -494,6 +500,10 @@ def parser() -> argparse.ArgumentParser:
                    "run (it must not hold results.json, matrix.*, manifest.json or artifacts/<variant> already)")
     r.add_argument("--gate", action="store_true", help="run `quantpipe gate` on the results; its exit code is "
                    "the run's (0 pass, 1 regression, 2 broken inputs)")
+    r.add_argument("--executor", choices=["local", "ray"], help="where the stages run (default: the recipe's "
+                   "execution.executor, local): ray = each variant's stages as Ray tasks, in parallel")
+    r.add_argument("--address", help="the Ray cluster: auto, HOST:PORT or ray://HOST:10001 (default: a Ray "
+                   "instance started on this machine)")
     _gate_options(r)
     r.set_defaults(fn=cmd_run)
     v = sub.add_parser("validate", help="check a recipe without running it")

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from quantpipe import data
+from quantpipe.cache import write_text
 from quantpipe.errors import QuantpipeError, first_line
 from quantpipe.lm_responses import ADAPTER_VERSION, ResponseCache  # noqa: F401 - the stage keys read it here
 
@@ -81,7 +82,8 @@ def prepare_tasks(tasks: list[str], include_path: list[str], work: Path) -> tupl
             data = src / Path(rel).name
             files[split] = str(data)
             h.update(data.read_bytes())
-        (work / path.name).write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+        # atomically: the Ray executor's tasks prepare the same files at once, and read them
+        write_text(work / path.name, yaml.safe_dump(cfg, sort_keys=False))
         h.update(path.read_bytes())
     local = set(bundled_tasks())
     for p in include_path:

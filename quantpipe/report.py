@@ -129,6 +129,8 @@ def _context(res: Results) -> str:
         f"; lm-eval: {', '.join(lm['tasks'])}, {lm.get('num_fewshot')}-shot, "
         + (f"first {lm['limit']} documents per task" if lm.get("limit") else "all documents")
         + ", score ± stderr (recovery vs the baseline)")
+    if res.execution:
+        where += f"; executor {res.execution.get('executor')}: {', '.join(res.execution.get('nodes') or [])}"
     if res.weights == "random":
         return (f"{res.recipe.name} — **random weights** ({res.model}): speed and memory only, "
                 f"no quality evaluation; {bench}; {where}")
@@ -152,6 +154,16 @@ def vocab_note(v: Row) -> str:
     return f"; vocabulary one to one with the baseline's ({voc.get('n_baseline')} ids){tok}"
 
 
+def nodes_note(v: Row) -> str:
+    """Where a row's stages ran (a Ray run): one node for all, or each stage's."""
+    if not v.nodes:
+        return ""
+    names = set(v.nodes.values())
+    if len(names) == 1:
+        return f"; ran on {names.pop()}"
+    return "; ran on " + ", ".join(f"{k} {n}" for k, n in v.nodes.items())
+
+
 def _table(head: list[str], body: list[list[str]]) -> list[str]:
     return (["| " + " | ".join(cell(h) for h in head) + " |", "|" + "---|" * len(head)]
             + ["| " + " | ".join(cell(c) for c in r) + " |" for r in body])
@@ -172,7 +184,10 @@ def markdown(results: Results | dict[str, Any]) -> str:
             layout = v.format_detail if v.format_detail.startswith(layout) else f"{layout} ({v.format_detail})"
         lines.append(cell(f"- {v.name}: {layout}; runtime {v.runtime}; "
                           + ("; ".join(sorted(kernels)) or "kernel not recorded") + vocab_note(v)
-                          + (f"; {v.note}" if v.note else "")))
+                          + (f"; {v.note}" if v.note else "") + nodes_note(v)))
+    for f in res.failed:
+        lines.append(cell(f"- {f.get('variant')}: FAILED at its {f.get('stage')} task on {f.get('node')}: "
+                          f"{f.get('error')} (no row)"))
     for s in res.skipped:
         lines.append(cell(f"- {s.get('variant')}: not measured in runtime '{s.get('runtime')}' ({s.get('purpose')}): "
                           f"{s.get('reason')}"))

@@ -163,6 +163,7 @@ class Row(Model):
     meta: dict[str, Any] = Field(default_factory=dict)
     prediction: Prediction | None = None
     note: str | None = None  # why a runtime measured nothing here (it does not serve this artifact), or a fallback
+    nodes: dict[str, str] = Field(default_factory=dict)  # stage kind -> the Ray node that ran it (--executor ray)
 
     @model_validator(mode="before")
     @classmethod
@@ -282,6 +283,8 @@ class Results(Model):
     skipped: list[dict[str, str]] = Field(default_factory=list)  # (variant, runtime) pairs a runtime cannot serve
     serve: dict[str, Any] | None = None  # the recipe's serve block
     served: list[Served] = Field(default_factory=list)  # one per (variant, engine) of the serve block
+    failed: list[dict[str, str]] = Field(default_factory=list)  # variants whose stage failed (--executor ray)
+    execution: dict[str, Any] | None = None  # a Ray run: executor, cluster address, the nodes that ran stages
     upgraded_from: int | None = None  # set when read from an older schema
 
     def row(self, name: str) -> Row | None:

@@ -36,6 +36,11 @@ def run(recipe: Recipe, recipe_path: str, out_dir: str | None = None, force: boo
     """Run every stage of the recipe; return the results (also written to RUN_DIR/results.json). A non-empty
     directory that is not a quantpipe run is refused unless `adopt` (cache.check_run_dir)."""
     run_dir = recipe.run_dir(out_dir)
+    cluster = None
+    if recipe.execution.executor == "ray":  # an unreachable cluster is one line, before any work
+        from quantpipe.pipeline import distributed
+
+        cluster = distributed.connect(recipe.execution.address)
     check_run_dir(run_dir, [v.name for v in recipe.variants], adopt)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -43,13 +48,16 @@ def run(recipe: Recipe, recipe_path: str, out_dir: str | None = None, force: boo
         raise explain_os_error(e, f"creating the run directory {run_dir}") from None
     with run_lock(run_dir):
         clean_stale_temps(run_dir / "artifacts")
-        return _run(recipe, run_dir, force, recipe_path)
+        return _run(recipe, run_dir, force, recipe_path, cluster)
 
 
-def _run(recipe: Recipe, run_dir: Path, force: bool, recipe_path: str) -> Results:
+def _run(recipe: Recipe, run_dir: Path, force: bool, recipe_path: str, cluster: dict[str, Any] | None = None
+         ) -> Results:
     started = time.perf_counter()
     config = preflight(recipe)
     r = Run(recipe, run_dir, force)  # plans the rows: a runtime that cannot score the reference fails here
+    if cluster is not None:
+        return _run_on_ray(r, config, cluster, recipe_path, started)
     ref = recipe.reference
     r.quantize(ref, None)
     if config is None:  # the source's config was not reachable before; the baseline artifact has it
@@ -75,6 +83,37 @@ def _run(recipe: Recipe, run_dir: Path, force: bool, recipe_path: str) -> Result
     res = collect(r, recipe_path)
     add_predictions(r, res)
     return write_outputs(r, res, time.perf_counter() - started)
+
+
+def _run_on_ray(r: Run, config: Any, cluster: dict[str, Any], recipe_path: str, started: float) -> Results:
+    """The stages as Ray tasks (distributed.py), then the serve stages here, then the outputs."""
+    from quantpipe.pipeline import distributed
+
+    nodes = cluster["nodes"]
+    print(f"Ray cluster {cluster['address']}: {len(nodes)} node(s), "
+          + ", ".join(f"{n['NodeManagerAddress']} ({n['Resources'].get('CPU', 0):g} CPU, "
+                      f"{n['Resources'].get('GPU', 0):g} GPU)" for n in nodes)
+          + (f"; dashboard http://{cluster['dashboard']}" if cluster["dashboard"] else ""))
+    distributed.check_shared(r.dir, nodes)
+    r.cluster_address = cluster["address"]
+    r.failed = distributed.run_stages(r, config, cluster)
+    if config is None:
+        from transformers import AutoConfig
+
+        check_shapes(r.recipe, AutoConfig.from_pretrained(r.artifact_dir(r.recipe.reference)))
+    windows = r.results["eval-tokens"]["windows"]
+    failed = {f["variant"] for f in r.failed}
+    for variant, engine in r.served():
+        if variant.name not in failed:
+            r.serve(variant, engine, windows)
+    res = collect(r, recipe_path)
+    add_predictions(r, res)
+    typed = write_outputs(r, res, time.perf_counter() - started)
+    if r.failed:
+        raise QuantpipeError("; ".join(f"variant '{f['variant']}' failed at its {f['stage']} task on {f['node']}: "
+                                       f"{f['error']}" for f in r.failed)
+                             + " (the other variants' results are written: results.json, matrix.md)")
+    return typed
 
 
 def preflight(recipe: Recipe) -> Any:

@@ -54,12 +54,14 @@ def row_result(r: Run, row: Any) -> dict[str, Any]:
                     "bench_s": None if b is None else b["wall_s"], "load_s": None if b is None else b["load_s"]},
         "meta": meta.to_dict(),
         "note": note,
+        "nodes": {kind: rec["node"]["name"] for kind, rec in (("quantize", q), ("eval", e), ("lm-eval", lm or {}),
+                                                              ("bench", b or {})) if rec.get("node")},
     }
 
 
 def collect(r: Run, recipe_path: str) -> dict[str, Any]:
     recipe = r.recipe
-    rows = [row_result(r, row) for row in r.plan.rows]
+    rows = [row_result(r, row) for row in r.plan.rows if f"quantize:{row.variant.name}" in r.results]
     lmeval.add_recoveries(rows, r.ref_row.name)
     return {
         "schema_version": results.SCHEMA_VERSION,
@@ -80,8 +82,18 @@ def collect(r: Run, recipe_path: str) -> dict[str, Any]:
         "gates": recipe.gates.model_dump(mode="json") if recipe.gates else None,
         "skipped": r.plan.skipped,
         "serve": None if recipe.serve is None else recipe.serve.model_dump(mode="json"),
-        "served": [served_result(r, v, e, rows) for v, e in r.served()],
+        "served": [served_result(r, v, e, rows) for v, e in r.served() if f"serve:{v.name}@{e}" in r.results],
+        "failed": r.failed,
+        "execution": execution(r),
     }
+
+
+def execution(r: Run) -> dict[str, Any] | None:
+    """Where the stages ran (a Ray run): the executor, the cluster and each node that ran a stage."""
+    if r.recipe.execution.executor == "local":
+        return None
+    nodes = sorted({rec["node"]["name"] for rec in r.results.values() if isinstance(rec, dict) and rec.get("node")})
+    return {"executor": r.recipe.execution.executor, "address": r.cluster_address, "nodes": nodes}
 
 
 def served_result(r: Run, variant: Any, engine: str, rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -71,6 +71,10 @@ class Run:
                                                              + int(recipe.eval.lm_eval is not None))
                          + sum(r.benches for r in rows) + len(self.served()))
         self.step = 0
+        self.log: list[dict[str, Any]] = []  # (stage, how it ended, seconds) in order: the Ray executor reports it
+        self.node: dict[str, Any] | None = None  # where the stages run (set by the Ray executor): kept in records
+        self.failed: list[dict[str, str]] = []  # variants whose Ray task failed: {variant, stage, node, error}
+        self.cluster_address: str | None = None
 
     def stage(self, name: str, payload: dict[str, Any], compute: Any, artifact_dir: Path | None = None) -> dict:
         """Return the cached result of a stage if its content key matches, else compute and record it."""
@@ -82,6 +86,7 @@ class Run:
         if cached is not None:
             print(f"{label}: cached")
             self.results[name] = cached
+            self.log.append({"stage": name, "status": "cached", "node": cached.get("node")})
             return cached
         print(f"{label} ...", flush=True)
         t = time.perf_counter()
@@ -97,13 +102,17 @@ class Run:
                                      "re-run (finished stages are kept and will not be redone)") from None
             raise
         result["wall_s"] = time.perf_counter() - t
+        if self.node is not None:
+            result["node"] = self.node
         if result.get("complete") is False:  # a serve stage that could not finish: kept, not cached
             print(f"{label}: incomplete after {result['wall_s']:.1f} s (not cached; a re-run tries again)", flush=True)
             self.results[name] = result
+            self.log.append({"stage": name, "status": "incomplete", "wall_s": result["wall_s"], "node": self.node})
             return result
         self.cache.put(name, key, result, artifact_dir)
         print(f"{label}: done in {result['wall_s']:.1f} s", flush=True)
         self.results[name] = result
+        self.log.append({"stage": name, "status": "done", "wall_s": result["wall_s"], "node": self.node})
         return result
 
     def artifact_dir(self, variant: VariantSpec) -> Path:

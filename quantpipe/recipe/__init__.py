@@ -9,6 +9,7 @@ from quantpipe.recipe.schema import (
     BenchSpec,
     CalibrationSpec,
     EvalSpec,
+    ExecutionSpec,
     GatesSpec,
     GateThresholds,
     LMEvalSpec,
@@ -21,5 +22,6 @@ from quantpipe.recipe.schema import (
 )
 
 __all__ = ["DTYPES", "NAME_RE", "QUALITY_GATES", "SERVE_GATES", "BenchSpec", "CalibrationSpec", "EvalSpec",
-           "GateThresholds", "GatesSpec", "LMEvalSpec", "ModelSpec", "OutputSpec", "Recipe", "ServeSpec", "VariantSpec",
+           "ExecutionSpec", "GateThresholds", "GatesSpec", "LMEvalSpec", "ModelSpec", "OutputSpec", "Recipe",
+           "ServeSpec", "VariantSpec",
            "_format", "absolute", "load_recipe", "parse_recipe", "resolve_paths"]

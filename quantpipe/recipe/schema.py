@@ -350,6 +350,21 @@ class OutputSpec(Strict):
     dir: str | None = Field(None, description="run directory; default runs/<recipe name>")
 
 
+class ExecutionSpec(Strict):
+    """Where the stages run: this process (local) or a Ray cluster, each variant's stages as Ray tasks."""
+
+    executor: Literal["local", "ray"] = Field("local", description="local: one process; ray: a Ray cluster")
+    address: str | None = Field(None, description="Ray cluster: auto, HOST:PORT or ray://HOST:10001; none: "
+                                "a Ray instance started on this machine")
+    max_retries: int = Field(2, ge=0, le=10, description="times a task is redone when its worker or node dies")
+
+    @model_validator(mode="after")
+    def _address_needs_ray(self) -> ExecutionSpec:
+        if self.address is not None and self.executor != "ray":
+            raise ValueError("address: only the ray executor connects to a cluster; set executor: ray")
+        return self
+
+
 class Recipe(Strict):
     name: str
     model: ModelSpec
@@ -360,6 +375,7 @@ class Recipe(Strict):
     output: OutputSpec = Field(default_factory=OutputSpec)
     serve: ServeSpec | None = Field(None, description="serve every variant in vLLM / llama.cpp's server")
     gates: GatesSpec | None = None
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
 
     @field_validator("name")
     @classmethod
