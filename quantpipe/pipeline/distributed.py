@@ -216,8 +216,9 @@ def run_stages(r: Any, config: Any, cluster: dict[str, Any]) -> list[dict[str, s
                               **req).remote(kind, recipe, str(r.dir), r.force, variant.name, windows, calib, *deps)
 
     failed: list[dict[str, str]] = []
+    start = time.perf_counter()
     first = submit("reference", ref, [])
-    done = _wait([first], {first: ("reference", ref.name)}, r, failed)
+    done = _wait([first], {first: ("reference", ref.name)}, r, failed, start)
     if failed:  # nothing can be measured without the baseline and the reference's log-probs
         raise QuantpipeError(f"the reference '{ref.name}' failed on {failed[0]['node']}: {failed[0]['error']}")
     base = done[first]
@@ -237,18 +238,17 @@ def run_stages(r: Any, config: Any, cluster: dict[str, Any]) -> list[dict[str, s
         m = submit("measure", v, [base, q], windows)
         b = submit("bench", v, [base, q, m], windows)
         refs[m], refs[b] = ("measure", v.name), ("bench", v.name)
-    _wait(list(refs), refs, r, failed)
+    _wait(list(refs), refs, r, failed, start)
     return failed
 
 
-def _wait(pending: list[Any], names: dict[Any, tuple[str, str]], r: Any, failed: list[dict[str, str]]
-          ) -> dict[Any, dict[str, Any]]:
+def _wait(pending: list[Any], names: dict[Any, tuple[str, str]], r: Any, failed: list[dict[str, str]],
+          start: float) -> dict[Any, dict[str, Any]]:
     """Collect tasks as they finish: merge their records into `r`, print one line per stage with its node; a
     failed task's variant goes into `failed` once (its later tasks fail with the same cause)."""
     import ray
 
     out: dict[Any, dict[str, Any]] = {}
-    start = time.perf_counter()
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         kind, variant = names[ready[0]]
