@@ -82,12 +82,31 @@ def local_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return tmp / "local"
 
 
-def test_ray_run_equals_local_and_shares_the_cache(cluster: str, local_run: Path, tiny_model: Path,
-                                                   tmp_path: Path) -> None:
-    recipe = write_recipe(tmp_path, tiny_model, tmp_path / "ray")
+def test_ray_run_survives_a_killed_worker_equals_local_and_shares_the_cache(
+        cluster: str, local_run: Path, tiny_model: Path, tmp_path: Path) -> None:
+    """The Ray run's quality equals the local run's to the last bit, although the Ray worker running
+    `quantize:int8` is SIGKILLed mid-stage (once its artifact's temp directory exists): Ray runs the task again and
+    the stage is redone from scratch. Then a local re-run of the same recipe finds every stage cached."""
+    run_dir = tmp_path / "ray"
+    recipe = write_recipe(tmp_path, tiny_model, run_dir)
+    killed: list[int] = []
+
+    def killer() -> None:
+        deadline = time.time() + 600
+        while time.time() < deadline and not killed:
+            if list((run_dir / "artifacts").glob(".tmp-int8-*")):
+                for proc in ray_workers("quantize:int8"):
+                    proc.send_signal(signal.SIGKILL)
+                    killed.append(proc.pid)
+            time.sleep(0.05)
+
+    watch = threading.Thread(target=killer, daemon=True)
+    watch.start()
     t = time.perf_counter()
     p = quantpipe("run", str(recipe), "--executor", "ray", "--address", cluster, cwd=tmp_path)
     wall = time.perf_counter() - t
+    watch.join(timeout=5)
+    assert killed, "the quantize:int8 worker was never seen mid-stage"
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     print(f"ray run: {wall:.0f} s")
     print(p.stdout)
@@ -123,34 +142,6 @@ def ray_workers(name: str) -> list[psutil.Process]:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return out
-
-
-def test_a_worker_killed_during_a_stage_is_survived(cluster: str, local_run: Path, tiny_model: Path,
-                                                    tmp_path: Path) -> None:
-    """SIGKILL the Ray worker running `quantize:int8` once its artifact's temp directory exists (mid-stage):
-    Ray runs the task again, the stage is redone from scratch, the results equal the local run's."""
-    run_dir = tmp_path / "killed"
-    recipe = write_recipe(tmp_path, tiny_model, run_dir)
-    killed: list[int] = []
-
-    def killer() -> None:
-        deadline = time.time() + 600
-        while time.time() < deadline and not killed:
-            if list((run_dir / "artifacts").glob(".tmp-int8-*")):
-                for proc in ray_workers("quantize:int8"):
-                    proc.send_signal(signal.SIGKILL)
-                    killed.append(proc.pid)
-            time.sleep(0.05)
-
-    watch = threading.Thread(target=killer, daemon=True)
-    watch.start()
-    p = quantpipe("run", str(recipe), "--executor", "ray", "--address", cluster, cwd=tmp_path)
-    watch.join(timeout=5)
-    assert killed, "the quantize:int8 worker was never seen mid-stage"
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert quality(run_dir) == quality(local_run)
-    assert sorted(x.name for x in (run_dir / "artifacts").iterdir() if not x.name.startswith(".")) == sorted(
-        v["name"] for v in VARIANTS)
 
 
 def test_unreachable_cluster_is_one_line_before_any_work(tiny_model: Path, tmp_path: Path) -> None:
@@ -195,7 +186,7 @@ def test_recipe_execution_block(tiny_model: Path, tmp_path: Path) -> None:
     r = parse_recipe({**base, "execution": {"executor": "ray", "address": "auto", "max_retries": 3}})
     assert (r.execution.executor, r.execution.address, r.execution.max_retries) == ("ray", "auto", 3)
     assert parse_recipe(base).execution.executor == "local"
-    with pytest.raises(QuantpipeError, match="execution: address: only the ray executor connects to a cluster; set executor: ray"):
+    with pytest.raises(QuantpipeError, match="execution: address: only the ray executor connects to a cluster"):
         parse_recipe({**base, "execution": {"address": "auto"}})
     with pytest.raises(QuantpipeError, match="execution.executor"):
         parse_recipe({**base, "execution": {"executor": "slurm"}})
