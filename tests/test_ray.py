@@ -20,8 +20,10 @@ import pytest
 import yaml
 from conftest import read_results, tiny_recipe
 
+# gptq: a calibrated method, whose float sums depend on the thread count (the Ray tasks must use the local run's)
 VARIANTS = [{"name": "baseline", "method": "baseline"}, {"name": "int8", "method": "int8"},
-            {"name": "int8-dyn", "method": "int8", "scheme": "dynamic"}]
+            {"name": "int8-dyn", "method": "int8", "scheme": "dynamic"},
+            {"name": "gptq", "method": "gptq", "bits": 4, "group_size": 64}]
 
 
 def free_port() -> int:
@@ -114,7 +116,8 @@ def test_ray_run_survives_a_killed_worker_equals_local_and_shares_the_cache(
     assert re.search(rf"^Ray cluster \S+:{port}: 1 node\(s\), \S+ \(2 CPU, 0 GPU\)$", p.stdout, re.M), p.stdout
     node = f"{socket.gethostname()} ("  # Ray names the node by this machine's address, not the loopback's
     for stage in ("quantize:baseline", "eval-tokens", "eval:baseline", "quantize:int8", "eval:int8",
-                  "bench:int8", "quantize:int8-dyn", "bench:int8-dyn", "bench:baseline"):
+                  "bench:int8", "quantize:int8-dyn", "bench:int8-dyn", "bench:baseline", "calibration",
+                  "quantize:gptq", "eval:gptq", "bench:gptq"):
         assert any(line.split("] ", 1)[-1].startswith(f"{stage}: done in") and f" on {node}" in line
                    for line in p.stdout.splitlines()), stage
     assert quality(tmp_path / "ray") == quality(local_run)  # the same numbers, to the last bit
@@ -171,10 +174,10 @@ def test_a_failing_variant_is_reported_and_the_others_finish(cluster: str, local
     assert "variant 'int8' failed at its quantize task on " in p.stderr
     assert "the other variants' results are written" in p.stderr
     res = read_results(run_dir)
-    assert [r.name for r in res.variants] == ["baseline", "int8-dyn"]
+    assert [r.name for r in res.variants] == ["baseline", "int8-dyn", "gptq"]
     assert [f["variant"] for f in res.failed] == ["int8"] and res.failed[0]["stage"] == "quantize"
     local = quality(local_run)
-    assert quality(run_dir) == {n: local[n] for n in ("baseline", "int8-dyn")}
+    assert quality(run_dir) == {n: local[n] for n in ("baseline", "int8-dyn", "gptq")}
     assert "- int8: FAILED at its quantize task" in (run_dir / "matrix.md").read_text()
 
 

@@ -12,9 +12,11 @@ the node that ran it, runs the serve stages itself, and writes results.json and 
 records.
 
 Resources come from `quantpipe plan`: on a GPU every task takes a whole GPU (so two benches, or a bench and a
-quantization, never share one); on CPUs a quantization asks for the memory plan predicts for it (calibration
-included) and a bench for the memory of its largest batch and as many CPUs as the bench uses (`bench.threads`,
-else the head's CPU count), so benches do not share a node's cores. A worker or node that dies is retried
+quantization, never share one); on CPUs every task asks for as many CPUs as a local run uses threads (the head's
+OMP_NUM_THREADS, else its cores; `bench.threads` for a bench): Ray gives the task that many threads, so the
+float sums, and the results, are the local run's on a node like the head, and tasks do not share cores. A
+quantization also asks for the memory plan predicts for it (calibration included), a bench for the memory of its
+largest batch. A worker or node that dies is retried
 elsewhere (`execution.max_retries`): the stage is redone from scratch (its temp directory is never reused).
 A task that fails with an error is not retried: that variant's later stages are not run, its rows say why, and
 the other variants finish.
@@ -124,7 +126,10 @@ def resources(r: Any, variant: Any, kind: str, config: Any) -> dict[str, Any]:
     if r.device == "cuda":
         return {"num_gpus": 1, "num_cpus": 1}
     recipe = r.recipe
-    out: dict[str, Any] = {"num_cpus": 1}
+    # as many CPUs as the stage's threads, which are the local run's: Ray sets a task's OMP_NUM_THREADS to its
+    # num_cpus, and a calibrated method's float sums depend on the thread count (GPTQ on 1 thread gave another
+    # SmolLM2 KLD than on 2), so fewer would change the numbers, more would oversubscribe
+    out: dict[str, Any] = {"num_cpus": head_threads()}
     try:
         s = plan.shapes(config) if config is not None else None
     except QuantpipeError:
@@ -141,9 +146,20 @@ def resources(r: Any, variant: Any, kind: str, config: Any) -> dict[str, Any]:
         storage = get_method(variant.method).storage(variant.params, recipe.model.dtype)
         out["memory"] = plan.bench_memory(s, storage, recipe.model.dtype, r.device,
                                           recipe.bench.model_dump(mode="json"))["total"]
-    if kind == "bench":
-        out["num_cpus"] = recipe.bench.threads or os.cpu_count() or 1
+    if kind == "bench" and recipe.bench.threads:
+        out["num_cpus"] = recipe.bench.threads
     return out
+
+
+def head_threads() -> int:
+    """The threads a local run of this machine uses: OMP_NUM_THREADS where set, else torch's default (the
+    cores)."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    import torch
+
+    return torch.get_num_threads()
 
 
 def fit_to_cluster(req: dict[str, Any], nodes: list[dict[str, Any]], what: str) -> dict[str, Any]:
@@ -170,6 +186,11 @@ def task(kind: str, recipe: Any, run_dir: str, force: bool, variant: str, window
     ones included) and the log. `kind`: reference, quantize, measure or bench."""
     from quantpipe.pipeline.stages import Run
 
+    threads = os.environ.get("OMP_NUM_THREADS", "")  # Ray's: the task's num_cpus
+    if threads.isdigit() and int(threads) > 0:
+        import torch
+
+        torch.set_num_threads(int(threads))  # a reused worker keeps the count of the task before
     r = Run(recipe, Path(run_dir), force)
     for st in states:
         r.keys.update(st["keys"])
