@@ -46,8 +46,8 @@ def grouped_rows(results: Results | dict[str, Any]) -> tuple[list[tuple[str, str
     ref = res.reference_row
     ref_ppl = ref.quality.perplexity if ref.quality else None
     front = frontier_status(res)
-    cols: list[tuple[str, str]] = [("", "variant"), ("", "method")] + (
-        [("", "runtime")] if several_runtimes(res) else [])
+    runtime_col = several_runtimes(res)
+    cols: list[tuple[str, str]] = [("", "variant"), ("", "method")] + ([("", "runtime")] if runtime_col else [])
     cols += [("quality", h) for h in ("PPL", "ΔPPL %", "KLD", "top-1 %")]
     cols += [("tasks", f"{t} {m}") for t, m in tasks] + ([("tasks", "lm-eval recovery %")] if tasks else [])
     cols += [("speed", h) for h in ("prefill tok/s", *[f"decode tok/s b{b}" for b in batches], "TTFT ms")]
@@ -62,7 +62,7 @@ def grouped_rows(results: Results | dict[str, Any]) -> tuple[list[tuple[str, str
         dppl = None if ppl is None or not ref_ppl else 100 * (ppl / ref_ppl - 1)
         base_size = res.reference_for(v).artifact.size_bytes
         body.append([
-            v.name, v.method, *([v.runtime or "–"] if several_runtimes(res) else []),
+            v.name, v.method, *([v.runtime or "–"] if runtime_col else []),
             _f(ppl, ".3f"), _f(dppl, "+.2f"), _f(q.kld_mean if q else None, ".5f"),
             _f(100 * q.top1_agreement if q else None, ".1f"),
             *lm_eval_cells(v, tasks),

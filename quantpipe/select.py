@@ -163,7 +163,6 @@ class Figures:
     recovery: float | None
     weights: int
     weights_how: str
-    kv_per_token: int
     kv_bytes: int  # bytes per KV-cache element
     overhead: int  # measured runtime memory beyond plan's (a bench on a GPU), else 0
     throughput: float | None
@@ -180,11 +179,16 @@ def primary_rows(res: Results) -> list[Row]:
     return list(seen.values())
 
 
+def has_quality(res: Results) -> bool:
+    """Whether the run measured the quality of a variant other than the reference."""
+    return res.weights != "random" and any(r.quality for r in res.variants if r.variant != res.reference_row.variant)
+
+
 def require_quality(res: Results) -> None:
     if res.weights == "random":
         raise QuantpipeError("select needs a quality eval: this run has random weights (model.weights: random), so "
                              "it measured no quality; run a recipe on real weights with eval enabled")
-    if not any(r.quality for r in res.variants if r.variant != res.reference_row.variant):
+    if not has_quality(res):
         raise QuantpipeError("select needs a quality eval: this run recorded no KL divergence of any variant "
                              "(eval.enabled: false?); run it with eval enabled")
 
@@ -268,11 +272,10 @@ def _weights(r: Row, s: Shapes, run_dtype: str, dtype: str) -> tuple[int, str]:
     return at_dtype, "plan's arithmetic"
 
 
-def figures(res: Results, config: Any, dtype: str, kv_dtype: str, concurrency: int, speed: str = "auto"
+def figures(res: Results, s: Shapes, dtype: str, kv_dtype: str, concurrency: int, speed: str = "auto"
             ) -> tuple[list[Figures], str]:
     """Every variant's figures, and the description of the throughput figure."""
     require_quality(res)
-    s = shapes(config)
     ref = res.reference_row
     run_dtype = ref.meta.get("dtype") if ref.meta.get("dtype") in DTYPE_BYTES else dtype
     kv = KV_DTYPES[dtype if kv_dtype == "auto" else kv_dtype]
@@ -291,7 +294,7 @@ def figures(res: Results, config: Any, dtype: str, kv_dtype: str, concurrency: i
         out.append(Figures(variant=r.variant, method=r.method, kld=q.kld_mean if q else None,
                            kld_se=q.kld_se if q else None, kld_blocks=list(q.blocks.get("kld", [])) if q else [],
                            perplexity=q.perplexity if q else None, recovery=rec, weights=w, weights_how=w_how,
-                           kv_per_token=2 * s.layers * s.kv_heads * s.head_dim * kv, kv_bytes=kv,
+                           kv_bytes=kv,
                            overhead=_overhead(r), throughput=value, throughput_how=t_how, unavailable=unavailable))
     return out, how
 
@@ -321,7 +324,7 @@ def run_frontier(res: Results, noise: Noise | None = None) -> RunFrontier:
     size) and the throughput `throughput` picks at the largest concurrency (or batch) measured. Empty for a run
     without quality figures."""
     empty = RunFrontier({}, [], {}, "")
-    if res.weights == "random" or not any(r.quality for r in res.variants if r.variant != res.reference_row.variant):
+    if not has_quality(res):
         return empty
     source, tps, how = throughput(res, 2**31)
     status, points, off = {}, [], []
@@ -358,7 +361,7 @@ def select(res: Results, config: Any, gpus: list[tuple[str, int]], context: int,
     s = shapes(config)
     if s.max_positions and context > s.max_positions:
         raise QuantpipeError(f"--context: {context} tokens is more than the model's {s.max_positions} positions")
-    figs, speed_how = figures(res, config, dtype, kv_dtype, concurrency, speed)
+    figs, speed_how = figures(res, s, dtype, kv_dtype, concurrency, speed)
     if objective == "speed" and all(f.throughput is None for f in figs):
         raise QuantpipeError("--objective speed: this run measured no speed (no bench, no load test)")
     act_bytes = DTYPE_BYTES[dtype]
@@ -392,13 +395,13 @@ def select(res: Results, config: Any, gpus: list[tuple[str, int]], context: int,
             if dom is not None:
                 row["status"], row["dominated_by"] = "dominated", dom[0]
                 row["reason"] = f"dominated by {dom[0]}: " + _compare(by_name[dom[0]], by_name[row["variant"]],
-                                                                        dom[1], noise)
+                                                                        noise)
             elif chosen is not None and row["variant"] == chosen.name:
                 row["status"], row["reason"] = "recommended", f"recommended for {objective}: {why}"
             else:
                 row["status"] = "frontier"
                 row["reason"] = (f"on the frontier; for {objective} {chosen.name if chosen else '?'} is preferred: "
-                                 + _compare(chosen, by_name[row["variant"]], None, noise) if chosen else "")
+                                 + _compare(chosen, by_name[row["variant"]], noise) if chosen else "")
         hint = ""
         if chosen is None:  # what would fit: the variants left out only for their memory, at a lower concurrency
             mem_only = [r for r in rows if r["reason"].startswith("does not fit") and r["max_concurrency"] >= 1]
@@ -433,7 +436,7 @@ def _exclusion(f: Figures, row: dict[str, Any], budget: int, concurrency: int, c
     return ""
 
 
-def _compare(a: Point, b: Point, won: list[str] | None, noise: Noise) -> str:
+def _compare(a: Point, b: Point, noise: Noise) -> str:
     """a against b on every axis, in words ('beyond noise' where it is)."""
     parts = []
     d, allow, how = quality_diff(a, b, noise.confidence)

@@ -132,17 +132,15 @@ def resources(r: Any, variant: Any, kind: str, config: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"num_cpus": head_threads()}
     try:
         s = plan.shapes(config) if config is not None else None
-    except QuantpipeError:
+    except QuantpipeError:  # a family plan does not know: no memory request
         s = None
-    if s is None:
-        pass
-    elif kind == "quantize":
+    if s is not None and kind == "quantize":
         cal = recipe.calibration
         need = plan.quantize_memory(s, get_method(variant.method), variant.params, recipe.model.dtype, cal.n_samples,
                                     cal.seq_len)
         if need is not None:
             out["memory"] = need["total"]
-    elif kind == "bench":
+    elif s is not None and kind == "bench":
         storage = get_method(variant.method).storage(variant.params, recipe.model.dtype)
         out["memory"] = plan.bench_memory(s, storage, recipe.model.dtype, r.device,
                                           recipe.bench.model_dump(mode="json"))["total"]
@@ -151,15 +149,18 @@ def resources(r: Any, variant: Any, kind: str, config: Any) -> dict[str, Any]:
     return out
 
 
+def omp_threads() -> int | None:
+    """OMP_NUM_THREADS where it is set to a positive count (Ray sets it in a task to the task's num_cpus)."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else None
+
+
 def head_threads() -> int:
     """The threads a local run of this machine uses: OMP_NUM_THREADS where set, else torch's default (the
     cores)."""
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
     import torch
 
-    return torch.get_num_threads()
+    return omp_threads() or torch.get_num_threads()
 
 
 def fit_to_cluster(req: dict[str, Any], nodes: list[dict[str, Any]], what: str) -> dict[str, Any]:
@@ -186,11 +187,11 @@ def task(kind: str, recipe: Any, run_dir: str, force: bool, variant: str, window
     ones included) and the log. `kind`: reference, quantize, measure or bench."""
     from quantpipe.pipeline.stages import Run
 
-    threads = os.environ.get("OMP_NUM_THREADS", "")  # Ray's: the task's num_cpus
-    if threads.isdigit() and int(threads) > 0:
+    threads = omp_threads()  # Ray's: the task's num_cpus
+    if threads:
         import torch
 
-        torch.set_num_threads(int(threads))  # a reused worker keeps the count of the task before
+        torch.set_num_threads(threads)  # a reused worker keeps the count of the task before
     r = Run(recipe, Path(run_dir), force)
     for st in states:
         r.keys.update(st["keys"])
@@ -244,20 +245,16 @@ def run_stages(r: Any, config: Any, cluster: dict[str, Any]) -> list[dict[str, s
         raise QuantpipeError(f"the reference '{ref.name}' failed on {failed[0]['node']}: {failed[0]['error']}")
     base = done[first]
     windows = r.results["eval-tokens"]["windows"]
-    calib = None
-    if r.uses_calibration:
-        from safetensors.torch import load_file
-
-        calib = load_file(str(r.state / "calibration" / "ids.safetensors"))["input_ids"].clone()
+    calib = r.load_calibration_ids() if r.uses_calibration else None
     refs: dict[Any, tuple[str, str]] = {}
     for v in recipe.variants:
-        if v.name == ref.name:
-            q = first
-        else:
+        deps = [base]  # the reference's records hold its quantize stage too
+        if v.name != ref.name:
             q = submit("quantize", v, [base], calib=calib)
             refs[q] = ("quantize", v.name)
-        m = submit("measure", v, [base, q], windows)
-        b = submit("bench", v, [base, q, m], windows)
+            deps.append(q)
+        m = submit("measure", v, deps, windows)
+        b = submit("bench", v, [*deps, m], windows)
         refs[m], refs[b] = ("measure", v.name), ("bench", v.name)
     _wait(list(refs), refs, r, failed, start)
     return failed
@@ -284,10 +281,8 @@ def _wait(pending: list[Any], names: dict[Any, tuple[str, str]], r: Any, failed:
         r.keys.update(got["keys"])
         r.results.update(got["results"])
         for e in got["log"]:
-            if e["stage"] in got["results"] or e["status"] == "cached":
-                how = "cached" if e["status"] == "cached" else f"{e['status']} in {e.get('wall_s', 0):.1f} s"
-                print(f"[{time.perf_counter() - start:6.1f} s] {e['stage']}: {how} on {got['node']['name']}",
-                      flush=True)
+            how = "cached" if e["status"] == "cached" else f"{e['status']} in {e.get('wall_s', 0):.1f} s"
+            print(f"[{time.perf_counter() - start:6.1f} s] {e['stage']}: {how} on {got['node']['name']}", flush=True)
     return out
 
 

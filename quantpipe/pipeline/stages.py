@@ -244,7 +244,11 @@ class Run:
             return {"shape": list(ids.shape), "sha256": file_sha256(store / "ids.safetensors")}
 
         self.stage("calibration", payload, compute, artifact_dir=store)
-        return load_file(str(store / "ids.safetensors"))["input_ids"].clone()  # detach from the mmap
+        return self.load_calibration_ids()
+
+    def load_calibration_ids(self) -> torch.Tensor:
+        """The calibration ids the calibration stage wrote (here or on a Ray node)."""
+        return load_file(str(self.state / "calibration" / "ids.safetensors"))["input_ids"].clone()  # off the mmap
 
     # -- measurements of a row --------------------------------------------------------------------------------
     def _runtime_payload(self, row: RowPlan) -> dict[str, Any]:
