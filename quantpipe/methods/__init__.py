@@ -235,6 +235,14 @@ def linear_input_sizes(config: Any) -> dict[str, int]:
             "intermediate_size (down_proj input)": config.intermediate_size}
 
 
+def linear_sizes(config: Any) -> dict[str, int]:
+    """Input and output sizes of a decoder's Linear layers (both sides of every matmul), from its config."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    return {**linear_input_sizes(config), "num_key_value_heads*head_dim (k/v outputs)": kv}
+
+
 def check_group_size(group_size: int, config: Any) -> list[str]:
     """A group must tile every Linear input exactly (vLLM's kernels and the packers require it)."""
     if group_size <= 0:

@@ -1,5 +1,6 @@
-"""Shared by the methods that llm-compressor runs (gptq, awq, smoothquant): calibration dataset, the one-shot
-call, and the compressed-tensors checkpoint it writes (vLLM's native format; transformers reloads it with
+"""Shared by the methods that llm-compressor runs (gptq, awq, smoothquant, fp8, fp4, autoround): calibration
+dataset, the one-shot call (data-free when nothing calibrates), the FP8 KV-cache scheme, the byte arithmetic of
+its layouts, and the compressed-tensors checkpoint it writes (vLLM's native format; transformers reloads it with
 `compressed-tensors` installed)."""
 
 from __future__ import annotations
@@ -44,6 +45,34 @@ def int8_bytes(scale_bytes: int) -> Callable[[int, int], int]:
     return lambda out, inp: out * inp + out * scale_bytes
 
 
+def float8_bytes(scale_bytes: int, per_channel: bool, static_input: bool) -> Callable[[int, int], int]:
+    """Bytes of one Linear(out, inp) in compressed-tensors `float-quantized`: FP8 E4M3 weight, its scale per
+    output channel ([out, 1]) or per tensor ([1]), and a per-tensor `input_scale` when activations are static;
+    scales in the model dtype."""
+    return lambda out, inp: out * inp + (out if per_channel else 1) * scale_bytes + (scale_bytes if static_input
+                                                                                      else 0)
+
+
+def fp4_bytes(group_size: int, global_scales: int) -> Callable[[int, int], int]:
+    """Bytes of one Linear(out, inp) in `nvfp4-pack-quantized` / `mxfp4-pack-quantized`: two E2M1 values per
+    uint8 (`weight_packed` [out, inp/2]), one 1-byte scale per group (FP8 E4M3 for NVFP4, an E8M0 exponent for
+    MXFP4: [out, inp/group]) and `global_scales` float32 scalars (NVFP4: the weight's, and the input's when
+    activations are quantized)."""
+    return lambda out, inp: out * inp // 2 + out * (inp // group_size) + 4 * global_scales
+
+
+# An FP8 KV cache: llm-compressor calibrates one scale for K and one for V per attention layer (`k_scale`,
+# `v_scale`, in the model dtype); vLLM stores the cache in FP8 E4M3 with them.
+KV_SCALES_PER_LAYER = 2
+
+
+def kv_cache_scheme(kind: str | None) -> dict[str, Any] | None:
+    """llm-compressor's `kv_cache_scheme` for the recipe's `kv_cache` param (None: the cache stays float)."""
+    if kind is None:
+        return None
+    return {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+
+
 def config_groups(weights: Any, input_activations: Any = None) -> dict[str, Any]:
     """The modifiers' `config_groups`: one scheme for every Linear layer (lm_head is ignored by the caller)."""
     from compressed_tensors.quantization import QuantizationScheme
@@ -51,8 +80,9 @@ def config_groups(weights: Any, input_activations: Any = None) -> dict[str, Any]
     return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights, input_activations=input_activations)}
 
 
-def oneshot(job: QuantizeJob, modifiers: list[Any]) -> dict[str, Any]:
-    """Run llm-compressor's one-shot calibration on the job's calibration ids; save compressed; return meta."""
+def oneshot(job: QuantizeJob, modifiers: list[Any], dtype: str | None = None) -> dict[str, Any]:
+    """Run llm-compressor's one-shot calibration on the job's calibration ids (None: data-free); save compressed;
+    return meta. `dtype`: the checkpoint's float dtype when it must differ from the recipe's."""
     import compressed_tensors
     import llmcompressor
     import torch
@@ -66,26 +96,37 @@ def oneshot(job: QuantizeJob, modifiers: list[Any]) -> dict[str, Any]:
         from llmcompressor.pipelines.cache import IntermediatesCache
 
         IntermediatesCache.pin_memory = lambda self, *a, **k: None  # this process only: quantize runs alone
-    ids = job.calibration
-    assert ids is not None, "llm-compressor methods calibrate"
-    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    ids = job.calibration  # None: a data-free scheme (FP8 dynamic, MXFP4): the weights are quantized alone
+    data = None if ids is None else Dataset.from_dict({"input_ids": ids.tolist(),
+                                                       "attention_mask": torch.ones_like(ids).tolist()})
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # The model stays in CPU memory: on a GPU, llm-compressor's sequential pipeline moves one decoder layer at a
     # time onto it and keeps the calibration activations between layers in CPU memory, so GPU memory holds one
     # layer's weights and activations, whatever the model's size.
-    model = AutoModelForCausalLM.from_pretrained(job.base_dir, dtype=DTYPE[job.model.dtype], device_map="cpu")
+    model = AutoModelForCausalLM.from_pretrained(job.base_dir, dtype=DTYPE[dtype or job.model.dtype],
+                                                 device_map="cpu")
     # a random-weight base has no tokenizer; the calibration is token ids already
     has_tok = any((job.base_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     tok = AutoTokenizer.from_pretrained(job.base_dir) if has_tok else None
-    run_oneshot(model=model, dataset=data, recipe=modifiers, max_seq_length=ids.shape[1],
-                num_calibration_samples=ids.shape[0], processor=tok, shuffle_calibration_samples=False)
+    # AutoRound tunes each block in bfloat16 and leaves a float32 model's norm weights in bfloat16: keep the
+    # small tensors that no modifier quantizes (norms) and put back any whose dtype a modifier changed
+    small = {n: p.detach().clone() for n, p in model.named_parameters()
+             if not isinstance(model.get_submodule(n.rpartition(".")[0]), (torch.nn.Linear, torch.nn.Embedding))}
+    if ids is None:
+        run_oneshot(model=model, recipe=modifiers)
+    else:
+        run_oneshot(model=model, dataset=data, recipe=modifiers, max_seq_length=ids.shape[1],
+                    num_calibration_samples=ids.shape[0], processor=tok, shuffle_calibration_samples=False)
+    for n, p in model.named_parameters():
+        if n in small and p.dtype != small[n].dtype:
+            p.data = small[n]
     model.save_pretrained(job.out_dir, save_compressed=True)
     copy_tokenizer(job.base_dir, job.out_dir)
     qdict = json.loads((job.out_dir / "config.json").read_text())["quantization_config"]
     ct = compressed_tensors.__version__
     return {
         "format_detail": f"compressed-tensors ({qdict.get('format')})",
-        "quantization_config": {k: qdict.get(k) for k in ("quant_method", "format", "ignore")},
+        "quantization_config": {k: qdict.get(k) for k in ("quant_method", "format", "ignore", "kv_cache_scheme")},
         "library": f"llm-compressor {llmcompressor.__version__}, compressed-tensors {ct}",
         "needs": f"pip install compressed-tensors=={ct}",
         "serve": "vllm serve PATH  # compressed-tensors is vLLM's native format",

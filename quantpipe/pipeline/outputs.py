@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-from quantpipe import __version__, lmeval, plan, report, results, runtimes, sources, sysinfo
+from quantpipe import __version__, bench, lmeval, plan, report, results, runtimes, sources, sysinfo
 from quantpipe.cache import digest, explain_os_error, write_json
 from quantpipe.errors import QuantpipeError
 from quantpipe.methods import get_method
@@ -23,6 +23,8 @@ def row_result(r: Run, row: Any) -> dict[str, Any]:
     lm = r.results.get(f"lm-eval:{row.name}")
     measured = e.get("runtime") or (b or {}).get("runtime")
     note = e.get("note") or (b or {}).get("engine_note")
+    if b is None and row.benches and r.recipe.bench.enabled:
+        note = "; ".join(x for x in (note, bench.no_native_speed(meta, r.device)) if x) or None
     return {
         "name": row.name,
         "variant": v.name,
@@ -189,7 +191,8 @@ def add_predictions(r: Run, res: dict[str, Any]) -> None:
         pred: dict[str, Any] = {"weights_bytes": plan.weight_bytes(s, storage)["total"],
                                 "measured_weights_bytes": q.get("tensor_bytes")}
         if not storage.exact:
-            pred["weights_nominal"] = "the backend picks some tensors' types itself: nominal bytes of the main type"
+            pred["weights_nominal"] = storage.inexact or ("the backend picks some tensors' types itself: nominal "
+                                                          "bytes of the main type")
         if b is not None:
             device = b["device"]
             pred["bench"] = {k: x / plan.MIB for k, x in plan.bench_memory(s, storage, dtype, device, spec).items()}

@@ -306,7 +306,7 @@ class Run:
 
     def bench(self, row: RowPlan, windows: list[list[int]]) -> dict[str, Any] | None:
         spec = self.recipe.bench
-        if not (row.benches and spec.enabled):
+        if not (row.benches and spec.enabled) or bench.no_native_speed(self.meta(row.variant), self.device):
             return None
         hw = sysinfo.hardware()
         cfg = spec.model_dump(mode="json", exclude={"runtimes"})

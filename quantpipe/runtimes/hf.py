@@ -1,5 +1,5 @@
 """The Hugging Face transformers runtime: any artifact `AutoModelForCausalLM.from_pretrained` loads (CPU or CUDA):
-plain safetensors, compressed-tensors, GPTQ and AWQ checkpoints (through GPTQModel), torchao."""
+plain safetensors, compressed-tensors, GPTQ and AWQ checkpoints (through GPTQModel), torchao, bitsandbytes."""
 
 from __future__ import annotations
 
@@ -90,7 +90,8 @@ def describe_linear(model: torch.nn.Module) -> str:
             packed = isinstance(w, torch.Tensor) and not w.dtype.is_floating_point
             out += " (compressed-tensors: " + ("weights packed" if packed else "weights decompressed to float")
             if scheme.input_activations is not None:
-                out += f", activations fake-quantized to int{scheme.input_activations.num_bits}"
+                act = scheme.input_activations
+                out += f", activations fake-quantized to {'fp' if act.type == 'float' else 'int'}{act.num_bits}"
             out += ")"
         return out
     return "unknown"
@@ -98,7 +99,8 @@ def describe_linear(model: torch.nn.Module) -> str:
 
 # quantization_config.quant_method -> the modules transformers imports to load that format
 QUANT_LIBRARIES = {"compressed-tensors": ("compressed_tensors",), "gptq": ("gptqmodel", "optimum"),
-                   "awq": ("gptqmodel", "optimum"), "torchao": ("torchao",)}
+                   "awq": ("gptqmodel", "optimum"), "torchao": ("torchao",),
+                   "bitsandbytes": ("bitsandbytes",)}
 
 
 def preload(artifact_dir: Path, meta: ArtifactMeta | None = None) -> None:

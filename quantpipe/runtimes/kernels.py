@@ -3,9 +3,11 @@ quantized Linears on them without dequantizing (the compiled runtime's model).
 
 Formats with a kernel here (`LAYOUTS`): compressed-tensors `pack-quantized` (llm-compressor's GPTQ/AWQ, 4 or 8
 bits, grouped or per channel, symmetric or not) and `int-quantized` (8-bit weights, with or without dynamic
-per-token int8 activations), GPTQModel's `gptq` (4 bits, no act-order permutation), torchao's int8 (our `int8`
+per-token int8 activations), `float-quantized` (FP8 E4M3 weights and activations, dynamic per token or static
+per tensor), GPTQModel's `gptq` (4 bits, no act-order permutation), torchao's int8 (our `int8`
 method). 4-bit weights run on tinygemm (`_weight_int4pack_mm`), 8-bit weight-only on `_weight_int8pack_mm`,
-W8A8 on `_int_mm`; everything else of the model (embeddings, norms, an unquantized lm_head) stays in its dtype.
+W8A8 on `_int_mm`, FP8 on `_scaled_mm`; everything else of the model (embeddings, norms, an unquantized lm_head)
+stays in its dtype.
 A float artifact loads as it is. Another format raises `Unsupported`.
 
 On a CPU the same modules run on the CPU builds of those kernels: the tests check the arithmetic there against
@@ -116,6 +118,41 @@ class Int8DynamicLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+FP8_MAX = 448.0  # the largest finite FP8 E4M3 value
+
+
+class Fp8Linear(nn.Module):
+    """W8A8-FP8 on `torch._scaled_mm` (Hopper's and Ada's FP8 tensor cores; a CPU build exists too): FP8 E4M3
+    weights with a scale per output channel (or one per tensor), activations quantized to FP8 per token at run
+    time (`input_scale` None: dynamic) or with the checkpoint's calibrated per-tensor scale (static); float32
+    accumulation and the row-wise scales applied in the kernel, bfloat16 out (what the row-wise kernel gives),
+    then the model dtype."""
+
+    def __init__(self, w: torch.Tensor, w_scale: torch.Tensor, input_scale: torch.Tensor | None,
+                 bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        n, k = w.shape
+        if n % 16 or k % 16:
+            raise Unsupported(f"FP8 GEMMs tile by 16 (a {n} x {k} weight)")
+        self.out_features, self.in_features, self.dtype = n, k, dtype
+        self.register_buffer("weight", w.contiguous())  # [N, K]; .t() is the column-major [K, N] the kernel wants
+        self.register_buffer("weight_scale", w_scale.float().reshape(-1).expand(n).reshape(1, n).contiguous())
+        self.register_buffer("input_scale", None if input_scale is None else input_scale.float().reshape(1, 1))
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).float()
+        if self.input_scale is None:
+            sx = x2.abs().amax(-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+        else:
+            sx = self.input_scale.expand(x2.shape[0], 1).contiguous()
+        xq = (x2 / sx).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        y = torch._scaled_mm(xq, self.weight.t(), sx, self.weight_scale, out_dtype=torch.bfloat16)
+        y = y.to(self.dtype).reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
 # -- reading quantized checkpoints --------------------------------------------------------------------------
 def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Unsigned `bits`-bit values packed densely into int32 along `dim` (first value in the lowest bits), as
@@ -162,6 +199,16 @@ def compressed_tensors_linear(t: dict[str, torch.Tensor], qc: dict[str, Any], bi
         raise Unsupported("compressed-tensors with several config groups")
     w, act = groups[0].get("weights") or {}, groups[0].get("input_activations")
     bits, sym = int(w.get("num_bits", 0)), bool(w.get("symmetric", True))
+    if w.get("type") == "float" and bits == 8 and t.get("weight") is not None:
+        if act is None or act.get("type") != "float" or act.get("num_bits") != 8:
+            raise Unsupported("FP8 weights without FP8 activations")
+        if act.get("dynamic") is True and act.get("strategy") == "token":
+            return Fp8Linear(t["weight"], t["weight_scale"], None, bias, dtype)
+        if act.get("dynamic") is False and act.get("strategy") == "tensor" and "input_scale" in t:
+            return Fp8Linear(t["weight"], t["weight_scale"], t["input_scale"], bias, dtype)
+        raise Unsupported(f"FP8 weights with {act.get('strategy')} activations")
+    if w.get("type") == "float" and bits == 4:
+        raise Unsupported("FP4 weights (NVFP4/MXFP4): no FP4 kernel here (FP4 tensor cores are Blackwell's)")
     if w.get("type") != "int":
         raise Unsupported(f"compressed-tensors {w.get('type')} weights")
     if "weight_packed" in t:
@@ -252,6 +299,9 @@ def load_model(artifact_dir: Path, device: str) -> tuple[nn.Module, str]:
     if method not in LAYOUTS:
         raise Unsupported(f"quant_method {method}")
     markers, build = LAYOUTS[method]
+    if qc.get("kv_cache_scheme"):
+        raise Unsupported("a quantized KV cache (k_scale, v_scale): the compiled engine's static cache holds the "
+                          "model dtype")
     config = AutoConfig.from_pretrained(artifact_dir)
     del config.quantization_config  # the skeleton is a float model; its Linears are replaced below
     dtype = getattr(torch, str(raw.get("dtype") or raw.get("torch_dtype") or "float32").removeprefix("torch."))
@@ -284,4 +334,4 @@ def load_model(artifact_dir: Path, device: str) -> tuple[nn.Module, str]:
 
 
 KERNEL_NAMES = {Int4Linear: "int4 tinygemm (_weight_int4pack_mm)", Int8Linear: "int8 weight-only (_weight_int8pack_mm)",
-                Int8DynamicLinear: "int8 x int8 dynamic per-token (_int_mm)"}
+                Int8DynamicLinear: "int8 x int8 dynamic per-token (_int_mm)", Fp8Linear: "fp8 e4m3 x fp8 (_scaled_mm)"}

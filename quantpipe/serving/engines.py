@@ -287,8 +287,10 @@ def _vllm_env(device: str) -> Env:
     return VLLM_CUDA if device == "cuda" else VLLM_CPU
 
 
-VLLM = Engine("vllm", "vLLM", frozenset({"safetensors", "compressed-tensors", "gptq", "awq", "torchao"}),
-              "vLLM loads Hugging Face checkpoints (safetensors, compressed-tensors, GPTQ, AWQ, torchao; 0.32 has "
+VLLM = Engine("vllm", "vLLM", frozenset({"safetensors", "compressed-tensors", "gptq", "awq", "torchao",
+                                      "bitsandbytes"}),
+              "vLLM loads Hugging Face checkpoints (safetensors, compressed-tensors, GPTQ, AWQ, torchao, "
+              "bitsandbytes; 0.32 has "
               "no GGUF loader)",
               _vllm_env, _vllm_command, _vllm_log, scores="token ids", health="/health")
 LLAMA = Engine("llama.cpp", "llama.cpp server", frozenset({"gguf"}), "llama.cpp's server loads GGUF files",
