@@ -238,7 +238,8 @@ def throughput(res: Results, concurrency: int, source: str = "auto"
     for r in primary_rows(res):
         row = (r.speed.per_batch if r.speed else {}).get(str(b))
         tps = row.decode_tok_s if row else None
-        out[r.variant] = (tps, f"bench decode at batch {b} ({r.runtime})" if tps else f"no bench decode at batch {b}")
+        why = f"no bench decode at batch {b}" + (f" ({r.note})" if r.note and not r.speed else "")
+        out[r.variant] = (tps, f"bench decode at batch {b} ({r.runtime})" if tps else why)
     devices = sorted({r.speed.device for r in res.variants if r.speed and r.speed.device})
     return "bench", out, (f"bench decode tok/s at batch {b} (quantpipe's runtimes), measured on {hardware(res)} "
                           f"({', '.join(devices) or '?'})")
@@ -294,7 +295,8 @@ def figures(res: Results, s: Shapes, dtype: str, kv_dtype: str, concurrency: int
         out.append(Figures(variant=r.variant, method=r.method, kld=q.kld_mean if q else None,
                            kld_se=q.kld_se if q else None, kld_blocks=list(q.blocks.get("kld", [])) if q else [],
                            perplexity=q.perplexity if q else None, recovery=rec, weights=w, weights_how=w_how,
-                           kv_bytes=kv,
+                           kv_bytes=KV_DTYPES["fp8"] if kv_dtype == "auto" and r.meta.get("kv_cache") == "fp8"
+                           else kv,
                            overhead=_overhead(r), throughput=value, throughput_how=t_how, unavailable=unavailable))
     return out, how
 
@@ -414,7 +416,10 @@ def select(res: Results, config: Any, gpus: list[tuple[str, int]], context: int,
                        "frontier": [p.name for p in on_front], "variants": rows})
     return {"run": res.run_dir, "recipe": res.recipe.name, "reference": res.reference, "context": context,
             "concurrency": concurrency, "objective": objective, "dtype": dtype,
-            "kv_dtype": dtype if kv_dtype == "auto" else kv_dtype, "utilization": utilization,
+            "kv_dtype": kv_dtype if kv_dtype != "auto" else dtype + (
+                "; fp8 for the variants quantized with kv_cache: fp8" if any(
+                    r.meta.get("kv_cache") == "fp8" for r in primary_rows(res)) else ""),
+            "utilization": utilization,
             "max_kld": max_kld, "min_recovery": min_recovery, "throughput": speed_how,
             "noise": asdict(noise), "eval": {k: res.eval.get(k) for k in ("n_windows", "window")}, "gpus": tables}
 

@@ -256,3 +256,34 @@ def test_fp8_linear_equals_the_dequantized_matmul(static: bool) -> None:
     got = lin(x)
     assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-2, atol=1e-2)
     assert (got - want).abs().max() < 0.02 * want.abs().max()
+
+
+def test_fp8_linear_without_cpu_rowwise_kernel(monkeypatch) -> None:
+    """Where the CPU `_scaled_mm` takes per-tensor scales only (torch 2.11), Fp8Linear computes the same product
+    unfused."""
+    import torch
+
+    from quantpipe.runtimes import kernels
+
+    torch.manual_seed(1)
+    w = torch.randn(32, 64)
+    ws = w.abs().amax(1, keepdim=True) / kernels.FP8_MAX
+    lin = kernels.Fp8Linear((w / ws).to(torch.float8_e4m3fn), ws, None, None, torch.float32)
+    x = torch.randn(3, 64)
+    fused = lin(x)
+    monkeypatch.setattr(kernels, "_CPU_ROWWISE", [False])
+    assert torch.allclose(lin(x), fused, rtol=1e-2, atol=1e-2)
+
+
+def test_select_counts_the_fp8_kv_cache_of_the_variant_that_has_one(fmt_run: tuple[Path, Results]) -> None:
+    """`quantpipe select` (KV dtype auto): a variant quantized with `kv_cache: fp8` holds twice the bf16 cache's
+    tokens; the FP4 rows, without a speed on this CPU, say why they are left out."""
+    run_dir, _ = fmt_run
+    out = run_dir.parent / "sel.json"
+    assert main(["select", str(run_dir), "--gpu-memory", "1GiB", "--context", "256", "--json", str(out)]) == 0
+    sel = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in sel["gpus"][0]["variants"]}
+    assert rows["fp8-static-kv"]["kv_cache"] * 2 == rows["fp8-dyn"]["kv_cache"]
+    assert rows["fp8-static-kv"]["max_concurrency"] > 1.9 * rows["fp8-dyn"]["max_concurrency"]
+    assert "fp8 for the variants quantized with kv_cache: fp8" in sel["kv_dtype"]
+    assert rows["nvfp4"]["status"] == "excluded" and "FP4 tensor cores" in rows["nvfp4"]["reason"]

@@ -88,9 +88,10 @@ def test_int4_and_int8_kernels_cuda_match_cpu() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="FP8 tensor cores need compute capability 8.9+")
 @pytest.mark.parametrize("static", [False, True])
-def test_fp8_kernel_cuda_matches_cpu(static: bool) -> None:
-    """Fp8Linear on Hopper's FP8 tensor cores (`_scaled_mm`, row-wise scales) against its CPU build, at the
-    decode and prefill row counts."""
+def test_fp8_kernel_cuda_matches_the_dequantized_matmul(static: bool) -> None:
+    """Fp8Linear on Hopper's FP8 tensor cores (`_scaled_mm`, row-wise scales) against the dequantized product
+    computed in float32, at the decode and prefill row counts (torch 2.11's CPU `_scaled_mm` takes per-tensor
+    scales only, so the CPU build is no reference there)."""
     from quantpipe.runtimes.kernels import FP8_MAX, Fp8Linear
 
     torch.manual_seed(0)
@@ -100,7 +101,9 @@ def test_fp8_kernel_cuda_matches_cpu(static: bool) -> None:
     for m in (1, 8, 33, 512):
         x = torch.randn(m, 1024, dtype=torch.bfloat16)
         xs = (x.float().abs().amax() / FP8_MAX).reshape(1) if static else None
-        cpu = Fp8Linear(wq, ws, xs, None, torch.bfloat16)(x).float()
+        sx = xs if static else x.float().abs().amax(-1, keepdim=True) / FP8_MAX
+        xq = (x.float() / sx).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * sx
+        want = xq @ (wq.float() * ws).t()
         gpu = Fp8Linear(wq.cuda(), ws.cuda(), None if xs is None else xs.cuda(), None, torch.bfloat16)(x.cuda())
-        err = (gpu.float().cpu() - cpu).abs().max().item()
-        assert err <= 0.02 * cpu.abs().max().item(), (m, err)
+        err = (gpu.float().cpu() - want).abs().max().item()
+        assert err <= 0.01 * want.abs().max().item(), (m, err)

@@ -121,6 +121,22 @@ class Int8DynamicLinear(nn.Module):
 FP8_MAX = 448.0  # the largest finite FP8 E4M3 value
 
 
+_CPU_ROWWISE: list[bool] = []
+
+
+def cpu_rowwise_scaled_mm() -> bool:
+    """Whether this torch's CPU `_scaled_mm` takes row-wise scales (2.13 does; 2.11 takes per-tensor only)."""
+    if not _CPU_ROWWISE:
+        a = torch.zeros(1, 16, dtype=torch.float8_e4m3fn)
+        try:
+            torch._scaled_mm(a, torch.zeros(16, 16, dtype=torch.float8_e4m3fn).t(), torch.ones(1, 1),
+                             torch.ones(1, 16), out_dtype=torch.bfloat16)
+            _CPU_ROWWISE.append(True)
+        except RuntimeError:
+            _CPU_ROWWISE.append(False)
+    return _CPU_ROWWISE[0]
+
+
 class Fp8Linear(nn.Module):
     """W8A8-FP8 on `torch._scaled_mm` (Hopper's and Ada's FP8 tensor cores; a CPU build exists too): FP8 E4M3
     weights with a scale per output channel (or one per tensor), activations quantized to FP8 per token at run
@@ -148,7 +164,10 @@ class Fp8Linear(nn.Module):
         else:
             sx = self.input_scale.expand(x2.shape[0], 1).contiguous()
         xq = (x2 / sx).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        y = torch._scaled_mm(xq, self.weight.t(), sx, self.weight_scale, out_dtype=torch.bfloat16)
+        if xq.is_cuda or cpu_rowwise_scaled_mm():
+            y = torch._scaled_mm(xq, self.weight.t(), sx, self.weight_scale, out_dtype=torch.bfloat16)
+        else:  # a CPU build of torch with per-tensor scales only (2.11): the same product, unfused
+            y = ((xq.float() * sx) @ (self.weight.float() * self.weight_scale.t()).t()).to(torch.bfloat16)
         y = y.to(self.dtype).reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
