@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 # The first matrix, one row per family, each also served in vLLM / llama.cpp's server (about 13 minutes on 2
-# cores); demo-full: all 14 rows, not served (about 30).
+# cores); demo-full: all 18 rows, not served (about 35).
 demo: setup
 	$(BIN)/quantpipe run recipes/smollm2-quick.yaml
 

@@ -31,7 +31,10 @@ from quantpipe.results import Quality, Results, Row, Served, as_results, as_row,
 from quantpipe.stats import normal_quantile, paired_difference, t_quantile  # noqa: F401 - tests read them here
 
 MIB = 2**20
-PASS, FAIL, ERROR, NEW = "PASS", "FAIL", "ERROR", "NEW"
+PASS, FAIL, ERROR, NEW, SKIP = "PASS", "FAIL", "ERROR", "NEW", "SKIP"
+BENCH_GATES = ("max_peak_memory_mib", "min_decode_speedup")
+# a row the bench left out by design (bench.no_native_speed: FP4 without FP4 tensor cores) skips the speed gates
+NO_SPEED_BY_DESIGN = "speed not measured: "
 
 @dataclass
 class Check:
@@ -152,6 +155,9 @@ def check_thresholds(results: Results | dict[str, Any], gates: GatesSpec) -> lis
             if check in SERVE_GATES:
                 continue
             bound = "≤" if check.startswith("max_") else "≥"
+            if check in BENCH_GATES and v.speed is None and NO_SPEED_BY_DESIGN in (v.note or ""):
+                rows.append(Check(v.name, check, f"{bound} {_fmt(limit)}", "–", SKIP, v.note or ""))
+                continue
             try:
                 value, how = measure(check, v, res.reference_for(v), gates)
             except QuantpipeError as e:
@@ -314,7 +320,7 @@ def table(rows: list[Check]) -> str:
 
 def summary(rows: list[Check], title: str) -> str:
     code = exit_code(rows)
-    counts = {v: sum(r.verdict == v for r in rows) for v in (PASS, FAIL, ERROR, NEW)}
+    counts = {v: sum(r.verdict == v for r in rows) for v in (PASS, FAIL, ERROR, NEW, SKIP)}
     word = {0: "passed", 1: "FAILED: a check regressed", 2: "ERROR: broken inputs"}[code]
     tally = ", ".join(f"{n} {v.lower()}" for v, n in counts.items() if n)
     return f"### quantpipe gate: {title}: {word} ({tally})\n\n{table(rows)}\n"
@@ -326,7 +332,8 @@ def junit_xml(rows: list[Check], suite: str, seconds: float) -> bytes:
     fails, errors = sum(r.verdict == FAIL for r in cases), sum(r.verdict == ERROR for r in cases)
     attrs = {"name": suite, "tests": str(len(cases)), "failures": str(fails), "errors": str(errors)}
     top = ET.Element("testsuites", {**attrs, "time": f"{seconds:.3f}"})
-    ts = ET.SubElement(top, "testsuite", {**attrs, "skipped": "0", "time": f"{seconds:.3f}",
+    skipped = str(sum(r.verdict == SKIP for r in cases))
+    ts = ET.SubElement(top, "testsuite", {**attrs, "skipped": skipped, "time": f"{seconds:.3f}",
                                           "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")})
     for r in cases:
         tc = ET.SubElement(ts, "testcase", {"classname": f"quantpipe.gate.{r.variant}", "name": r.check,
@@ -336,6 +343,8 @@ def junit_xml(rows: list[Check], suite: str, seconds: float) -> bytes:
             ET.SubElement(tc, "failure", {"message": message, "type": "regression"}).text = r.detail
         elif r.verdict == ERROR:
             ET.SubElement(tc, "error", {"message": r.detail, "type": "broken-input"}).text = r.detail
+        elif r.verdict == SKIP:
+            ET.SubElement(tc, "skipped", {"message": r.detail})
         else:
             ET.SubElement(tc, "system-out").text = f"{message} ({r.detail})"
     ET.indent(top)

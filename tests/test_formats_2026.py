@@ -142,8 +142,8 @@ def test_every_variant_is_scored_and_its_bytes_predicted(fmt_run: tuple[Path, Re
         assert v.artifact.size_bytes < base.artifact.size_bytes, v.name
         p = v.prediction
         if v.name == "bnb-nf4":  # the quant_state JSON's printed float: a few bytes per Linear
-            assert abs(p.weights_bytes - p.measured_weights_bytes) <= 4 * 7 * 2, (p.weights_bytes,
-                                                                                  p.measured_weights_bytes)
+            assert 0 <= p.measured_weights_bytes - p.weights_bytes <= 3 * 7 * 2, (p.weights_bytes,
+                                                                                 p.measured_weights_bytes)
             assert "quant_state" in p.weights_nominal
         else:
             assert p.weights_bytes == p.measured_weights_bytes > 0, v.name

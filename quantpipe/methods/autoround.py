@@ -44,7 +44,7 @@ class AutoRound(Method):
         return True
 
     def storage(self, p: AutoRoundParams, dtype: str) -> Storage:
-        return Storage(float_bytes=DTYPE_BYTES[dtype],
+        return Storage(float_bytes=DTYPE_BYTES[dtype], decompressed_on_cpu=True,
                        linear=_llmcompressor.packed_bytes(p.bits, p.group_size, not p.sym, DTYPE_BYTES[dtype]))
 
     def calibration_memory(self, p: AutoRoundParams, shapes: Shapes, n_samples: int, seq_len: int, a: int

@@ -30,12 +30,13 @@ class BnbParams(MethodParams):
 
 def quant_state_bytes(p: BnbParams, out: int, inp: int, dtype: str) -> int:
     """The JSON bitsandbytes stores per 4-bit Linear (`weight.quant_state.bitsandbytes__nf4`). With double
-    quantization it holds a float (`nested_offset`) whose printed length varies: counted here as 19 digits."""
+    quantization it holds a float (`nested_offset`) whose printed length varies (17 to 20 characters): counted
+    as 17, so the prediction is at most a few bytes per Linear short, never over."""
     state: dict[str, Any] = {"quant_type": p.scheme, "blocksize": BLOCK, "dtype": p.compute_dtype or dtype,
                              "shape": [out, inp]}
     if p.double_quant:
         state.update({"nested_blocksize": NESTED_BLOCK, "nested_dtype": "float32", "nested_offset": 0.0})
-        return len(json.dumps(state)) - len("0.0") + 19
+        return len(json.dumps(state)) - len("0.0") + 17
     return len(json.dumps(state))
 
 
@@ -61,6 +62,8 @@ class Bnb(Method):
             return n // 2 + 4 * 16 + absmax + quant_state_bytes(p, out, inp, dtype)
 
         return Storage(float_bytes=DTYPE_BYTES[dtype], linear=four_bit, exact=not p.double_quant,
+                       cpu_note="bitsandbytes' CPU backend repacks 4-bit weights for its kernel on the first forward "
+                                "(and expands double-quantized absmax values to float32)",
                        inexact="bitsandbytes' per-Linear quant_state JSON holds a float whose printed length "
                                "varies: a few bytes per Linear" if p.double_quant else "")
 

@@ -63,7 +63,8 @@ class Fp4(Method):
     def storage(self, p: Fp4Params, dtype: str) -> Storage:
         scalars = (1 + p.activations) if p.scheme == "nvfp4" else 0
         dtype = checkpoint_dtype(dtype)
-        return Storage(float_bytes=DTYPE_BYTES[dtype], linear=_llmcompressor.fp4_bytes(GROUP[p.scheme], scalars),
+        return Storage(float_bytes=DTYPE_BYTES[dtype], decompressed_on_cpu=True,
+                       linear=_llmcompressor.fp4_bytes(GROUP[p.scheme], scalars),
                        **kv_storage(p.kv_cache, dtype))
 
     def calibration_memory(self, p: Fp4Params, shapes: Shapes, n_samples: int, seq_len: int, a: int

@@ -66,8 +66,9 @@ class Fp8(Method):
 
     def storage(self, p: Fp8Params, dtype: str) -> Storage:
         b = DTYPE_BYTES[dtype]
-        return Storage(float_bytes=b, linear=_llmcompressor.float8_bytes(b, per_channel=p.scheme == "dynamic",
-                                                                          static_input=p.scheme == "static"),
+        return Storage(float_bytes=b, decompressed_on_cpu=True,
+                       linear=_llmcompressor.float8_bytes(b, per_channel=p.scheme == "dynamic",
+                                                          static_input=p.scheme == "static"),
                        **kv_storage(p.kv_cache, dtype))
 
     def calibration_memory(self, p: Fp8Params, shapes: Shapes, n_samples: int, seq_len: int, a: int
