@@ -287,3 +287,21 @@ def test_select_counts_the_fp8_kv_cache_of_the_variant_that_has_one(fmt_run: tup
     assert rows["fp8-static-kv"]["max_concurrency"] > 1.9 * rows["fp8-dyn"]["max_concurrency"]
     assert "fp8 for the variants quantized with kv_cache: fp8" in sel["kv_dtype"]
     assert rows["nvfp4"]["status"] == "excluded" and "FP4 tensor cores" in rows["nvfp4"]["reason"]
+
+
+def test_gate_skips_the_bench_gates_of_rows_without_a_native_speed(fmt_run: tuple[Path, Results], capsys) -> None:
+    """An FP4 row has no speed on a CPU by design: its bench gates are SKIP (not an error, not a pass) in the
+    table and in JUnit; every other check runs."""
+    import xml.etree.ElementTree as ET
+
+    run_dir, _ = fmt_run
+    gates = run_dir.parent / "gates.yaml"
+    gates.write_text("gates:\n  all: {max_kld: 0.5, max_peak_memory_mib: 100000}\n")
+    junit = run_dir.parent / "gate.xml"
+    assert main(["gate", str(run_dir), "--gates", str(gates), "--junit", str(junit)]) == 0
+    out = capsys.readouterr().out
+    skipped = [line.split(" | ")[:2] for line in out.splitlines() if "| SKIP |" in line]
+    assert skipped == [["| nvfp4", "max_peak_memory_mib"], ["| mxfp4-a16", "max_peak_memory_mib"]], out
+    assert out.count("| PASS |") == 7 + 5 and "2 skip" in out
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert suite.get("skipped") == "2" and suite.get("failures") == "0" and suite.get("errors") == "0"
