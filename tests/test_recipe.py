@@ -36,8 +36,8 @@ BAD = [
     ({"colour": "blue"}, "colour: unknown key"),
     ({"variants": []}, "variants: List should have at least 1 item"),
     ({"variants": [{"name": "baseline", "method": "baseline"}, {"name": "q", "method": "magic"}]},
-     "variants[1](q).method: unknown method 'magic'; registered methods: awq, baseline, gguf, gptq, int8, onnx,"
-     " smoothquant"),
+     "variants[1](q).method: unknown method 'magic'; registered methods: autoround, awq, baseline, bnb, "
+     "fp4, fp8, gguf, gptq, int8, onnx, smoothquant"),
     ({"variants": [{"name": "int8", "method": "int8"}]}, "exactly one variant must use `method: baseline`"),
     ({"variants": [{"name": "baseline", "method": "baseline"}, {"name": "baseline", "method": "int8"}]},
      "the name 'baseline' is used twice"),
