@@ -73,7 +73,7 @@ def no_native_speed(meta: Any, device: str) -> str | None:
     """Why the bench measures no speed of an artifact on this device: its format computes on tensor cores the
     device does not have (FP4 before Blackwell), so what would run is emulation, not the format's speed. The
     method says so in the artifact's `native_compute` ({what, min_cuda_capability})."""
-    need = meta.extra("native_compute") if hasattr(meta, "extra") else None
+    need = meta.extra("native_compute")
     if not need:
         return None
     cap = tuple(need.get("min_cuda_capability") or (0, 0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -136,6 +137,32 @@ def reload_without_quantpipe(artifact: Path, checks: str) -> str:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
+
+
+def reloads_to_finite_logits(artifact: Path) -> str:
+    """The tiny model's artifact reloads with plain transformers (no quantpipe) and gives finite logits over its
+    512-token vocabulary; returns the class of its first q_proj."""
+    out = reload_without_quantpipe(artifact, (
+        "out = m(torch.tensor([[1, 2, 3, 4]])).logits\n"
+        "assert torch.isfinite(out).all() and out.shape[-1] == 512\n"
+        "print('ok', type(m.model.layers[0].self_attn.q_proj).__name__)\n"))
+    last = out.splitlines()[-1]
+    assert last.startswith("ok"), out
+    return last.split()[-1]
+
+
+def quant_config(run_dir: Path, name: str) -> dict:
+    """The `quantization_config` of a run's artifact."""
+    return json.loads((run_dir / "artifacts" / name / "config.json").read_text())["quantization_config"]
+
+
+def artifact_tensors(run_dir: Path, name: str, prefix: str) -> dict[str, tuple[list[int], str]]:
+    """{name after `prefix`: (shape, safetensors dtype)} of a run's artifact's tensors under `prefix`."""
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / "artifacts" / name / "model.safetensors"), "pt") as f:
+        return {k.removeprefix(prefix): (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype())
+                for k in f.keys() if k.startswith(prefix)}
 
 
 def write_recipe(path: Path, recipe: dict) -> Path:

@@ -10,8 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import read_results, reload_without_quantpipe, tiny_recipe, write_recipe
-from safetensors import safe_open
+from conftest import artifact_tensors, quant_config, read_results, reloads_to_finite_logits, tiny_recipe, write_recipe
 
 from quantpipe.cli import main
 from quantpipe.errors import QuantpipeError
@@ -47,70 +46,60 @@ def fmt_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     return tmp / "run", read_results(tmp / "run")
 
 
-def _qcfg(run_dir: Path, name: str) -> dict:
-    return json.loads((run_dir / "artifacts" / name / "config.json").read_text())["quantization_config"]
-
-
-def _tensors(run_dir: Path, name: str, prefix: str) -> dict[str, tuple[list[int], str]]:
-    with safe_open(str(run_dir / "artifacts" / name / "model.safetensors"), "pt") as f:
-        return {k.removeprefix(prefix): (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype())
-                for k in f.keys() if k.startswith(prefix) and "." not in k.removeprefix(prefix).split(".", 1)[0]}
-
-
 def test_fp8_checkpoints(fmt_run: tuple[Path, Results]) -> None:
     run_dir, _ = fmt_run
-    dyn = _qcfg(run_dir, "fp8-dyn")
+    dyn = quant_config(run_dir, "fp8-dyn")
     g = dyn["config_groups"]["group_0"]
     assert dyn["format"] == "float-quantized" and dyn.get("kv_cache_scheme") is None
     assert (g["weights"]["type"], g["weights"]["num_bits"], g["weights"]["strategy"]) == ("float", 8, "channel")
     assert g["input_activations"]["dynamic"] is True and g["input_activations"]["strategy"] == "token"
-    t = _tensors(run_dir, "fp8-dyn", Q_PROJ)
+    t = artifact_tensors(run_dir, "fp8-dyn", Q_PROJ)
     assert t["weight"] == ([128, 128], "F8_E4M3") and t["weight_scale"] == ([128, 1], "F32")
     assert "input_scale" not in t
-    static = _qcfg(run_dir, "fp8-static-kv")
+    static = quant_config(run_dir, "fp8-static-kv")
     g = static["config_groups"]["group_0"]
     assert g["weights"]["strategy"] == "tensor" and g["input_activations"]["dynamic"] is False
     assert static["kv_cache_scheme"]["num_bits"] == 8 and static["kv_cache_scheme"]["type"] == "float"
-    t = _tensors(run_dir, "fp8-static-kv", Q_PROJ)
+    t = artifact_tensors(run_dir, "fp8-static-kv", Q_PROJ)
     assert t["weight_scale"] == ([1], "F32") and t["input_scale"] == ([1], "F32")
-    kv = _tensors(run_dir, "fp8-static-kv", ATTN)
+    kv = artifact_tensors(run_dir, "fp8-static-kv", ATTN)
     assert kv["k_scale"] == ([1], "F32") and kv["v_scale"] == ([1], "F32")  # calibrated on the calibration set
 
 
 def test_fp4_checkpoints(fmt_run: tuple[Path, Results]) -> None:
     run_dir, _ = fmt_run
-    nv = _qcfg(run_dir, "nvfp4")
+    nv = quant_config(run_dir, "nvfp4")
     assert nv["format"] == "nvfp4-pack-quantized"
     g = nv["config_groups"]["group_0"]
     assert g["weights"]["group_size"] == 16 and g["input_activations"]["num_bits"] == 4
-    t = _tensors(run_dir, "nvfp4", Q_PROJ)
+    t = artifact_tensors(run_dir, "nvfp4", Q_PROJ)
     assert t["weight_packed"] == ([128, 64], "U8") and t["weight_scale"] == ([128, 8], "F8_E4M3")
     assert t["weight_global_scale"] == ([1], "F32") and t["input_global_scale"] == ([1], "F32")
-    mx = _qcfg(run_dir, "mxfp4-a16")
+    mx = quant_config(run_dir, "mxfp4-a16")
     assert mx["format"] == "mxfp4-pack-quantized"
     assert mx["config_groups"]["group_0"].get("input_activations") is None
-    t = _tensors(run_dir, "mxfp4-a16", Q_PROJ)
+    t = artifact_tensors(run_dir, "mxfp4-a16", Q_PROJ)
     assert t["weight_packed"] == ([128, 64], "U8") and t["weight_scale"] == ([128, 4], "U8")
 
 
 def test_bnb_checkpoints(fmt_run: tuple[Path, Results]) -> None:
     run_dir, _ = fmt_run
-    nf4, i8 = _qcfg(run_dir, "bnb-nf4"), _qcfg(run_dir, "bnb-int8")
+    nf4, i8 = quant_config(run_dir, "bnb-nf4"), quant_config(run_dir, "bnb-int8")
     assert nf4["quant_method"] == "bitsandbytes" and nf4["load_in_4bit"] and nf4["bnb_4bit_quant_type"] == "nf4"
     assert nf4["bnb_4bit_use_double_quant"] is True and nf4["bnb_4bit_compute_dtype"] == "float32"
     assert i8["load_in_8bit"] and i8["llm_int8_threshold"] == 6.0
-    assert _tensors(run_dir, "bnb-nf4", Q_PROJ)["weight"] == ([128 * 128 // 2, 1], "U8")
-    t = _tensors(run_dir, "bnb-int8", Q_PROJ)
+    assert artifact_tensors(run_dir, "bnb-nf4", Q_PROJ)["weight"] == ([128 * 128 // 2, 1], "U8")
+    t = artifact_tensors(run_dir, "bnb-int8", Q_PROJ)
     assert t["weight"] == ([128, 128], "I8") and t["SCB"] == ([128], "F32")
 
 
 def test_autoround_checkpoint(fmt_run: tuple[Path, Results]) -> None:
     run_dir, res = fmt_run
-    q = _qcfg(run_dir, "autoround")
+    q = quant_config(run_dir, "autoround")
     assert q["format"] == "pack-quantized"
     w = q["config_groups"]["group_0"]["weights"]
     assert (w["num_bits"], w["group_size"], w["symmetric"]) == (4, 64, True)
-    assert _tensors(run_dir, "autoround", Q_PROJ)["weight_packed"] == ([128, 16], "I32")
+    assert artifact_tensors(run_dir, "autoround", Q_PROJ)["weight_packed"] == ([128, 16], "I32")
     row = next(v for v in res.variants if v.name == "autoround")
     assert "auto-round" in row.meta["library"]
 
@@ -119,11 +108,7 @@ def test_autoround_checkpoint(fmt_run: tuple[Path, Results]) -> None:
                                   "autoround"])
 def test_artifact_reloads_without_quantpipe(fmt_run: tuple[Path, Results], name: str) -> None:
     run_dir, _ = fmt_run
-    out = reload_without_quantpipe(run_dir / "artifacts" / name, (
-        "out = m(torch.tensor([[1, 2, 3, 4]])).logits\n"
-        "assert torch.isfinite(out).all() and out.shape[-1] == 512\n"
-        "print('ok', type(m.model.layers[0].self_attn.q_proj).__name__)\n"))
-    assert out.splitlines()[-1].startswith("ok")
+    reloads_to_finite_logits(run_dir / "artifacts" / name)
 
 
 def test_every_variant_is_scored_and_its_bytes_predicted(fmt_run: tuple[Path, Results]) -> None:

@@ -8,8 +8,15 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import read_results, reload_without_quantpipe, rows, tiny_recipe, write_recipe
-from safetensors import safe_open
+from conftest import (
+    artifact_tensors,
+    quant_config,
+    read_results,
+    reloads_to_finite_logits,
+    rows,
+    tiny_recipe,
+    write_recipe,
+)
 
 from quantpipe.cli import main
 from quantpipe.errors import QuantpipeError
@@ -46,40 +53,30 @@ def quant_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     return tmp / "run", read_results(tmp / "run")
 
 
-def _qcfg(run_dir: Path, name: str) -> dict:
-    return json.loads((run_dir / "artifacts" / name / "config.json").read_text())["quantization_config"]
-
-
-def _tensors(run_dir: Path, name: str, prefix: str) -> dict[str, tuple[list[int], str]]:
-    with safe_open(str(run_dir / "artifacts" / name / "model.safetensors"), "pt") as f:
-        return {k.removeprefix(prefix): (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype())
-                for k in f.keys() if k.startswith(prefix)}
-
-
 Q_PROJ = "model.layers.0.self_attn.q_proj."  # tiny model: 128 -> 128
 DOWN = "model.layers.1.mlp.down_proj."  # 256 -> 128
 
 
 def test_compressed_tensors_gptq_checkpoint(quant_run: tuple[Path, Results]) -> None:
     run_dir, _ = quant_run
-    q = _qcfg(run_dir, "gptq-ct")
+    q = quant_config(run_dir, "gptq-ct")
     assert q["quant_method"] == "compressed-tensors" and q["format"] == "pack-quantized"
     w = q["config_groups"]["group_0"]["weights"]
     assert (w["num_bits"], w["group_size"], w["strategy"], w["symmetric"]) == (4, 64, "group", True)
     assert q["ignore"] == ["lm_head"]
-    t = _tensors(run_dir, "gptq-ct", DOWN)
+    t = artifact_tensors(run_dir, "gptq-ct", DOWN)
     assert t["weight_packed"] == ([128, 256 * 4 // 32], "I32")  # eight 4-bit values per int32
     assert t["weight_scale"][0] == [128, 256 // 64]
-    w8 = _qcfg(run_dir, "gptq-ct8")["config_groups"]["group_0"]["weights"]
+    w8 = quant_config(run_dir, "gptq-ct8")["config_groups"]["group_0"]["weights"]
     assert (w8["num_bits"], w8["strategy"], w8["actorder"]) == (8, "channel", "static")
-    assert _tensors(run_dir, "gptq-ct8", Q_PROJ)["weight_scale"][0] == [128, 1]
+    assert artifact_tensors(run_dir, "gptq-ct8", Q_PROJ)["weight_scale"][0] == [128, 1]
 
 
 def test_classic_gptq_checkpoint(quant_run: tuple[Path, Results]) -> None:
     run_dir, _ = quant_run
-    q = _qcfg(run_dir, "gptq-fmt")
+    q = quant_config(run_dir, "gptq-fmt")
     assert (q["quant_method"], q["bits"], q["group_size"], q["desc_act"], q["sym"]) == ("gptq", 4, 32, True, True)
-    t = _tensors(run_dir, "gptq-fmt", DOWN)
+    t = artifact_tensors(run_dir, "gptq-fmt", DOWN)
     assert t["g_idx"] == ([256], "I32")  # desc_act: the group of each input column
     assert t["qweight"] == ([256 // 8, 128], "I32")
     assert t["scales"] == ([256 // 32, 128], "F16")
@@ -88,33 +85,29 @@ def test_classic_gptq_checkpoint(quant_run: tuple[Path, Results]) -> None:
 
 def test_awq_checkpoints(quant_run: tuple[Path, Results]) -> None:
     run_dir, _ = quant_run
-    w = _qcfg(run_dir, "awq-ct")["config_groups"]["group_0"]["weights"]
+    w = quant_config(run_dir, "awq-ct")["config_groups"]["group_0"]["weights"]
     assert (w["num_bits"], w["group_size"], w["symmetric"]) == (4, 64, False)  # zero_point: true
-    assert "weight_zero_point" in _tensors(run_dir, "awq-ct", Q_PROJ)
-    q = _qcfg(run_dir, "awq-fmt")
+    assert "weight_zero_point" in artifact_tensors(run_dir, "awq-ct", Q_PROJ)
+    q = quant_config(run_dir, "awq-fmt")
     assert (q["quant_method"], q["bits"], q["group_size"], q["zero_point"], q["version"]) == ("awq", 4, 64, True,
                                                                                              "gemm")
-    t = _tensors(run_dir, "awq-fmt", DOWN)
+    t = artifact_tensors(run_dir, "awq-fmt", DOWN)
     assert t["qweight"] == ([256, 128 // 8], "I32")  # GEMM layout packs along the output dim
     assert t["scales"] == ([256 // 64, 128], "F16")
 
 
 def test_smoothquant_w8a8_checkpoint(quant_run: tuple[Path, Results]) -> None:
     run_dir, _ = quant_run
-    g = _qcfg(run_dir, "sq")["config_groups"]["group_0"]
+    g = quant_config(run_dir, "sq")["config_groups"]["group_0"]
     assert g["weights"]["num_bits"] == 8 and g["input_activations"]["num_bits"] == 8
     assert g["input_activations"]["dynamic"] is True and g["input_activations"]["strategy"] == "token"
-    assert _tensors(run_dir, "sq", Q_PROJ)["weight"] == ([128, 128], "I8")
+    assert artifact_tensors(run_dir, "sq", Q_PROJ)["weight"] == ([128, 128], "I8")
 
 
 @pytest.mark.parametrize("name", ["gptq-ct", "gptq-fmt", "awq-ct", "awq-fmt", "sq"])
 def test_artifact_reloads_without_quantpipe(quant_run: tuple[Path, Results], name: str) -> None:
     run_dir, _ = quant_run
-    out = reload_without_quantpipe(run_dir / "artifacts" / name, (
-        "out = m(torch.tensor([[1, 2, 3, 4]])).logits\n"
-        "assert torch.isfinite(out).all() and out.shape[-1] == 512\n"
-        "print('ok', type(m.model.layers[0].self_attn.q_proj).__name__)\n"))
-    assert out.splitlines()[-1].startswith("ok")
+    reloads_to_finite_logits(run_dir / "artifacts" / name)
 
 
 def test_every_variant_is_scored_benchmarked_and_described(quant_run: tuple[Path, Results]) -> None:
@@ -243,10 +236,10 @@ def test_bfloat16_recipe(tiny_model: Path, tmp_path: Path) -> None:
     assert main(["run", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 0
     res = rows(read_results(tmp_path / "run"))
     embed = "model.embed_tokens."
-    assert _tensors(tmp_path / "run", "baseline", embed)["weight"][1] == "BF16"
-    assert _tensors(tmp_path / "run", "gptq-ct", embed)["weight"][1] == "BF16"
-    assert _tensors(tmp_path / "run", "gptq-fmt", embed)["weight"][1] == "BF16"
-    assert _tensors(tmp_path / "run", "awq-fmt", embed)["weight"][1] == "F16"
+    assert artifact_tensors(tmp_path / "run", "baseline", embed)["weight"][1] == "BF16"
+    assert artifact_tensors(tmp_path / "run", "gptq-ct", embed)["weight"][1] == "BF16"
+    assert artifact_tensors(tmp_path / "run", "gptq-fmt", embed)["weight"][1] == "BF16"
+    assert artifact_tensors(tmp_path / "run", "awq-fmt", embed)["weight"][1] == "F16"
     for name in ("gptq-ct", "gptq-fmt", "awq-fmt"):
         assert 0 < res[name].quality.kld_mean < 1, name
 
