@@ -17,6 +17,9 @@ transformers' own loading of each format.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +175,121 @@ class Fp8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+# -- what a quantized Linear holds, read from a checkpoint ----------------------------------------------------
+@dataclass
+class Int4Weight:
+    """W = (u - zero_u) * scale per group of K columns: u [N, K] unsigned 0..15, scale and zero_u [N, G]
+    (zero_u None: 8, symmetric)."""
+    u: torch.Tensor
+    scale: torch.Tensor
+    zero_u: torch.Tensor | None
+
+
+@dataclass
+class Int8Weight:
+    """W = q * scale per output channel (q [N, K] int8, scale [N]); activations int8 per token when `dynamic`."""
+    q: torch.Tensor
+    scale: torch.Tensor
+    dynamic: bool
+
+
+@dataclass
+class Fp8Weight:
+    """FP8 E4M3 w [N, K] with a float32 scale per output channel; `input_scale` (static) or None (per token)."""
+    w: torch.Tensor
+    scale: torch.Tensor
+    input_scale: torch.Tensor | None
+
+
+@dataclass
+class DenseWeight:
+    w: torch.Tensor
+
+
+QWeight = Int4Weight | Int8Weight | Fp8Weight | DenseWeight
+
+
+def _main(rec: QWeight) -> torch.Tensor:
+    return rec.u if isinstance(rec, Int4Weight) else rec.q if isinstance(rec, Int8Weight) else rec.w
+
+
+def out_features(rec: QWeight) -> int:
+    return int(_main(rec).shape[0])
+
+
+def device_of(rec: QWeight) -> torch.device:
+    return _main(rec).device
+
+
+def concat(recs: list[QWeight]) -> QWeight | None:
+    """One weight with the outputs of all of `recs` (fused projections read their input once), or None where
+    they cannot share a kernel call (different kinds, group sizes or static activation scales)."""
+    kinds = {type(r) for r in recs}
+    if len(kinds) != 1:
+        return None
+    first = recs[0]
+    if isinstance(first, DenseWeight):
+        return DenseWeight(torch.cat([r.w for r in recs]))
+    if isinstance(first, Int4Weight):
+        if len({r.scale.shape[1] for r in recs}) != 1:
+            return None
+        zeros = None
+        if any(r.zero_u is not None for r in recs):
+            zeros = torch.cat([torch.full_like(r.scale, 8) if r.zero_u is None else r.zero_u.to(r.scale.dtype)
+                               for r in recs])
+        return Int4Weight(torch.cat([r.u for r in recs]), torch.cat([r.scale for r in recs]), zeros)
+    if isinstance(first, Int8Weight):
+        if len({r.dynamic for r in recs}) != 1:
+            return None
+        return Int8Weight(torch.cat([r.q for r in recs]), torch.cat([r.scale.reshape(-1) for r in recs]), first.dynamic)
+    if any(r.input_scale is not None for r in recs):
+        if not all(r.input_scale is not None and torch.equal(r.input_scale, first.input_scale) for r in recs):
+            return None
+    return Fp8Weight(torch.cat([r.w for r in recs]), torch.cat([r.scale for r in recs]), first.input_scale)
+
+
+def build(rec: QWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
+    """The kernel module of one (possibly fused) weight, on the device its tensors are on: Marlin on a CUDA GPU
+    where it runs (`marlin.unusable()`), else torch's kernels; the reason Marlin was not used is kept on the
+    module (`fallback`)."""
+    dev = device_of(rec)
+    fallback = None
+    if dev.type == "cuda" and isinstance(rec, Int4Weight | Int8Weight) and not (isinstance(rec, Int8Weight)
+                                                                                 and rec.dynamic):
+        from quantpipe.runtimes import marlin
+
+        bits = 4 if isinstance(rec, Int4Weight) else 8
+        n, k = (rec.u if bits == 4 else rec.q).shape
+        g = rec.scale.shape[1] if bits == 4 else 1
+        fallback = marlin.unusable() or marlin.shape_problem(n, k, k // g, bits, dtype)
+        if fallback is None:
+            if bits == 4:
+                return marlin.MarlinLinear(rec.u, rec.scale, rec.zero_u, 4, bias, dtype)
+            return marlin.MarlinLinear(rec.q.to(torch.int32) + 128, rec.scale.reshape(-1, 1), None, 8, bias, dtype)
+    if isinstance(rec, DenseWeight):
+        lin = nn.Linear(rec.w.shape[1], rec.w.shape[0], bias=bias is not None, device="meta")
+        lin.weight = nn.Parameter(rec.w.to(dtype), requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+        mod: nn.Module = lin
+    elif isinstance(rec, Int4Weight):
+        mod = int4_from_unsigned(rec.u, rec.scale, rec.zero_u, bias, dtype)
+    elif isinstance(rec, Int8Weight):
+        mod = Int8DynamicLinear(rec.q, rec.scale, bias) if rec.dynamic else Int8Linear(rec.q, rec.scale, bias, dtype)
+    else:
+        mod = Fp8Linear(rec.w, rec.scale, rec.input_scale, bias, dtype)
+    mod.fallback = fallback
+    return mod
+
+
+def kernel_name(mod: nn.Module) -> str:
+    """One line naming what computes a module's matmul (and why Marlin did not, where it was passed over)."""
+    name = (getattr(mod, "label", None) or KERNEL_NAMES.get(type(mod))
+            or f"dense {str(getattr(mod, 'weight', torch.empty(0)).dtype)[6:]} matmul")
+    why = getattr(mod, "fallback", None)
+    return f"{name}; Marlin not used: {why}" if why else name
+
+
 # -- reading quantized checkpoints --------------------------------------------------------------------------
 def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Unsigned `bits`-bit values packed densely into int32 along `dim` (first value in the lowest bits), as
@@ -210,9 +328,8 @@ def int4_from_unsigned(u: torch.Tensor, scale: torch.Tensor, zero_u: torch.Tenso
     return Int4Linear(u, scale, zero, group, bias, dtype)
 
 
-def compressed_tensors_linear(t: dict[str, torch.Tensor], qc: dict[str, Any], bias: Any,
-                              dtype: torch.dtype) -> nn.Module:
-    """A kernel module of one Linear in compressed-tensors format (`t`: its tensors without the prefix)."""
+def compressed_tensors_weight(t: dict[str, torch.Tensor], qc: dict[str, Any]) -> QWeight:
+    """One Linear's weight in compressed-tensors format (`t`: its tensors without the prefix)."""
     groups = list((qc.get("config_groups") or {}).values())
     if len(groups) != 1:
         raise Unsupported("compressed-tensors with several config groups")
@@ -221,10 +338,12 @@ def compressed_tensors_linear(t: dict[str, torch.Tensor], qc: dict[str, Any], bi
     if w.get("type") == "float" and bits == 8 and t.get("weight") is not None:
         if act is None or act.get("type") != "float" or act.get("num_bits") != 8:
             raise Unsupported("FP8 weights without FP8 activations")
+        n = t["weight"].shape[0]
+        scale = t["weight_scale"].float().reshape(-1).expand(n).contiguous()
         if act.get("dynamic") is True and act.get("strategy") == "token":
-            return Fp8Linear(t["weight"], t["weight_scale"], None, bias, dtype)
+            return Fp8Weight(t["weight"], scale, None)
         if act.get("dynamic") is False and act.get("strategy") == "tensor" and "input_scale" in t:
-            return Fp8Linear(t["weight"], t["weight_scale"], t["input_scale"], bias, dtype)
+            return Fp8Weight(t["weight"], scale, t["input_scale"].float().reshape(1, 1))
         raise Unsupported(f"FP8 weights with {act.get('strategy')} activations")
     if w.get("type") == "float" and bits == 4:
         raise Unsupported("FP4 weights (NVFP4/MXFP4): no FP4 kernel here (FP4 tensor cores are Blackwell's)")
@@ -238,24 +357,24 @@ def compressed_tensors_linear(t: dict[str, torch.Tensor], qc: dict[str, Any], bi
         if bits == 8:
             if not sym:
                 raise Unsupported("asymmetric 8-bit packed weights")
-            return Int8Linear((u - 128).to(torch.int8), t["weight_scale"], bias, dtype)
+            return Int8Weight((u - 128).to(torch.int8), t["weight_scale"].reshape(-1), False)
         zp = None
         if "weight_zero_point" in t:  # signed zero point, packed along the output dim
             zp = unpack_int32(t["weight_zero_point"], bits, 0)[:n]  # packed like the weights: signed + 8
-        return int4_from_unsigned(u, t["weight_scale"], zp, bias, dtype)
+        return Int4Weight(u, t["weight_scale"].float(), None if zp is None else zp.float())
     if t.get("weight") is not None and t["weight"].dtype == torch.int8:
         if not sym or "weight_zero_point" in t and t["weight_zero_point"].abs().max() > 0:
             raise Unsupported("asymmetric int8 weights")
         if act is None:
-            return Int8Linear(t["weight"], t["weight_scale"], bias, dtype)
+            return Int8Weight(t["weight"], t["weight_scale"].reshape(-1), False)
         if act.get("dynamic") and act.get("strategy") == "token" and act.get("num_bits") == 8 and act.get(
                 "symmetric", True):
-            return Int8DynamicLinear(t["weight"], t["weight_scale"], bias)
+            return Int8Weight(t["weight"], t["weight_scale"].reshape(-1), True)
         raise Unsupported(f"int8 weights with {act.get('strategy')} activations")
     raise Unsupported("compressed-tensors tensors " + ", ".join(sorted(t)))
 
 
-def gptq_linear(t: dict[str, torch.Tensor], qc: dict[str, Any], bias: Any, dtype: torch.dtype) -> nn.Module:
+def gptq_weight(t: dict[str, torch.Tensor], qc: dict[str, Any]) -> QWeight:
     """GPTQ v1 checkpoint (`gptq` format): qweight [K/8, N], qzeros [G, N/8] storing zero - 1, scales [G, N]."""
     bits = int(qc.get("bits", 0))
     if bits != 4:
@@ -270,26 +389,26 @@ def gptq_linear(t: dict[str, torch.Tensor], qc: dict[str, Any], bias: Any, dtype
     if g_idx is not None and not torch.equal(g_idx.long().cpu(), torch.arange(k) // group):
         raise Unsupported("gptq with act-order (g_idx permutes the input columns)")
     zeros = (unpack_int32(t["qzeros"], 4, 1)[:, :n] + 1).float().t().contiguous()  # [N, G]
-    return int4_from_unsigned(u.t().contiguous(), scales, zeros, bias, dtype)
+    return Int4Weight(u.t().contiguous(), scales, zeros)
 
 
-def torchao_linear(t: dict[str, torch.Tensor], qc: dict[str, Any], bias: Any, dtype: torch.dtype) -> nn.Module:
+def torchao_weight(t: dict[str, torch.Tensor], qc: dict[str, Any]) -> QWeight:
     """torchao Int8Tensor (our `int8` method): `_weight_qdata` int8 [N, K], `_weight_scale` [N, 1], zero 0."""
     zp = t.get("_weight_zero_point")
     if zp is not None and zp.abs().max() > 0:
         raise Unsupported("torchao int8 with a zero point")
     kind = json.dumps(qc.get("quant_type", {}))
     if "Int8WeightOnlyConfig" in kind:
-        return Int8Linear(t["_weight_qdata"], t["_weight_scale"], bias, dtype)
+        return Int8Weight(t["_weight_qdata"], t["_weight_scale"].reshape(-1), False)
     if "Int8DynamicActivationInt8WeightConfig" in kind:
-        return Int8DynamicLinear(t["_weight_qdata"], t["_weight_scale"], bias)
+        return Int8Weight(t["_weight_qdata"], t["_weight_scale"].reshape(-1), True)
     raise Unsupported(f"torchao {kind[:60]}")
 
 
 # quantization_config.quant_method -> (marker tensor of a quantized Linear, builder)
-LAYOUTS = {"compressed-tensors": (("weight_scale",), compressed_tensors_linear),
-           "gptq": (("qweight",), gptq_linear),
-           "torchao": (("_weight_qdata",), torchao_linear)}
+LAYOUTS = {"compressed-tensors": (("weight_scale",), compressed_tensors_weight),
+           "gptq": (("qweight",), gptq_weight),
+           "torchao": (("_weight_qdata",), torchao_weight)}
 
 
 def _read_tensors(artifact_dir: Path, device: str) -> dict[str, torch.Tensor]:
@@ -304,8 +423,14 @@ def _read_tensors(artifact_dir: Path, device: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_model(artifact_dir: Path, device: str) -> tuple[nn.Module, str]:
-    """The artifact's model on `device` with its quantized Linears on kernels; and a line naming the kernels."""
+Reader = Callable[[], QWeight]
+
+
+def load_parts(artifact_dir: Path, device: str) -> tuple[nn.Module, dict[str, tuple[Reader, Any]], torch.dtype]:
+    """The artifact's model on `device` with every tensor loaded but its quantized Linears' (left on the meta
+    device), those Linears' weight readers and biases by module name (empty for a float artifact), and the model
+    dtype. A reader unpacks its Linear's checkpoint tensors when called: callers read one layer at a time and
+    drop what they built from (unpacked 4-bit values take 8 times the packed bytes)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -313,11 +438,11 @@ def load_model(artifact_dir: Path, device: str) -> tuple[nn.Module, str]:
     qc = raw.get("quantization_config")
     if qc is None:
         model = AutoModelForCausalLM.from_pretrained(artifact_dir, dtype="auto", device_map=device)
-        return model.eval(), f"torch dense matmul ({model.dtype})".replace("torch.", "")
+        return model.eval(), {}, model.dtype
     method = qc.get("quant_method")
     if method not in LAYOUTS:
         raise Unsupported(f"quant_method {method}")
-    markers, build = LAYOUTS[method]
+    markers, read = LAYOUTS[method]
     if qc.get("kv_cache_scheme"):
         raise Unsupported("a quantized KV cache (k_scale, v_scale): the compiled engine's static cache holds the "
                           "model dtype")
@@ -327,27 +452,44 @@ def load_model(artifact_dir: Path, device: str) -> tuple[nn.Module, str]:
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     tensors = _read_tensors(artifact_dir, device)
-    kinds: set[str] = set()
+    records: dict[str, tuple[Reader, Any]] = {}
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, nn.Linear) or f"{name}.{markers[0]}" not in tensors:
             continue
         own = {k[len(name) + 1:]: tensors.pop(k) for k in list(tensors) if k.startswith(name + ".")
                and "." not in k[len(name) + 1:]}
         bias = own.pop("bias", None)
-        new = build(own, qc, None if bias is None else bias.to(dtype), dtype)
-        kinds.add(KERNEL_NAMES[type(new)])
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, new)
-    if not kinds:
+        records[name] = (partial(read, own, qc), None if bias is None else bias.to(dtype))
+    if not records:
         raise Unsupported(f"no Linear of the {method} checkpoint has the tensors {markers}")
     floats = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     unexpected = model.load_state_dict(floats, strict=False, assign=True).unexpected_keys
     if config.tie_word_embeddings:
         model.tie_weights()
-    left = [n for n, p in model.named_parameters() if p.is_meta]  # what no tensor filled (a tied lm_head is filled)
+    left = [n for n, p in model.named_parameters() if p.is_meta and n.rpartition(".")[0] not in records]
     if unexpected or left:
         raise QuantpipeError(f"{artifact_dir}: tensors the model does not have: {unexpected[:3]}; "
                              f"parameters with no tensor: {left[:3]}")
+    for name, mod in model.named_modules():
+        if name not in records:
+            for key, b in list(mod.named_buffers(recurse=False)):
+                if b.is_meta:  # rotary inv_freq and such: computed at init, not stored
+                    raise QuantpipeError(f"{artifact_dir}: buffer {name}.{key} has no value")
+    return model, records, dtype
+
+
+def load_model(artifact_dir: Path, device: str) -> tuple[nn.Module, str]:
+    """The artifact's model on `device` with its quantized Linears on kernels; and a line naming the kernels."""
+    model, records, dtype = load_parts(artifact_dir, device)
+    if not records:
+        return model, f"torch dense matmul ({model.dtype})".replace("torch.", "")
+    kinds: set[str] = set()
+    for name in list(records):
+        reader, bias = records.pop(name)
+        new = build(reader(), bias, dtype)
+        kinds.add(kernel_name(new))
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, new)
     model.to(device)
     return model.eval(), "; ".join(sorted(kinds))
 
