@@ -1,0 +1,315 @@
+"""Marlin weight-only GEMMs (4-bit GPTQ/AWQ-style and 8-bit weights, bfloat16 activations) for the compiled
+runtime on an NVIDIA GPU: the kernels vLLM and GPTQModel run such checkpoints on.
+
+This file owns where the kernel comes from, the weight layouts it wants and `MarlinLinear`:
+- the CUDA sources ship in the `gptqmodel` package (`gptqmodel_ext/marlin`); they are compiled just in time with
+  nvcc (`torch.utils.cpp_extension.load`, once per machine and torch build, cached under ~/.cache/quantpipe) without
+  importing gptqmodel's Python (whose imports want packages a GPU image may lack). `QUANTPIPE_MARLIN_SO` names a
+  prebuilt library to load instead;
+- the checkpoint on disk stays the standard one: its unsigned values are packed along K (GPTQ's layout), repacked by
+  the kernel library's own `gptq_marlin_repack` at load time, and the scales and zero points permuted here;
+- prefill of more than PREFILL_ROWS rows dequantizes the layer to bfloat16 from the Marlin layout (one compiled
+  gather kernel; the position of every value in a 16 x 64 tile is read back from the repack itself) and runs the
+  dense GEMM, where Marlin is slower than cuBLAS; decode and short prompts run on Marlin.
+On a CPU nothing here runs: `unusable()` says why, and the loader keeps torch's kernels (QUANTPIPE_MARLIN=0 turns
+Marlin off on a GPU too, for comparisons).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+OPS_NAMESPACE = "gptqmodel_marlin_bf16"  # the TORCH_LIBRARY name in the shipped bf16 binding
+TILE_K, TILE_N = 16, 64  # one Marlin tile of the repacked weight
+# Above this many rows a layer is dequantized to bfloat16 for the dense GEMM (QUANTPIPE_MARLIN_PREFILL_ROWS).
+# Measured on the H200 (Qwen2-7B shape, one 512-token prompt): Marlin 27.2 ms against 40.8 ms dequantizing
+# (the gather kernel costs 14.3 ms); at 8 x 512 rows and more the dequantized GEMM wins (docs/benchmarks.md).
+PREFILL_ROWS = int(os.environ.get("QUANTPIPE_MARLIN_PREFILL_ROWS", "1024"))
+GROUPS = (32, 64, 128)  # group sizes its kernels are generated for (and channelwise)
+
+_STATE: dict[str, Any] = {}
+
+
+def scalar_type_id(bits: int, bias: int) -> int:
+    """The kernel library's id of an unsigned `bits`-bit type stored with `bias` (uint4b8 = GPTQ symmetric,
+    uint4 = with zero points, uint8b128 = symmetric 8-bit): exponent 0 | mantissa bits << 8 | signed 0 << 16 |
+    bias << 17 | finite-only 0 << 49 | nan representation IEEE (1) << 50."""
+    return bits << 8 | bias << 17 | 1 << 50
+
+
+# -- where the kernel comes from ----------------------------------------------------------------------------
+def sources_dir() -> Path | None:
+    spec = importlib.util.find_spec("gptqmodel_ext")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(list(spec.submodule_search_locations)[0]) / "marlin"
+    return root if (root / "marlin_torch_bf16.cpp").exists() else None
+
+
+def _build_dir() -> Path:
+    cc = "".join(str(x) for x in torch.cuda.get_device_capability())
+    tag = f"torch{torch.__version__}-cuda{torch.version.cuda}-sm{cc}".replace("+", "_")
+    return Path(os.environ.get("QUANTPIPE_MARLIN_BUILD", Path.home() / ".cache" / "quantpipe" / "marlin" / tag))
+
+
+def _compile() -> None:
+    """Generate the kernel instances (the package's own generator) and compile the bfloat16 library."""
+    from torch.utils.cpp_extension import load
+
+    root = sources_dir()
+    assert root is not None
+    if subprocess.run([sys.executable, "generate_kernels.py", "--check"], cwd=root, capture_output=True).returncode:
+        gen = subprocess.run([sys.executable, "generate_kernels.py"], cwd=root, capture_output=True, text=True)
+        if gen.returncode:
+            raise RuntimeError(f"Marlin kernel generation failed: {(gen.stderr or gen.stdout).strip()[-300:]}")
+    sources = [str(root / n) for n in ("marlin_torch_bf16.cpp", "gptq_marlin_bf16.cu", "gptq_marlin_repack.cu",
+                                        "awq_marlin_repack.cu")] + sorted(str(p) for p in root.glob("kernel_bf16_*.cu"))
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ".".join(str(x) for x in torch.cuda.get_device_capability())
+    os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 4))
+    build = _build_dir()
+    build.mkdir(parents=True, exist_ok=True)
+    flags = ["-O3", "-DENABLE_BF16"]
+    load(name="quantpipe_marlin_bf16", sources=sources, build_directory=str(build), is_python_module=False,
+         extra_include_paths=[str(root)], extra_cflags=flags,
+         extra_cuda_cflags=[*flags, "--threads", "4", "-diag-suppress=179,39,177",
+                            "-static-global-template-stub=false"],
+         verbose=os.environ.get("QUANTPIPE_MARLIN_VERBOSE") == "1")
+
+
+def unusable() -> str | None:
+    """Why Marlin cannot run in this process (None: it can; the library is compiled on the first call)."""
+    if "reason" in _STATE:
+        return _STATE["reason"]
+    reason = None
+    so = os.environ.get("QUANTPIPE_MARLIN_SO")
+    if os.environ.get("QUANTPIPE_MARLIN") == "0":
+        reason = "turned off (QUANTPIPE_MARLIN=0)"
+    elif not torch.cuda.is_available():
+        reason = "Marlin needs an NVIDIA GPU"
+    elif torch.cuda.get_device_capability() < (8, 0):
+        reason = "Marlin's bfloat16 kernels need compute capability 8.0 or later"
+    elif so:
+        try:
+            torch.ops.load_library(so)
+        except (OSError, RuntimeError) as e:
+            reason = f"QUANTPIPE_MARLIN_SO={so} does not load ({str(e)[:120]})"
+    elif sources_dir() is None:
+        reason = "Marlin's sources come with the gptqmodel package (pip install 'quantpipe[gptqmodel]')"
+    elif shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+        reason = "Marlin is compiled on first use and needs nvcc (the CUDA toolkit), which is not on PATH"
+    else:
+        try:
+            _compile()
+        except Exception as e:  # a compiler's failure is a reason to fall back, with its last words
+            reason = f"compiling Marlin failed: {' '.join(str(e).split())[-200:]}"
+    if reason is None:
+        _register_op()
+    _STATE["reason"] = reason
+    return reason
+
+
+def _register_op() -> None:
+    """`quantpipe::marlin_gemm`: the kernel as a custom op with a shape function, so torch.compile can trace a
+    step that calls it (and capture it in a CUDA graph)."""
+    if "op" in _STATE:
+        return
+    ops = getattr(torch.ops, OPS_NAMESPACE)
+
+    @torch.library.custom_op("quantpipe::marlin_gemm", mutates_args=())
+    def marlin_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                    workspace: torch.Tensor, type_id: int, n: int, k: int) -> torch.Tensor:
+        return ops.gptq_marlin_gemm_bf16(x, None, qweight, None, scales, None, zeros, None, None, workspace, type_id,
+                                         x.shape[0], n, k, True, False, True, False)
+
+    @marlin_gemm.register_fake
+    def _(x, qweight, scales, zeros, workspace, type_id, n, k):  # noqa: ANN001, ANN202
+        return x.new_empty(x.shape[0], n)
+
+    _STATE["op"] = marlin_gemm
+    _STATE["ops"] = ops
+
+
+# -- layouts ------------------------------------------------------------------------------------------------
+def pack_along_k(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """[N, K] unsigned values -> [K / (32 / bits), N] int32, consecutive K values in one word, the first in the
+    lowest bits (GPTQ's qweight layout, what the repack reads)."""
+    per = 32 // bits
+    n, k = u.shape
+    v = u.t().to(torch.int64).reshape(k // per, per, n)
+    word = (v << (torch.arange(per, device=u.device) * bits).view(1, per, 1)).sum(1)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def _scale_perms() -> tuple[list[int], list[int]]:
+    """The kernel's order of grouped scales (8 x 8 blocks transposed) and of per-channel scales."""
+    grouped = [i + 8 * j for i in range(8) for j in range(8)]
+    single = [2 * i + j for i in range(4) for j in (0, 1, 8, 9, 16, 17, 24, 25)]
+    return grouped, single
+
+
+def permute_scales(s: torch.Tensor, channelwise: bool) -> torch.Tensor:
+    """[G, N] scales in the order Marlin reads them."""
+    grouped, single = _scale_perms()
+    perm = single if channelwise else grouped
+    return s.reshape(-1, len(perm))[:, perm].reshape(s.shape).contiguous()
+
+
+def pack_zero_points(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """[G, N] unsigned zero points -> [G, N / (32 / bits)] int32: permuted like grouped scales, interleaved for
+    the kernel's dequantization, consecutive columns packed into one word (first in the lowest bits)."""
+    grouped, _ = _scale_perms()
+    g, n = z.shape
+    z = z.reshape(-1, len(grouped))[:, grouped]
+    inter = [0, 2, 4, 6, 1, 3, 5, 7] if bits == 4 else [0, 2, 1, 3]
+    z = z.reshape(-1, len(inter))[:, inter].reshape(g, n).to(torch.int64)
+    per = 32 // bits
+    word = (z.reshape(g, n // per, per) << (torch.arange(per, device=z.device) * bits)).sum(-1)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def _tile_order(bits: int, device: torch.device) -> torch.Tensor:
+    """For each (word, slot) of one repacked 16 x 64 tile, the index k * 64 + n of the value it holds: read back
+    by repacking tiles whose values spell their own positions, `bits` bits at a time."""
+    key = f"order{bits}"
+    if key not in _STATE:
+        ops, per = _STATE["ops"], 32 // bits
+        pos = torch.arange(TILE_K * TILE_N, device=device).reshape(TILE_K, TILE_N)  # [k, n]
+        order = torch.zeros(TILE_K * TILE_N // per, per, dtype=torch.int64, device=device)
+        for r in range(-(-10 // bits)):
+            digit = (pos >> (r * bits)) & ((1 << bits) - 1)
+            words = ops.gptq_marlin_repack(pack_along_k(digit.t(), bits), torch.empty(0, dtype=torch.int32,
+                                           device=device), TILE_K, TILE_N, bits).reshape(-1)
+            shifts = torch.arange(per, device=device) * bits
+            vals = (words.to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+            order |= vals << (r * bits)
+        order = order.reshape(-1)
+        # the order must hold for every tile of a larger weight (the prefill path relies on it): check once
+        u = torch.randint(0, 1 << bits, (128, 256), device=device)
+        qm = ops.gptq_marlin_repack(pack_along_k(u, bits), torch.empty(0, dtype=torch.int32, device=device),
+                                    256, 128, bits)
+        if not torch.equal(_unpermute(qm, torch.argsort(order), bits, 256, 128), u.t().to(torch.int32)):
+            raise RuntimeError("the Marlin tile order read back does not reproduce a repacked weight")
+        _STATE[key] = order
+    return _STATE[key]
+
+
+def _unpermute(qm: torch.Tensor, inv: torch.Tensor, bits: int, k: int, n: int) -> torch.Tensor:
+    """Marlin-layout words [K/16, N*16/per] -> unsigned values [K, N] (`inv`: slot of each in-tile position)."""
+    per = 32 // bits
+    words = qm.reshape(k // TILE_K, n // TILE_N, TILE_K * TILE_N // per)
+    slots = (words.unsqueeze(-1) >> (torch.arange(per, device=qm.device, dtype=torch.int32) * bits)) & ((1 << bits) - 1)
+    vals = slots.reshape(k // TILE_K, n // TILE_N, TILE_K * TILE_N)[..., inv]  # in-tile order k * 64 + n
+    return vals.reshape(k // TILE_K, n // TILE_N, TILE_K, TILE_N).permute(0, 2, 1, 3).reshape(k, n)
+
+
+def dequantize(qm: torch.Tensor, inv: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, k: int,
+               n: int, group: int) -> torch.Tensor:
+    """W^T [K, N] in bfloat16 from the Marlin layout: (u - zero) * scale per group of `group` rows of K."""
+    u = _unpermute(qm, inv, bits, k, n).to(torch.float32).reshape(k // group, group, n)
+    w = (u - zero.float().unsqueeze(1)) * scale.float().unsqueeze(1)
+    return w.reshape(k, n).to(torch.bfloat16)
+
+
+def _inverses(bits: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The inverse permutations the dequantization applies (computed once per process and device)."""
+    key = f"inv{bits}{device}"
+    if key not in _STATE:
+        grouped, single = _scale_perms()
+        inter = [0, 2, 4, 6, 1, 3, 5, 7] if bits == 4 else [0, 2, 1, 3]
+        t = {"grouped": grouped, "single": single, "interleave": inter}
+        _STATE[key] = {k: torch.argsort(torch.tensor(v)).to(device) for k, v in t.items()}
+        _STATE[key]["tile"] = torch.argsort(_tile_order(bits, device))
+        _STATE[key]["shifts"] = torch.arange(32 // bits, device=device, dtype=torch.int32) * bits
+    return _STATE[key]
+
+
+_DEQUANT: dict[str, Any] = {}
+
+
+def _dequant_fn() -> Any:
+    if "fn" not in _DEQUANT:
+        _DEQUANT["fn"] = torch.compile(dequantize, dynamic=False, fullgraph=True)
+    return _DEQUANT["fn"]
+
+
+# -- the module ---------------------------------------------------------------------------------------------
+def shape_problem(n: int, k: int, group: int, bits: int, dtype: torch.dtype) -> str | None:
+    """Why a [N, K] weight cannot go on Marlin (None: it can)."""
+    if dtype != torch.bfloat16:
+        return f"Marlin is built here for bfloat16 models (this one is {str(dtype).removeprefix('torch.')})"
+    if bits not in (4, 8):
+        return f"{bits}-bit weights"
+    if not (n % 64 == 0 and k % 128 == 0 or n % 128 == 0 and k % 64 == 0):
+        return f"Marlin tiles a weight by 64 x 128 (this one is {n} x {k})"
+    if group != k and group not in GROUPS:
+        return f"Marlin groups are {', '.join(map(str, GROUPS))} or per channel (got {group})"
+    return None
+
+
+class MarlinLinear(nn.Module):
+    """y = x W^T, W = (u - zero) * scale per group of input columns (`scale`, `zero_u`: [N, G]; G = 1 per
+    channel), u [N, K] unsigned `bits`-bit (zero None: the symmetric midpoint, 8 or 128). Decode rows run on
+    Marlin; more than PREFILL_ROWS rows on the dequantized bfloat16 weight and the dense GEMM."""
+
+    def __init__(self, u: torch.Tensor, scale: torch.Tensor, zero_u: torch.Tensor | None, bits: int,
+                 bias: torch.Tensor | None, out_dtype: torch.dtype) -> None:
+        super().__init__()
+        n, k = u.shape
+        dev = u.device
+        self.in_features, self.out_features, self.bits, self.out_dtype = k, n, bits, out_dtype
+        self.group = k // scale.shape[1]
+        ops = _STATE["ops"]
+        self.register_buffer("qweight", ops.gptq_marlin_repack(pack_along_k(u, bits), torch.empty(
+            0, dtype=torch.int32, device=dev), k, n, bits))
+        s_t = scale.t().to(torch.bfloat16).contiguous()  # [G, N]
+        self.register_buffer("scales", permute_scales(s_t, self.group == k))
+        mid = 1 << (bits - 1)
+        if zero_u is None or bool((zero_u == mid).all()):
+            self.type_id, self.zeros = scalar_type_id(bits, mid), None
+        else:
+            if bits != 4:
+                raise ValueError("8-bit weights with zero points")
+            self.type_id = scalar_type_id(bits, 0)
+            self.register_buffer("zeros", pack_zero_points(zero_u.t().contiguous().to(torch.int32), bits))
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        self.register_buffer("workspace", torch.zeros(max(sms, 128), dtype=torch.int32, device=dev))
+        self.register_buffer("bias", bias)
+        self.label = (f"Marlin W{bits}A16 (gptq_marlin_gemm{'' if self.zeros is None else ', zero points'}; "
+                      f"prefill over {PREFILL_ROWS} rows: dequantized bf16 GEMM)")
+        _tile_order(bits, dev)  # read back (and checked) once per process
+
+    def dequantized(self) -> torch.Tensor:
+        """W^T [K, N] in bfloat16, from the Marlin-layout buffers alone (scales and zero points un-permuted)."""
+        inv = _inverses(self.bits, self.qweight.device)
+        perm = inv["single"] if self.group == self.in_features else inv["grouped"]
+        scales = self.scales.reshape(-1, perm.numel())[:, perm].reshape(self.scales.shape)
+        if self.zeros is None:
+            zeros = torch.full_like(scales, 1 << (self.bits - 1))
+        else:
+            per = 32 // self.bits
+            z = (self.zeros.unsqueeze(-1) >> inv["shifts"]) & ((1 << self.bits) - 1)
+            z = z.reshape(-1, per)[:, inv["interleave"]]
+            zeros = z.reshape(-1, 64)[:, inv["grouped"]].reshape(scales.shape).to(torch.bfloat16)
+        return _dequant_fn()(self.qweight, inv["tile"], scales, zeros, self.bits, self.in_features,
+                             self.out_features, self.group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if x2.shape[0] > PREFILL_ROWS and not torch.compiler.is_compiling():
+            y = x2 @ self.dequantized()
+        else:
+            y = _STATE["op"](x2.contiguous(), self.qweight, self.scales, self.zeros, self.workspace, self.type_id,
+                             self.out_features, self.in_features)
+        y = y.to(self.out_dtype).reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
