@@ -1,7 +1,9 @@
-"""The `compiled` runtime: a transformers artifact with its quantized Linears on torch's low-bit kernels
-(kernels.py: never dequantized to float), a static KV cache, and the one-token decode step compiled with CUDA
-graphs (torch.compile mode "reduce-overhead") on a GPU. On a CPU the same model runs uncompiled. `auto` picks it
-on a GPU for the formats it loads; formats or layouts without a kernel (AWQ GEMM, GPTQ act-order) raise
+"""The `compiled` runtime: a transformers artifact with its quantized Linears on low-bit kernels (kernels.py,
+marlin.py: never dequantized for decode), a static KV cache, and the one-token decode step compiled with CUDA
+graphs (torch.compile mode "reduce-overhead") on a GPU. The Llama family (llama, mistral, qwen2) runs on the
+decoder written out here (decoder.py: fused q/k/v and gate/up, its own cache); other model types on
+transformers' modeling code with transformers' StaticCache. On a CPU the same model runs uncompiled. `auto` picks
+it on a GPU for the formats it loads; formats or layouts without a kernel (AWQ GEMM, GPTQ act-order) raise
 `Unsupported` when loaded, and `auto` then falls back to the format's natural runtime.
 """
 
@@ -16,7 +18,7 @@ import torch
 from quantpipe import memory
 from quantpipe.artifact import ArtifactMeta
 from quantpipe.deps import Requirements
-from quantpipe.runtimes import BaseRuntime, Capabilities, RuntimeSpec, Unavailable, register
+from quantpipe.runtimes import BaseRuntime, Capabilities, RuntimeSpec, Unavailable, decoder, register
 from quantpipe.runtimes.hf import preload as hf_preload
 from quantpipe.runtimes.kernels import Unsupported, load_model
 
@@ -39,37 +41,58 @@ class CompiledRuntime(BaseRuntime):
 
     name = "compiled"
 
-    def __init__(self, artifact_dir: Path, device: str, compile: bool | None = None) -> None:
+    def __init__(self, artifact_dir: Path, device: str, compile: bool | None = None,
+                 own_decoder: bool | None = None) -> None:
         self.device = device
-        self.model, self.kernels = load_model(artifact_dir, device)
+        self.own = False
+        if own_decoder is None:  # QUANTPIPE_DECODER=0: transformers' modeling code, for comparisons
+            own_decoder = os.environ.get("QUANTPIPE_DECODER") != "0"
+        why = "turned off" if not own_decoder else None
+        if own_decoder:
+            try:
+                self.model, self.kernels = decoder.load(artifact_dir, device)
+                self.own = True
+            except decoder.NotSupported as e:
+                why = str(e)
+        if not self.own:
+            self.model, self.kernels = load_model(artifact_dir, device)
         self.compiled = device == "cuda" if compile is None else compile
-        self.engine = ("torch.compile reduce-overhead (CUDA graphs), static KV cache" if self.compiled
-                       else "eager, static KV cache")
+        forward = ("quantpipe decoder (fused q/k/v and gate/up)" if self.own
+                   else f"transformers modeling (no quantpipe decoder: {why})")
+        self.engine = forward + (", torch.compile reduce-overhead (CUDA graphs)" if self.compiled else ", eager") + \
+            ", static KV cache"
         self._caches: dict[tuple[int, int], Any] = {}
         self._step = self._decode_one
         if self.compiled:
             set_inductor_flags()
             self._step = torch.compile(self._decode_one, mode="reduce-overhead", fullgraph=True, dynamic=False)
 
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: Any, keep: int | None) -> torch.Tensor:
+        if self.own:
+            return self.model(ids, pos, cache, keep=keep)
+        return self.model(input_ids=ids, cache_position=pos, past_key_values=cache, use_cache=cache is not None,
+                          logits_to_keep=keep or 0).logits
+
     def _decode_one(self, tok: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
-        logits = self.model(input_ids=tok, cache_position=pos, past_key_values=cache, use_cache=True,
-                            logits_to_keep=1).logits
-        return logits[:, -1].argmax(-1, keepdim=True)
+        return self._forward(tok, pos, cache, 1)[:, -1].argmax(-1, keepdim=True)
 
     def _cache(self, batch: int, length: int) -> Any:
+        """The static cache of this (batch, length), reused across calls. The decoder's needs no reset: a prompt
+        overwrites its positions and attention never reads past the step's own."""
         from transformers import StaticCache
 
         key = (batch, length)
         if key not in self._caches:
-            self._caches[key] = StaticCache(config=self.model.config, max_cache_len=length)
-        else:
+            self._caches[key] = (self.model.new_cache(batch, length) if self.own
+                                 else StaticCache(config=self.model.config, max_cache_len=length))
+        elif not self.own:
             self._caches[key].reset()
         return self._caches[key]
 
     @torch.inference_mode()
     def logits(self, ids: list[int]) -> torch.Tensor:
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        return self.model(input_ids=x, use_cache=False).logits[0].float().cpu()
+        return self._forward(x, torch.arange(len(ids), device=self.device), None, None)[0].float().cpu()
 
     @torch.inference_mode()
     def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -77,8 +100,7 @@ class CompiledRuntime(BaseRuntime):
         b, t = x.shape
         cache = self._cache(b, self.cache_length(t, new_tokens))
         pos = torch.arange(t, device=self.device)
-        logits = self.model(input_ids=x, cache_position=pos, past_key_values=cache, use_cache=True,
-                            logits_to_keep=1).logits  # the last position's only: [B, T, vocab] can be GBs
+        logits = self._forward(x, pos, cache, 1)  # the last position's only: [B, T, vocab] can be GBs
         tok = logits[:, -1].argmax(-1, keepdim=True)
         out = [tok]
         positions = torch.arange(t, t + new_tokens, device=self.device)
