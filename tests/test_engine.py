@@ -136,7 +136,8 @@ def test_compiled_engine_bench_rows(random_run: tuple[Path, Results]) -> None:
     kernels = {"baseline": "dense", "int8": "int8 weight-only", "int8-dyn": "_int_mm", "gptq": "int4 tinygemm"}
     for v in res.variants:
         s = v.speed
-        assert s.engine == "eager, static KV cache" and kernels[v.name] in s.kernel, s
+        assert s.engine == "quantpipe decoder (fused q/k/v and gate/up), eager, static KV cache", s
+        assert kernels[v.name] in s.kernel, s
         assert s.copy_bandwidth_gbs > 0.1 and s.weight_bytes_per_step > 0
         for row in s.per_batch.values():
             assert row.decode_tok_s > 0 and row.limit_tok_s > 0

@@ -109,3 +109,103 @@ def test_fp8_kernel_cuda_matches_the_dequantized_matmul(static: bool) -> None:
         # GPU moves single outputs by a few bf16 steps (measured at M = 512: 1.97 of 143), never the whole
         rel = ((gpu.float().cpu() - want).norm() / want.norm()).item()
         assert rel < 5e-3, (m, rel)
+
+
+# -- Marlin and the decoder (issue: GPU decode at the bandwidth limit) -------------------------------------------
+def _marlin_or_skip() -> None:
+    from quantpipe.runtimes import marlin
+
+    why = marlin.unusable()
+    if why:
+        pytest.skip(why)
+
+
+@pytest.mark.parametrize("bits,sym,groups", [(4, True, 4), (4, False, 4), (4, True, 1), (8, True, 1)])
+@pytest.mark.parametrize("m", [1, 8, 32, 300])
+def test_marlin_matches_the_dequantized_matmul(bits: int, sym: bool, groups: int, m: int) -> None:
+    """Marlin (decode rows) and the dequantized dense path (m > PREFILL_ROWS) against the plain arithmetic;
+    the weight read back from the Marlin layout equals the one it was built from."""
+    _marlin_or_skip()
+    from quantpipe.runtimes import marlin
+
+    torch.manual_seed(bits + m)
+    n, k = 384, 512
+    u = torch.randint(0, 1 << bits, (n, k), device="cuda")
+    scale = torch.rand(n, groups, device="cuda") * 0.01 + 0.001
+    zero = None if sym else torch.randint(4, 12, (n, groups), device="cuda").float()
+    lin = marlin.MarlinLinear(u, scale, zero, bits, None, torch.bfloat16)
+    g = k // groups
+    mid = 1 << (bits - 1)
+    z = torch.full_like(scale, mid) if zero is None else zero
+    w = (u.float() - z.repeat_interleave(g, 1)) * scale.to(torch.bfloat16).float().repeat_interleave(g, 1)
+    assert torch.equal(lin.dequantized().float(), w.t().to(torch.bfloat16).float())
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ w.t()
+    y = lin(x).float()
+    assert y.shape == (m, n)
+    assert (y - ref).norm() / ref.norm() < 5e-3, (y - ref).norm() / ref.norm()
+
+
+def test_decoder_on_cuda_equals_transformers(tmp_path: Path) -> None:
+    """The decoder's logits in bfloat16 on the GPU against transformers' own (bf16 tolerance), and the
+    CUDA-graph decode's tokens against the decoder's eager decode."""
+    from test_decoder import FAMILIES, build_family
+    from transformers import AutoModelForCausalLM
+
+    from quantpipe.runtimes import compiled
+
+    for name, (mt, extra) in FAMILIES.items():
+        path = build_family(tmp_path / name, mt, extra)
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+        m.save_pretrained(tmp_path / f"{name}-bf16")
+        bf = tmp_path / f"{name}-bf16"
+        fast = compiled.CompiledRuntime(bf, "cuda")
+        ref = AutoModelForCausalLM.from_pretrained(bf, device_map="cuda")
+        ids = list(range(3, 43))
+        got = fast.logits(ids)
+        want = ref(torch.tensor([ids], device="cuda")).logits[0].float().cpu()
+        assert (got - want).norm() / want.norm() < 2e-2, name
+        eager = compiled.CompiledRuntime(bf, "cuda", compile=False)
+        x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+        assert (fast.generate(x, 10) == eager.generate(x, 10)).float().mean() >= 0.9, name
+
+
+def test_marlin_runs_a_w4_checkpoint_in_the_compiled_engine(tmp_path: Path) -> None:
+    """A compressed-tensors W4 checkpoint (symmetric and with zero points) on Marlin through the CUDA-graph
+    decode, against the same checkpoint on tinygemm (the kernel the engine used before)."""
+    _marlin_or_skip()
+    import sys
+
+    from test_decoder import build_family
+    from transformers import AutoModelForCausalLM
+
+    from quantpipe import artifact
+    from quantpipe.artifact import ArtifactMeta
+    from quantpipe.runtimes import compiled, marlin
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import decode_probe
+
+    src = build_family(tmp_path / "src", "qwen2", {"hidden_size": 256, "intermediate_size": 512,
+                                                   "num_attention_heads": 4, "num_key_value_heads": 2})
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    artifact.write(tmp_path / "bf16", ArtifactMeta(format="safetensors", weights="random", arch="tiny"))
+    for asym in (False, True):
+        out = tmp_path / f"w4-{asym}"
+        decode_probe.make_w4(tmp_path / "bf16", out, asym, 128)
+        fast = compiled.CompiledRuntime(out, "cuda")
+        assert "Marlin" in fast.kernels and "not used" not in fast.kernels, fast.kernels
+        x = torch.randint(0, 256, (2, 200), generator=torch.Generator().manual_seed(2))  # > PREFILL_ROWS rows
+        got = fast.generate(x, 8)
+        state = dict(marlin._STATE)
+        marlin._STATE["reason"] = "off for the comparison"
+        try:
+            slow = compiled.CompiledRuntime(out, "cuda", compile=False)
+        finally:
+            marlin._STATE.clear()
+            marlin._STATE.update(state)
+        assert "tinygemm" in slow.kernels
+        assert (got == slow.generate(x, 8)).float().mean() >= 0.8
+        ids = x[0].tolist()
+        a, b = fast.logits(ids), slow.logits(ids)
+        assert (a - b).norm() / b.norm() < 2e-2

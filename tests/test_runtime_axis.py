@@ -42,7 +42,7 @@ def test_one_artifact_in_two_runtimes_gives_two_rows_cached_on_their_own(tiny_mo
     assert [r.runtime for r in rows.values()] == ["hf", "compiled", "hf", "compiled"]
     assert rows["gptq@compiled"].variant == "gptq" and rows["gptq@compiled"].format == "compressed-tensors"
     hf, fast = rows["gptq"], rows["gptq@compiled"]
-    assert "int4 tinygemm" in fast.speed.kernel and fast.speed.engine == "eager, static KV cache"
+    assert "int4 tinygemm" in fast.speed.kernel and fast.speed.engine.endswith("eager, static KV cache")
     assert "decompressed to float" in hf.speed.kernel
     # the same weights in two runtimes: KL divergences from the one reference close, not identical
     assert hf.quality.kld_mean > 0 and fast.quality.kld_mean > 0

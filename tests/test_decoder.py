@@ -1,0 +1,205 @@
+"""The compiled runtime's own decoder (runtimes/decoder.py) against transformers on tiny random models of each
+family it covers (Llama with GQA, Llama with tied embeddings and attention/MLP biases, Mistral with a sliding
+window shorter than the sequence, Qwen2 with q/k/v biases and MHA), float32 on the CPU: logits of a whole
+sequence, greedy continuations through the static cache, fused projections built from quantized checkpoints,
+and the fallback to transformers' modeling code for other model types. Marlin's layout helpers are checked here;
+the kernel itself needs a GPU (tests/test_gpu.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from quantpipe.runtimes import compiled, decoder, kernels, marlin
+from quantpipe.runtimes.hf import HFRuntime
+
+FAMILIES = {
+    "llama-gqa": ("llama", {"num_attention_heads": 4, "num_key_value_heads": 2}),
+    "llama-tied-bias": ("llama", {"num_attention_heads": 4, "num_key_value_heads": 1, "tie_word_embeddings": True,
+                                  "attention_bias": True, "mlp_bias": True,
+                                  "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                   "high_freq_factor": 4.0,
+                                                   "original_max_position_embeddings": 64}}),
+    "mistral-window": ("mistral", {"num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": 8}),
+    "qwen2-mha": ("qwen2", {"num_attention_heads": 4, "num_key_value_heads": 4}),
+}
+
+
+def build_family(out: Path, model_type: str, extra: dict, seed: int = 0) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(model_type, **{
+        "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "max_position_embeddings": 256, "rope_theta": 10000.0, "tie_word_embeddings": False, **extra})
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # larger weights than the init's, so that tokens are decided by clear margins
+        for p in model.parameters():
+            p.mul_(4.0) if p.dim() > 1 else p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    mt, extra = FAMILIES[request.param]
+    return request.param, build_family(tmp_path_factory.mktemp(request.param) / "model", mt, extra)
+
+
+def test_logits_equal_transformers(family: tuple[str, Path]) -> None:
+    name, path = family
+    own, ref = compiled.CompiledRuntime(path, "cpu"), HFRuntime(path, "cpu")
+    assert own.own and "quantpipe decoder" in own.engine
+    ids = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(3)).tolist()  # > the window of 8
+    got, want = own.logits(ids), ref.logits(ids)
+    assert got.shape == want.shape == (40, 256)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (name, (got - want).abs().max())
+
+
+def test_greedy_decode_equals_transformers(family: tuple[str, Path]) -> None:
+    name, path = family
+    own, ref = compiled.CompiledRuntime(path, "cpu"), HFRuntime(path, "cpu")
+    x = torch.randint(0, 256, (3, 11), generator=torch.Generator().manual_seed(5))
+    got, want = own.generate(x, 16), ref.generate(x, 16)  # 11 + 16 > the window: the decode mask slides
+    assert got.shape == (3, 16) and torch.equal(got, want), name
+    assert torch.equal(own.generate(x[:1], 16), want[:1])  # another batch size, a reused cache of another shape
+    assert torch.equal(own.generate(x, 16), want)  # the reused cache, not reset
+
+
+def test_decode_step_logits_follow_the_full_pass(family: tuple[str, Path]) -> None:
+    """Every cached decode step's logits equal those of one full pass over the same tokens."""
+    _, path = family
+    own = compiled.CompiledRuntime(path, "cpu")
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(7))
+    full = own.model(ids, torch.arange(20), None)
+    cache = own.model.new_cache(2, 64)
+    steps = [own.model(ids[:, :12], torch.arange(12), cache, keep=1)]
+    for p in range(12, 20):
+        steps.append(own.model(ids[:, p:p + 1], torch.tensor([p]), cache, keep=1))
+    got = torch.cat(steps[1:], 1)
+    assert torch.allclose(steps[0][:, -1], full[:, 11], atol=1e-4)
+    assert torch.allclose(got, full[:, 12:20], atol=1e-4)
+
+
+def test_fused_projections_read_one_weight(tiny_model: Path) -> None:
+    own = compiled.CompiledRuntime(tiny_model, "cpu")
+    layer = own.model.layers[0]
+    assert isinstance(layer.qkv, torch.nn.Linear) and layer.qkv.weight.shape == (128 + 2 * 64, 128)
+    assert isinstance(layer.gate_up, torch.nn.Linear) and layer.gate_up.weight.shape == (2 * 256, 128)
+    from transformers import AutoModelForCausalLM
+
+    from quantpipe import memory
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert own.decode_bytes() == memory.decode_bytes(hf)  # fusing moves bytes, it does not add any
+
+
+def test_other_model_types_keep_transformers_modeling(tmp_path: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("gpt2", vocab_size=128, n_embd=64, n_layer=1, n_head=2, n_positions=128)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "gpt2")
+    rt = compiled.CompiledRuntime(tmp_path / "gpt2", "cpu")
+    assert not rt.own and "no quantpipe decoder: model type gpt2" in rt.engine
+    x = torch.randint(0, 128, (1, 6))
+    assert torch.equal(rt.generate(x, 5), HFRuntime(tmp_path / "gpt2", "cpu").generate(x, 5))
+
+
+def test_concat_fuses_like_kinds_only() -> None:
+    u = torch.randint(0, 16, (64, 128))
+    a = kernels.Int4Weight(u, torch.rand(64, 1), None)
+    b = kernels.Int4Weight(u[:32], torch.rand(32, 1), torch.randint(0, 16, (32, 1)).float())
+    ab = kernels.concat([a, b])
+    assert isinstance(ab, kernels.Int4Weight) and ab.u.shape == (96, 128)
+    assert torch.equal(ab.zero_u[:64], torch.full((64, 1), 8.0))  # the symmetric one's midpoint
+    assert kernels.concat([a, kernels.Int4Weight(u, torch.rand(64, 2), None)]) is None  # other group size
+    assert kernels.concat([a, kernels.DenseWeight(torch.randn(8, 128))]) is None
+    f = kernels.Fp8Weight(torch.zeros(16, 32, dtype=torch.float8_e4m3fn), torch.ones(16), torch.ones(1, 1))
+    g = kernels.Fp8Weight(f.w, f.scale, torch.full((1, 1), 2.0))
+    assert kernels.concat([f, f]) is not None and kernels.concat([f, g]) is None  # static scales must agree
+
+
+def test_fused_int4_module_equals_its_parts() -> None:
+    torch.manual_seed(0)
+    parts = [kernels.Int4Weight(torch.randint(0, 16, (n, 256)), torch.rand(n, 2) * 0.01 + 0.001,
+                                torch.randint(0, 16, (n, 2)).float()) for n in (128, 64, 64)]
+    x = torch.randn(3, 256)
+    fused = kernels.build(kernels.concat(parts), None, torch.float32)(x)
+    each = torch.cat([kernels.build(p, None, torch.float32)(x) for p in parts], -1)
+    assert torch.allclose(fused, each, atol=1e-5)
+    assert "Marlin" not in kernels.kernel_name(kernels.build(parts[0], None, torch.float32))  # a CPU: not tried
+
+
+# -- Marlin's layout helpers (the kernel runs on a GPU only) -------------------------------------------------
+def test_marlin_is_unusable_without_a_gpu() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert "NVIDIA GPU" in marlin.unusable()
+
+
+def test_marlin_packing_and_permutations() -> None:
+    u = torch.randint(0, 16, (64, 256))
+    words = marlin.pack_along_k(u, 4)
+    assert words.shape == (32, 64) and words.dtype == torch.int32
+    assert torch.equal(kernels.unpack_int32(words, 4, 0), u.t())  # GPTQ's qweight layout, read by our unpacker
+    u8 = torch.randint(0, 256, (64, 128))
+    assert torch.equal(kernels.unpack_int32(marlin.pack_along_k(u8, 8), 8, 0), u8.t())
+    s = torch.arange(2 * 128.0).reshape(2, 128)
+    for channelwise in (False, True):
+        p = marlin.permute_scales(s, channelwise)
+        assert p.shape == s.shape and torch.equal(p.sort(-1).values, s)  # a permutation within each row
+    z = torch.randint(0, 16, (2, 128))
+    packed = marlin.pack_zero_points(z, 4)
+    assert packed.shape == (2, 16) and torch.equal(kernels.unpack_int32(packed, 4, 1).sort(-1).values,
+                                                    z.sort(-1).values)
+    # the kernel library's ScalarType ids (C++ from_id): mantissa bits at 8, bias at 17, IEEE NaN flag at 50
+    assert marlin.scalar_type_id(4, 8) == (1 << 50) + (8 << 17) + (4 << 8)
+    assert marlin.scalar_type_id(8, 128) == (1 << 50) + (128 << 17) + (8 << 8)
+
+
+def test_w4_checkpoint_is_read_one_linear_at_a_time(tmp_path: Path) -> None:
+    """A compressed-tensors W4 checkpoint with zero points (scripts/decode_probe.py writes the layout
+    llm-compressor does): load_parts hands out readers of the packed tensors, the decoder unpacks and fuses one
+    Linear at a time (the whole model unpacked is 8x its packed bytes: 28 GB for a 7B), and its logits follow
+    transformers' own loading of the checkpoint."""
+    import sys
+
+    from quantpipe import artifact
+    from quantpipe.artifact import ArtifactMeta
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import decode_probe
+
+    src = build_family(tmp_path / "src", "qwen2", {"hidden_size": 256, "intermediate_size": 512,
+                                                   "num_attention_heads": 4, "num_key_value_heads": 2})
+    artifact.write(src, ArtifactMeta(format="safetensors", weights="random", arch="tiny"))
+    out = tmp_path / "w4"
+    decode_probe.make_w4(src, out, asym=True, group=128)
+    model, records, dtype = kernels.load_parts(out, "cpu")
+    assert len(records) == 2 * 7 and all(callable(r) for r, _ in records.values())
+    packed = records["model.layers.0.mlp.down_proj"][0].args[0]
+    assert packed["weight_packed"].dtype == torch.int32 and "weight_zero_point" in packed  # not unpacked yet
+    dec, line = decoder.build(model, records, dtype, "cpu")
+    assert records == {} and "int4 tinygemm" in line
+    assert isinstance(dec.layers[0].qkv, kernels.Int4Linear) and dec.layers[0].qkv.out_features == 256 + 2 * 128
+    ids = torch.randint(0, 256, (30,), generator=torch.Generator().manual_seed(4)).tolist()
+    got = compiled.CompiledRuntime(out, "cpu").logits(ids)
+    want = HFRuntime(out, "cpu").logits(ids)  # compressed-tensors dequantizes the same values
+    assert (got - want).norm() / want.norm() < 2e-3
+
+
+def test_marlin_names_the_shapes_it_cannot_take() -> None:
+    """What a row's kernel line says when a weight stays on torch's kernels on a GPU."""
+    assert marlin.shape_problem(4608, 3584, 128, 4, torch.bfloat16) is None  # Qwen2-7B's fused q/k/v
+    assert marlin.shape_problem(37888, 3584, 3584, 8, torch.bfloat16) is None  # per channel, 8-bit
+    assert "64 x 128" in marlin.shape_problem(576, 1536 + 8, 64, 4, torch.bfloat16)
+    assert "bfloat16" in marlin.shape_problem(4608, 3584, 128, 4, torch.float32)
+    assert "groups are 32, 64, 128" in marlin.shape_problem(4608, 3584, 256, 4, torch.bfloat16)
+    mod = kernels.build(kernels.Int8Weight(torch.zeros(64, 128, dtype=torch.int8), torch.ones(64), False), None,
+                        torch.float32)
+    mod.fallback = "Marlin is built here for bfloat16 models (this one is float32)"
+    assert kernels.kernel_name(mod) == ("int8 weight-only (_weight_int8pack_mm); Marlin not used: Marlin is built "
+                                        "here for bfloat16 models (this one is float32)")
