@@ -1,0 +1,193 @@
+"""GPU decode measurements outside a recipe (docs/benchmarks.md, "GPU decode at the bandwidth limit"):
+
+  random DIR --arch qwen2-7b          a random-weight bf16 checkpoint of a shipped shape (quantpipe artifact)
+  w4 SRC DIR [--asym] [--group 128]   a compressed-tensors W4A16 checkpoint of SRC's shape with random 4-bit
+                                      values and scales (the layout llm-compressor's GPTQ/AWQ write; no
+                                      quantization is run: for kernel speed only)
+  profile DIR --batch 1 [--hf] [--json F]
+                                      torch.profiler over 32 decode steps of the compiled runtime (after the
+                                      prompt, CUDA graphs captured): the step time, the top kernels and their
+                                      share; --hf runs transformers' modeling code instead of the decoder
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from quantpipe import archs, artifact  # noqa: E402
+from quantpipe.artifact import ArtifactMeta  # noqa: E402
+
+
+def make_random(out: Path, arch: str) -> None:
+    model = archs.random_model(arch, torch.bfloat16)
+    model.save_pretrained(out)
+    artifact.write(out, ArtifactMeta(variant="baseline", method="baseline", format="safetensors", weights="random",
+                                     arch=arch, seed=0))
+
+
+def make_w4(src: Path, out: Path, asym: bool, group: int) -> None:
+    from safetensors.torch import load_file, save_file
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # 7B random values: seconds on a GPU
+    g = torch.Generator(dev).manual_seed(0)
+    cfg = json.loads((src / "config.json").read_text())
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    out.mkdir(parents=True, exist_ok=True)
+    res: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if not (name.startswith("model.layers.") and name.endswith("_proj.weight")):
+            res[name] = t
+            continue
+        n, k = t.shape
+        base = name[: -len(".weight")]
+        u = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int64, device=dev)
+        sh = torch.arange(8, device=dev) * 4
+        words = (u.reshape(n, k // 8, 8) << sh).sum(-1)  # signed + 8, along K, first lowest
+        res[f"{base}.weight_packed"] = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).cpu()
+        scale = torch.rand(n, k // group, generator=g, device=dev) * 0.002 + 0.001
+        res[f"{base}.weight_scale"] = scale.to(torch.bfloat16).cpu()
+        res[f"{base}.weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
+        if asym:
+            z = torch.randint(5, 11, (n, k // group), generator=g, device=dev) - 8  # signed zero points
+            zw = ((z.t().reshape(k // group, n // 8, 8) + 8) << sh).sum(-1).t()  # packed along N
+            zw = torch.where(zw >= 2**31, zw - 2**32, zw)
+            res[f"{base}.weight_zero_point"] = zw.to(torch.int32).contiguous().cpu()
+    save_file({k: v.contiguous() for k, v in res.items()}, str(out / "model.safetensors"))
+    cfg["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+        "ignore": ["lm_head"], "kv_cache_scheme": None,
+        "config_groups": {"group_0": {"targets": ["Linear"], "format": "pack-quantized", "input_activations": None,
+                                      "output_activations": None, "weights": {
+            "num_bits": 4, "type": "int", "symmetric": not asym, "group_size": group, "strategy": "group",
+            "dynamic": False, "actorder": None, "observer": "minmax", "zp_dtype": "torch.int8" if asym else None}}}}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    for extra in ("generation_config.json",):
+        if (src / extra).exists():
+            (out / extra).write_text((src / extra).read_text())
+    meta = artifact.read(src)
+    artifact.write(out, ArtifactMeta(variant="w4-random", method="awq" if asym else "gptq", format="compressed-tensors",
+                                     weights="random", arch=meta.arch, seed=0,
+                                     params={"bits": 4, "group_size": group, "symmetric": not asym}))
+
+
+def _top(prof: Any, calls: int) -> tuple[float, list[dict[str, Any]]]:
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            by_name[ev.name][0] += ev.device_time_total
+            by_name[ev.name][1] += 1
+    total = sum(v[0] for v in by_name.values())
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:15]
+    return total, [{"name": n[:110], "share": round(v[0] / total, 4), "us_per_call": round(v[0] / calls, 1),
+                    "launches_per_call": round(v[1] / calls, 2)} for n, v in top]
+
+
+def profile_prefill(path: Path, batch: int, out: Path | None) -> None:
+    """The prompt pass (512 tokens per sequence) of the compiled runtime, profiled."""
+    from quantpipe.runtimes.compiled import CompiledRuntime
+
+    rt = CompiledRuntime(path, "cuda")
+    vocab = rt.model.config.vocab_size
+    x = torch.randint(0, vocab, (batch, 512), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.inference_mode():
+        cache = rt._cache(batch, rt.cache_length(512, 128))
+        for _ in range(3):
+            rt._forward(x, torch.arange(512, device="cuda"), cache, 1)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            rt._forward(x, torch.arange(512, device="cuda"), cache, 1)
+        torch.cuda.synchronize()
+        ms = (time.perf_counter() - t0) / 3 * 1e3
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            rt._forward(x, torch.arange(512, device="cuda"), cache, 1)
+            torch.cuda.synchronize()
+    total, top = _top(prof, 1)
+    res = {"artifact": str(path), "kernel": rt.kernels, "batch": batch, "prefill_ms": round(ms, 2),
+           "kernel_ms": round(total / 1e3, 2), "top_kernels": top}
+    text = json.dumps(res, indent=1)
+    print(text)
+    if out:
+        out.write_text(text + "\n")
+
+
+def profile(path: Path, batch: int, hf: bool, out: Path | None) -> None:
+    from quantpipe.runtimes.compiled import CompiledRuntime
+
+    rt = CompiledRuntime(path, "cuda", own_decoder=not hf)
+    vocab = rt.model.config.vocab_size
+    x = torch.randint(0, vocab, (batch, 512), generator=torch.Generator().manual_seed(0))
+    rt.generate(x, 40)  # compiles the step and captures its graph
+    length = rt.cache_length(512, 128)
+    with torch.inference_mode():
+        cache = rt._cache(batch, length)
+        xd = x.cuda()
+        tok = rt._forward(xd, torch.arange(512, device="cuda"), cache, 1)[:, -1].argmax(-1, keepdim=True)
+        positions = torch.arange(512, 640, device="cuda")
+        for i in range(8):  # warm
+            tok = rt._step(tok, positions[i:i + 1], cache).clone()
+        torch.cuda.synchronize()
+        steps = 32
+        t0 = time.perf_counter()
+        for i in range(8, 8 + steps):
+            tok = rt._step(tok, positions[i:i + 1], cache).clone()
+        torch.cuda.synchronize()
+        step_ms = (time.perf_counter() - t0) / steps * 1e3
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for i in range(40, 40 + steps):
+                tok = rt._step(tok, positions[i:i + 1], cache).clone()
+            torch.cuda.synchronize()
+    total, top = _top(prof, steps)
+    res = {"artifact": str(path), "engine": rt.engine, "kernel": rt.kernels, "batch": batch,
+           "attention": getattr(rt.model, "attn", "transformers"),
+           "step_ms": round(step_ms, 3), "kernel_ms_per_step": round(total / steps / 1e3, 3),
+           "idle_ms_per_step": round(step_ms - total / steps / 1e3, 3),
+           "weight_bytes_per_step": rt.decode_bytes(), "top_kernels": top}
+    text = json.dumps(res, indent=1)
+    print(text)
+    if out:
+        out.write_text(text + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("random")
+    r.add_argument("dir", type=Path)
+    r.add_argument("--arch", default="qwen2-7b")
+    w = sub.add_parser("w4")
+    w.add_argument("src", type=Path)
+    w.add_argument("dir", type=Path)
+    w.add_argument("--asym", action="store_true")
+    w.add_argument("--group", type=int, default=128)
+    p = sub.add_parser("profile")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--hf", action="store_true")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--prefill", action="store_true", help="profile the prompt pass instead of decode steps")
+    a = ap.parse_args()
+    if a.cmd == "random":
+        make_random(a.dir, a.arch)
+    elif a.cmd == "w4":
+        make_w4(a.src, a.dir, a.asym, a.group)
+    elif a.prefill:
+        profile_prefill(a.dir, a.batch, a.json)
+    else:
+        profile(a.dir, a.batch, a.hf, a.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# GPU decode at the bandwidth limit (docs/benchmarks.md): on the lent H200, with the wheels of docs/benchmarks.md
+# carried in .whl/ (gptqmodel's wheel brings Marlin's CUDA sources; nvcc compiles them on first use).
+# Steps (any order, each logs to $OUT or runs/gpu-out):
+#   build      compile Marlin (about 100 s; QUANTPIPE_MARLIN_SO=path skips it with a library built earlier)
+#   data       random-weight Qwen2-7B checkpoints: bf16, and W4 g128 compressed-tensors (symmetric, zero points)
+#   bench      quantpipe bench of each at batch 1, 8, 32 (prompt 512 + 128, median of 3)
+#   attn       the decode attention variants (QUANTPIPE_DECODE_ATTN) at batch 1 on bf16; later steps use the fastest
+#   prefill    the W4 prompt pass at batch 1: dequantized bf16 GEMM vs Marlin; later steps use the faster
+#   profile    torch.profiler of the batch-1 decode step: decoder vs transformers' modeling, bf16 and W4
+#   marlin     python -m pytest tests/test_gpu.py -k "marlin or decoder"
+#   tests      python -m pytest tests/test_gpu.py
+#   recipe     quantpipe run recipes/gpu-qwen2-7b-random.yaml, then quantpipe gate on it
+#   small      quantpipe run recipes/gpu-qwen2-0.5b-random.yaml
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if compgen -G ".whl/*.whl" >/dev/null; then
+  if [ ! -f /tmp/site/.installed ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl && touch /tmp/site/.installed || exit 1
+  fi
+  export PYTHONPATH="/tmp/site:$PWD"
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
+res=${OUT:-runs/gpu-out}
+A=${QP_ART:-/tmp/qp-art}
+mkdir -p "$res" "$A"
+bench() {  # artifact name, batch sizes...
+  local a=$1; shift
+  python3 -m quantpipe bench "$A/$a" --device cuda --prompt-len 512 --gen-len 128 --batch-sizes "$@" --repeats 3 \
+    --out "$res/bench-$a.json" 2>&1 | tail -3
+  python3 - "$res/bench-$a.json" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+print(d.get("engine"), "|", d.get("kernel"))
+for b, r in d.get("per_batch", {}).items():
+    print(f"  b{b}: {r['decode_tok_s']:.1f} tok/s, limit {r['limit_tok_s']:.1f}, {100 * r['frac_of_limit']:.1f} %, "
+          f"TTFT {1e3 * r['ttft_s']:.1f} ms")
+EOF
+}
+python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
+for step in "$@"; do
+  echo "=== $step $(date -u +%T)"
+  case $step in
+    build) python3 -c "
+import time; t = time.time()
+from quantpipe.runtimes import marlin
+print('marlin:', marlin.unusable() or 'ready', round(time.time() - t, 1), 's')" 2>&1 | tail -5 ;;
+    data) python3 scripts/decode_probe.py random "$A/bf16" --arch qwen2-7b &&
+          python3 scripts/decode_probe.py w4 "$A/bf16" "$A/w4" &&
+          python3 scripts/decode_probe.py w4 --asym "$A/bf16" "$A/w4a"; ls "$A" ;;
+    bench) bench bf16 1 8 32; bench w4 1 8 32; bench w4a 1 8 32 ;;
+    attn) best=; bestms=1e9
+          for k in sdpa-gqa sdpa-expand matmul; do
+            QUANTPIPE_DECODE_ATTN=$k python3 scripts/decode_probe.py profile "$A/bf16" --batch 1 \
+              --json "$res/attn-$k.json" > /dev/null 2>"$res/attn-$k.err"
+            ms=$(python3 -c "import json; print(json.load(open('$res/attn-$k.json'))['step_ms'])" 2>/dev/null || echo 1e9)
+            echo "  $k: step $ms ms"
+            if python3 -c "import sys; sys.exit(0 if $ms < $bestms else 1)"; then best=$k; bestms=$ms; fi
+          done
+          export QUANTPIPE_DECODE_ATTN=$best; echo "  using $best" ;;
+    prefill) for rows in 128 1000000; do
+               QUANTPIPE_MARLIN_PREFILL_ROWS=$rows python3 scripts/decode_probe.py profile "$A/w4" --prefill \
+                 --json "$res/prefill-w4-rows$rows.json" 2>/dev/null | head -12
+             done
+             python3 scripts/decode_probe.py profile "$A/bf16" --prefill --json "$res/prefill-bf16.json" 2>/dev/null | head -6
+             rows=$(python3 -c "
+import json; r = {n: json.load(open(f'$res/prefill-w4-rows{n}.json'))['prefill_ms'] for n in (128, 1000000)}
+print(128 if r[128] <= r[1000000] else 1024)")
+             export QUANTPIPE_MARLIN_PREFILL_ROWS=$rows; echo "  prefill dequantizes above $rows rows" ;;
+    marlin) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "marlin or decoder" 2>&1 | tail -15 ;;
+    profile) for a in bf16 w4; do
+               python3 scripts/decode_probe.py profile "$A/$a" --batch 1 --json "$res/prof-$a-b1.json" | head -30
+               QUANTPIPE_MARLIN=0 python3 scripts/decode_probe.py profile "$A/$a" --batch 1 --hf --json "$res/prof-$a-b1-hf.json" | head -30
+             done ;;
+    tests) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -15 ;;
+    recipe) python3 -m quantpipe run recipes/gpu-qwen2-7b-random.yaml 2>&1 | tail -30
+            python3 -m quantpipe gate runs/gpu-qwen2-7b-random 2>&1 | tail -30
+            cp runs/gpu-qwen2-7b-random/results.json "$res/7b-results.json" ;;
+    small) python3 -m quantpipe run recipes/gpu-qwen2-0.5b-random.yaml 2>&1 | tail -20
+           cp runs/gpu-qwen2-0.5b-random/results.json "$res/small-results.json" ;;
+  esac
+done
+echo "=== done $(date -u +%T)"
