@@ -203,3 +203,19 @@ def test_marlin_names_the_shapes_it_cannot_take() -> None:
     mod.fallback = "Marlin is built here for bfloat16 models (this one is float32)"
     assert kernels.kernel_name(mod) == ("int8 weight-only (_weight_int8pack_mm); Marlin not used: Marlin is built "
                                         "here for bfloat16 models (this one is float32)")
+
+
+def test_marlin_sources_are_generated_in_our_build_directory(tmp_path: Path) -> None:
+    """The part of Marlin's build that needs no GPU: the shipped sources copied, the package's generator run on
+    the copy (the installed package stays as it is), every kernel instance listed for the compiler."""
+    root = marlin.sources_dir()
+    if root is None:
+        pytest.skip("gptqmodel is not installed")
+    before = sorted(p.name for p in root.iterdir())
+    files = marlin.prepare_sources(tmp_path)
+    assert [Path(f).name for f in files[:4]] == ["marlin_torch_bf16.cpp", "gptq_marlin_bf16.cu",
+                                                 "gptq_marlin_repack.cu", "awq_marlin_repack.cu"]
+    kernels_ = [Path(f).name for f in files[4:]]
+    assert len(kernels_) >= 2 and all(n.startswith("kernel_bf16_") for n in kernels_)
+    assert all(Path(f).is_file() and str(tmp_path) in f for f in files)
+    assert sorted(p.name for p in root.iterdir()) == before

@@ -61,26 +61,36 @@ def _build_dir() -> Path:
     return Path(os.environ.get("QUANTPIPE_MARLIN_BUILD", Path.home() / ".cache" / "quantpipe" / "marlin" / tag))
 
 
-def _compile() -> None:
-    """Generate the kernel instances (the package's own generator) and compile the bfloat16 library."""
-    from torch.utils.cpp_extension import load
-
+def prepare_sources(build: Path) -> list[str]:
+    """Copy the shipped Marlin sources into `build`/src (the package directory may be read-only), generate the
+    kernel instances there with the package's own generator, and return the files to compile (bfloat16)."""
     root = sources_dir()
-    assert root is not None
-    if subprocess.run([sys.executable, "generate_kernels.py", "--check"], cwd=root, capture_output=True).returncode:
-        gen = subprocess.run([sys.executable, "generate_kernels.py"], cwd=root, capture_output=True, text=True)
+    if root is None:
+        raise RuntimeError("no gptqmodel_ext/marlin sources")
+    src = build / "src"
+    shutil.copytree(root, src, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    if subprocess.run([sys.executable, "generate_kernels.py", "--check"], cwd=src, capture_output=True).returncode:
+        gen = subprocess.run([sys.executable, "generate_kernels.py"], cwd=src, capture_output=True, text=True)
         if gen.returncode:
             raise RuntimeError(f"Marlin kernel generation failed: {(gen.stderr or gen.stdout).strip()[-300:]}")
-    sources = [str(root / n) for n in ("marlin_torch_bf16.cpp", "gptq_marlin_bf16.cu", "gptq_marlin_repack.cu",
-                                        "awq_marlin_repack.cu")] + sorted(str(p) for p in root.glob("kernel_bf16_*.cu"))
+    kernels = sorted(str(p) for p in src.glob("kernel_bf16_*.cu"))
+    return [str(src / n) for n in ("marlin_torch_bf16.cpp", "gptq_marlin_bf16.cu", "gptq_marlin_repack.cu",
+                                    "awq_marlin_repack.cu")] + kernels
+
+
+def _compile() -> None:
+    """Compile the bfloat16 library (cached in the build directory: a later process only loads it)."""
+    from torch.utils.cpp_extension import load
+
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = ".".join(str(x) for x in torch.cuda.get_device_capability())
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 4))
     build = _build_dir()
     build.mkdir(parents=True, exist_ok=True)
+    sources = prepare_sources(build)
     flags = ["-O3", "-DENABLE_BF16"]
     load(name="quantpipe_marlin_bf16", sources=sources, build_directory=str(build), is_python_module=False,
-         extra_include_paths=[str(root)], extra_cflags=flags,
+         extra_include_paths=[str(build / "src")], extra_cflags=flags,
          extra_cuda_cflags=[*flags, "--threads", "4", "-diag-suppress=179,39,177",
                             "-static-global-template-stub=false"],
          verbose=os.environ.get("QUANTPIPE_MARLIN_VERBOSE") == "1")
