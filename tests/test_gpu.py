@@ -121,7 +121,7 @@ def _marlin_or_skip() -> None:
 
 
 @pytest.mark.parametrize("bits,sym,groups", [(4, True, 4), (4, False, 4), (4, True, 1), (8, True, 1)])
-@pytest.mark.parametrize("m", [1, 8, 32, 300])
+@pytest.mark.parametrize("m", [1, 8, 32, 300, 1100])  # 1100 > marlin.PREFILL_ROWS: the dequantized path
 def test_marlin_matches_the_dequantized_matmul(bits: int, sym: bool, groups: int, m: int) -> None:
     """Marlin (decode rows) and the dequantized dense path (m > PREFILL_ROWS) against the plain arithmetic;
     the weight read back from the Marlin layout equals the one it was built from."""
@@ -187,7 +187,8 @@ def test_marlin_runs_a_w4_checkpoint_in_the_compiled_engine(tmp_path: Path) -> N
     import decode_probe
 
     src = build_family(tmp_path / "src", "qwen2", {"hidden_size": 256, "intermediate_size": 512,
-                                                   "num_attention_heads": 4, "num_key_value_heads": 2})
+                                                   "num_attention_heads": 4, "num_key_value_heads": 2,
+                                                   "max_position_embeddings": 1024})
     AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
     artifact.write(tmp_path / "bf16", ArtifactMeta(format="safetensors", weights="random", arch="tiny"))
     for asym in (False, True):
@@ -195,7 +196,7 @@ def test_marlin_runs_a_w4_checkpoint_in_the_compiled_engine(tmp_path: Path) -> N
         decode_probe.make_w4(tmp_path / "bf16", out, asym, 128)
         fast = compiled.CompiledRuntime(out, "cuda")
         assert "Marlin" in fast.kernels and "not used" not in fast.kernels, fast.kernels
-        x = torch.randint(0, 256, (2, 200), generator=torch.Generator().manual_seed(2))  # > PREFILL_ROWS rows
+        x = torch.randint(0, 256, (2, 600), generator=torch.Generator().manual_seed(2))  # > PREFILL_ROWS rows
         got = fast.generate(x, 8)
         state = dict(marlin._STATE)
         marlin._STATE["reason"] = "off for the comparison"
