@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantpipe import archs, artifact  # noqa: E402
 from quantpipe.artifact import ArtifactMeta  # noqa: E402
+from quantpipe.runtimes.marlin import pack_along_k  # noqa: E402
 
 
 def make_random(out: Path, arch: str) -> None:
@@ -52,18 +53,14 @@ def make_w4(src: Path, out: Path, asym: bool, group: int) -> None:
             continue
         n, k = t.shape
         base = name[: -len(".weight")]
-        u = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int64, device=dev)
-        sh = torch.arange(8, device=dev) * 4
-        words = (u.reshape(n, k // 8, 8) << sh).sum(-1)  # signed + 8, along K, first lowest
-        res[f"{base}.weight_packed"] = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).cpu()
+        u = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int64, device=dev)  # signed + 8
+        res[f"{base}.weight_packed"] = pack_along_k(u, 4).t().contiguous().cpu()  # [N, K/8]: along K
         scale = torch.rand(n, k // group, generator=g, device=dev) * 0.002 + 0.001
         res[f"{base}.weight_scale"] = scale.to(torch.bfloat16).cpu()
         res[f"{base}.weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
         if asym:
             z = torch.randint(5, 11, (n, k // group), generator=g, device=dev) - 8  # signed zero points
-            zw = ((z.t().reshape(k // group, n // 8, 8) + 8) << sh).sum(-1).t()  # packed along N
-            zw = torch.where(zw >= 2**31, zw - 2**32, zw)
-            res[f"{base}.weight_zero_point"] = zw.to(torch.int32).contiguous().cpu()
+            res[f"{base}.weight_zero_point"] = pack_along_k((z + 8).t(), 4).cpu()  # [N/8, G]: along N
     save_file({k: v.contiguous() for k, v in res.items()}, str(out / "model.safetensors"))
     cfg["quantization_config"] = {
         "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",

@@ -155,6 +155,9 @@ def test_marlin_packing_and_permutations() -> None:
     packed = marlin.pack_zero_points(z, 4)
     assert packed.shape == (2, 16) and torch.equal(kernels.unpack_int32(packed, 4, 1).sort(-1).values,
                                                     z.sort(-1).values)
+    grouped, _ = marlin._scale_perms()  # read back as MarlinLinear.dequantized does: interleave, then 8 x 8 blocks
+    back = kernels.unpack_int32(packed, 4, 1).reshape(-1, 8)[:, torch.argsort(torch.tensor(marlin._interleave(4)))]
+    assert torch.equal(back.reshape(-1, 64)[:, torch.argsort(torch.tensor(grouped))].reshape(2, 128), z.to(torch.int32))
     # the kernel library's ScalarType ids (C++ from_id): mantissa bits at 8, bias at 17, IEEE NaN flag at 50
     assert marlin.scalar_type_id(4, 8) == (1 << 50) + (8 << 17) + (4 << 8)
     assert marlin.scalar_type_id(8, 128) == (1 << 50) + (128 << 17) + (8 << 8)

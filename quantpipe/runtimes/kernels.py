@@ -241,7 +241,7 @@ def concat(recs: list[QWeight]) -> QWeight | None:
     if isinstance(first, Int8Weight):
         if len({r.dynamic for r in recs}) != 1:
             return None
-        return Int8Weight(torch.cat([r.q for r in recs]), torch.cat([r.scale.reshape(-1) for r in recs]), first.dynamic)
+        return Int8Weight(torch.cat([r.q for r in recs]), torch.cat([r.scale for r in recs]), first.dynamic)
     if any(r.input_scale is not None for r in recs):
         if not all(r.input_scale is not None and torch.equal(r.input_scale, first.input_scale) for r in recs):
             return None
@@ -259,7 +259,7 @@ def build(rec: QWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Mod
         from quantpipe.runtimes import marlin
 
         bits = 4 if isinstance(rec, Int4Weight) else 8
-        n, k = (rec.u if bits == 4 else rec.q).shape
+        n, k = _main(rec).shape
         g = rec.scale.shape[1] if bits == 4 else 1
         fallback = marlin.unusable() or marlin.shape_problem(n, k, k // g, bits, dtype)
         if fallback is None:
@@ -470,11 +470,6 @@ def load_parts(artifact_dir: Path, device: str) -> tuple[nn.Module, dict[str, tu
     if unexpected or left:
         raise QuantpipeError(f"{artifact_dir}: tensors the model does not have: {unexpected[:3]}; "
                              f"parameters with no tensor: {left[:3]}")
-    for name, mod in model.named_modules():
-        if name not in records:
-            for key, b in list(mod.named_buffers(recurse=False)):
-                if b.is_meta:  # rotary inv_freq and such: computed at init, not stored
-                    raise QuantpipeError(f"{artifact_dir}: buffer {name}.{key} has no value")
     return model, records, dtype
 
 

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantpipe.runtimes.kernels import unpack_int32
+
 OPS_NAMESPACE = "gptqmodel_marlin_bf16"  # the TORCH_LIBRARY name in the shipped bf16 binding
 TILE_K, TILE_N = 16, 64  # one Marlin tile of the repacked weight
 # Above this many rows a layer is dequantized to bfloat16 for the dense GEMM (QUANTPIPE_MARLIN_PREFILL_ROWS).
@@ -150,14 +152,24 @@ def _register_op() -> None:
 
 
 # -- layouts ------------------------------------------------------------------------------------------------
+def _pack_rows(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """[R, C] unsigned values -> [R, C / (32 / bits)] int32, consecutive values of a row in one word, the first in
+    the lowest bits (the inverse of kernels.unpack_int32 along dim 1)."""
+    per = 32 // bits
+    r, c = v.shape
+    word = (v.to(torch.int64).reshape(r, c // per, per) << (torch.arange(per, device=v.device) * bits)).sum(-1)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
 def pack_along_k(u: torch.Tensor, bits: int) -> torch.Tensor:
     """[N, K] unsigned values -> [K / (32 / bits), N] int32, consecutive K values in one word, the first in the
     lowest bits (GPTQ's qweight layout, what the repack reads)."""
-    per = 32 // bits
-    n, k = u.shape
-    v = u.t().to(torch.int64).reshape(k // per, per, n)
-    word = (v << (torch.arange(per, device=u.device) * bits).view(1, per, 1)).sum(1)
-    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+    return _pack_rows(u, bits).t().contiguous()
+
+
+def _interleave(bits: int) -> list[int]:
+    """The kernel's order of the zero points inside one packed word."""
+    return [0, 2, 4, 6, 1, 3, 5, 7] if bits == 4 else [0, 2, 1, 3]
 
 
 def _scale_perms() -> tuple[list[int], list[int]]:
@@ -180,11 +192,8 @@ def pack_zero_points(z: torch.Tensor, bits: int) -> torch.Tensor:
     grouped, _ = _scale_perms()
     g, n = z.shape
     z = z.reshape(-1, len(grouped))[:, grouped]
-    inter = [0, 2, 4, 6, 1, 3, 5, 7] if bits == 4 else [0, 2, 1, 3]
-    z = z.reshape(-1, len(inter))[:, inter].reshape(g, n).to(torch.int64)
-    per = 32 // bits
-    word = (z.reshape(g, n // per, per) << (torch.arange(per, device=z.device) * bits)).sum(-1)
-    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+    inter = _interleave(bits)
+    return _pack_rows(z.reshape(-1, len(inter))[:, inter].reshape(g, n), bits)
 
 
 def _tile_order(bits: int, device: torch.device) -> torch.Tensor:
@@ -198,10 +207,8 @@ def _tile_order(bits: int, device: torch.device) -> torch.Tensor:
         for r in range(-(-10 // bits)):
             digit = (pos >> (r * bits)) & ((1 << bits) - 1)
             words = ops.gptq_marlin_repack(pack_along_k(digit.t(), bits), torch.empty(0, dtype=torch.int32,
-                                           device=device), TILE_K, TILE_N, bits).reshape(-1)
-            shifts = torch.arange(per, device=device) * bits
-            vals = (words.to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-            order |= vals << (r * bits)
+                                           device=device), TILE_K, TILE_N, bits).reshape(1, -1)
+            order |= unpack_int32(words, bits, 1).reshape(-1, per).to(torch.int64) << (r * bits)
         order = order.reshape(-1)
         # the order must hold for every tile of a larger weight (the prefill path relies on it): check once
         u = torch.randint(0, 1 << bits, (128, 256), device=device)
@@ -215,9 +222,7 @@ def _tile_order(bits: int, device: torch.device) -> torch.Tensor:
 
 def _unpermute(qm: torch.Tensor, inv: torch.Tensor, bits: int, k: int, n: int) -> torch.Tensor:
     """Marlin-layout words [K/16, N*16/per] -> unsigned values [K, N] (`inv`: slot of each in-tile position)."""
-    per = 32 // bits
-    words = qm.reshape(k // TILE_K, n // TILE_N, TILE_K * TILE_N // per)
-    slots = (words.unsqueeze(-1) >> (torch.arange(per, device=qm.device, dtype=torch.int32) * bits)) & ((1 << bits) - 1)
+    slots = unpack_int32(qm, bits, 1)  # [K/16, N*16]: each tile's 1024 values in the kernel's order
     vals = slots.reshape(k // TILE_K, n // TILE_N, TILE_K * TILE_N)[..., inv]  # in-tile order k * 64 + n
     return vals.reshape(k // TILE_K, n // TILE_N, TILE_K, TILE_N).permute(0, 2, 1, 3).reshape(k, n)
 
@@ -235,11 +240,9 @@ def _inverses(bits: int, device: torch.device) -> dict[str, torch.Tensor]:
     key = f"inv{bits}{device}"
     if key not in _STATE:
         grouped, single = _scale_perms()
-        inter = [0, 2, 4, 6, 1, 3, 5, 7] if bits == 4 else [0, 2, 1, 3]
-        t = {"grouped": grouped, "single": single, "interleave": inter}
+        t = {"grouped": grouped, "single": single, "interleave": _interleave(bits)}
         _STATE[key] = {k: torch.argsort(torch.tensor(v)).to(device) for k, v in t.items()}
         _STATE[key]["tile"] = torch.argsort(_tile_order(bits, device))
-        _STATE[key]["shifts"] = torch.arange(32 // bits, device=device, dtype=torch.int32) * bits
     return _STATE[key]
 
 
@@ -306,9 +309,7 @@ class MarlinLinear(nn.Module):
         if self.zeros is None:
             zeros = torch.full_like(scales, 1 << (self.bits - 1))
         else:
-            per = 32 // self.bits
-            z = (self.zeros.unsqueeze(-1) >> inv["shifts"]) & ((1 << self.bits) - 1)
-            z = z.reshape(-1, per)[:, inv["interleave"]]
+            z = unpack_int32(self.zeros, self.bits, 1).reshape(-1, 32 // self.bits)[:, inv["interleave"]]
             zeros = z.reshape(-1, 64)[:, inv["grouped"]].reshape(scales.shape).to(torch.bfloat16)
         return _dequant_fn()(self.qweight, inv["tile"], scales, zeros, self.bits, self.in_features,
                              self.out_features, self.group)
