@@ -222,3 +222,18 @@ def test_marlin_sources_are_generated_in_our_build_directory(tmp_path: Path) -> 
     assert len(kernels_) >= 2 and all(n.startswith("kernel_bf16_") for n in kernels_)
     assert all(Path(f).is_file() and str(tmp_path) in f for f in files)
     assert sorted(p.name for p in root.iterdir()) == before
+
+
+def test_comparison_switches_reject_bad_values(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from quantpipe.errors import QuantpipeError
+
+    monkeypatch.setenv("QUANTPIPE_DECODE_ATTN", "flash")
+    with pytest.raises(QuantpipeError, match="QUANTPIPE_DECODE_ATTN=flash: one of matmul, sdpa-gqa, sdpa-expand"):
+        compiled.CompiledRuntime(tiny_model, "cpu")
+    monkeypatch.setenv("QUANTPIPE_MARLIN_PREFILL_ROWS", "lots")
+    with pytest.raises(QuantpipeError, match="QUANTPIPE_MARLIN_PREFILL_ROWS=lots: a whole number"):
+        marlin.prefill_rows()
+    monkeypatch.setenv("QUANTPIPE_MARLIN_PREFILL_ROWS", "64")
+    assert marlin.prefill_rows() == 64
+    monkeypatch.delenv("QUANTPIPE_MARLIN_PREFILL_ROWS")
+    assert marlin.prefill_rows() == marlin.PREFILL_ROWS == 1024

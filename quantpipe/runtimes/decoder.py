@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantpipe.errors import QuantpipeError
 from quantpipe.runtimes import kernels
 
 FAMILIES = ("llama", "mistral", "qwen2")
@@ -98,7 +99,7 @@ class Decoder(nn.Module):
         self.scaling = self.head_dim ** -0.5
         self.attn = os.environ.get("QUANTPIPE_DECODE_ATTN", DECODE_ATTN)
         if self.attn not in ATTN_KINDS:
-            raise ValueError(f"QUANTPIPE_DECODE_ATTN={self.attn}: one of {', '.join(ATTN_KINDS)}")
+            raise QuantpipeError(f"QUANTPIPE_DECODE_ATTN={self.attn}: one of {', '.join(ATTN_KINDS)}")
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embed

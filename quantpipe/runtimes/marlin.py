@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantpipe.errors import QuantpipeError
 from quantpipe.runtimes.kernels import unpack_int32
 
 OPS_NAMESPACE = "gptqmodel_marlin_bf16"  # the TORCH_LIBRARY name in the shipped bf16 binding
@@ -35,7 +36,17 @@ TILE_K, TILE_N = 16, 64  # one Marlin tile of the repacked weight
 # Above this many rows a layer is dequantized to bfloat16 for the dense GEMM (QUANTPIPE_MARLIN_PREFILL_ROWS).
 # Measured on the H200 (Qwen2-7B shape, one 512-token prompt): Marlin 27.2 ms against 40.8 ms dequantizing
 # (the gather kernel costs 14.3 ms); at 8 x 512 rows and more the dequantized GEMM wins (docs/benchmarks.md).
-PREFILL_ROWS = int(os.environ.get("QUANTPIPE_MARLIN_PREFILL_ROWS", "1024"))
+PREFILL_ROWS = 1024
+
+
+def prefill_rows() -> int:
+    """PREFILL_ROWS, or QUANTPIPE_MARLIN_PREFILL_ROWS where set (for comparisons)."""
+    raw = os.environ.get("QUANTPIPE_MARLIN_PREFILL_ROWS")
+    if raw is None:
+        return PREFILL_ROWS
+    if not raw.isdigit():
+        raise QuantpipeError(f"QUANTPIPE_MARLIN_PREFILL_ROWS={raw}: a whole number of rows (default {PREFILL_ROWS})")
+    return int(raw)
 GROUPS = (32, 64, 128)  # group sizes its kernels are generated for (and channelwise)
 
 _STATE: dict[str, Any] = {}
@@ -297,8 +308,9 @@ class MarlinLinear(nn.Module):
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
         self.register_buffer("workspace", torch.zeros(max(sms, 128), dtype=torch.int32, device=dev))
         self.register_buffer("bias", bias)
+        self.prefill_rows = prefill_rows()
         self.label = (f"Marlin W{bits}A16 (gptq_marlin_gemm{'' if self.zeros is None else ', zero points'}; "
-                      f"prefill over {PREFILL_ROWS} rows: dequantized bf16 GEMM)")
+                      f"prefill over {self.prefill_rows} rows: dequantized bf16 GEMM)")
         _tile_order(bits, dev)  # read back (and checked) once per process
 
     def dequantized(self) -> torch.Tensor:
@@ -317,7 +329,7 @@ class MarlinLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if x2.shape[0] > PREFILL_ROWS and not torch.compiler.is_compiling():
+        if x2.shape[0] > self.prefill_rows and not torch.compiler.is_compiling():
             y = x2 @ self.dequantized()
         else:
             y = _STATE["op"](x2.contiguous(), self.qweight, self.scales, self.zeros, self.workspace, self.type_id,
