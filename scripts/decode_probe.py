@@ -8,6 +8,8 @@
                                       torch.profiler over 32 decode steps of the compiled runtime (after the
                                       prompt, CUDA graphs captured): the step time, the top kernels and their
                                       share; --hf runs transformers' modeling code instead of the decoder
+  crossover [--json F]                Marlin against dequantize + cuBLAS per row count on the Qwen2-7B layer
+                                      shapes (W4 g128): where prefill should stop using Marlin
 """
 
 from __future__ import annotations
@@ -158,6 +160,67 @@ def profile(path: Path, batch: int, hf: bool, out: Path | None) -> None:
         out.write_text(text + "\n")
 
 
+SHAPES_7B = {"qkv": (4608, 3584), "o_proj": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944)}
+
+
+def _time(fn: Any, reps: int = 10) -> float:
+    """Median ms of `fn` over `reps` runs (CUDA events), after two warm-up runs."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def crossover(out: Path | None) -> None:
+    """Per row count, the four projections of one Qwen2-7B layer (W4 g128, symmetric): Marlin's GEMM against
+    the dequantized path (Triton dequantization + cuBLAS; the compiled gather too), and the dequantization alone."""
+    import os
+
+    from quantpipe.runtimes import marlin
+
+    why = marlin.unusable()
+    if why:
+        sys.exit(f"Marlin: {why}")
+    rows = [16, 64, 128, 256, 512, 1024, 2048, 4096]
+    g = torch.Generator("cuda").manual_seed(0)
+    res: dict[str, Any] = {"shapes": SHAPES_7B, "rows": rows, "ms": {}}
+    for name, (n, k) in SHAPES_7B.items():
+        u = torch.randint(0, 16, (n, k), generator=g, device="cuda", dtype=torch.int32)
+        scale = torch.rand(n, k // 128, generator=g, device="cuda") * 0.002 + 0.001
+        lin = marlin.MarlinLinear(u, scale, None, 4, None, torch.bfloat16)
+        del u
+        d: dict[str, Any] = {}
+        for mode in ("triton", "gather"):
+            os.environ["QUANTPIPE_MARLIN_DEQUANT"] = mode
+            d[f"dequant_{mode}"] = _time(lin.dequantized)
+        os.environ.pop("QUANTPIPE_MARLIN_DEQUANT")
+        d["dequant_gbps"] = round((n * k * 2.5) / d["dequant_triton"] / 1e6, 1)  # bf16 out + int4 in
+        for m in rows:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+            lin.prefill_rows = 1 << 30
+            d[f"marlin_{m}"] = _time(lambda x=x, lin=lin: lin(x))
+            lin.prefill_rows = 0
+            d[f"dequant_mm_{m}"] = _time(lambda x=x, lin=lin: lin(x))
+        res["ms"][name] = {key: round(v, 4) if isinstance(v, float) else v for key, v in d.items()}
+        print(name, json.dumps(res["ms"][name]), flush=True)
+    layer = {m: (sum(res["ms"][s][f"marlin_{m}"] for s in SHAPES_7B),
+                 sum(res["ms"][s][f"dequant_mm_{m}"] for s in SHAPES_7B)) for m in rows}
+    res["layer_ms"] = {m: {"marlin": round(a, 3), "dequant_mm": round(b, 3)} for m, (a, b) in layer.items()}
+    res["dequant_wins_from_rows"] = next((m for m in rows if layer[m][1] < layer[m][0]), None)
+    for m, v in res["layer_ms"].items():
+        print(f"  rows {m}: layer marlin {v['marlin']} ms, dequantized + cuBLAS {v['dequant_mm']} ms")
+    print("dequantizing wins from", res["dequant_wins_from_rows"], "rows")
+    if out:
+        out.write_text(json.dumps(res, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -175,8 +238,12 @@ def main() -> None:
     p.add_argument("--hf", action="store_true")
     p.add_argument("--json", type=Path)
     p.add_argument("--prefill", action="store_true", help="profile the prompt pass instead of decode steps")
+    c = sub.add_parser("crossover")
+    c.add_argument("--json", type=Path)
     a = ap.parse_args()
-    if a.cmd == "random":
+    if a.cmd == "crossover":
+        crossover(a.json)
+    elif a.cmd == "random":
         make_random(a.dir, a.arch)
     elif a.cmd == "w4":
         make_w4(a.src, a.dir, a.asym, a.group)

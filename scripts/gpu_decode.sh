@@ -6,7 +6,10 @@
 #   data       random-weight Qwen2-7B checkpoints: bf16, and W4 g128 compressed-tensors (symmetric, zero points)
 #   bench      quantpipe bench of each at batch 1, 8, 32 (prompt 512 + 128, median of 3)
 #   attn       the decode attention variants (QUANTPIPE_DECODE_ATTN) at batch 1 on bf16; later steps use the fastest
-#   prefill    the W4 prompt pass at batch 1: dequantized bf16 GEMM vs Marlin; later steps use the faster
+#   crossover  Marlin vs dequantize + cuBLAS per row count (7B layer shapes); later steps dequantize from the
+#              measured crossover (QUANTPIPE_MARLIN_PREFILL_ROWS)
+#   link       use the recipe's artifacts (baseline, gptq-w4g128, gptq-w4g128-head) as bf16, w4, w4h
+#   prefill    the W4 prompt pass at batch 1: dequantized bf16 GEMM above the crossover vs Marlin throughout
 #   profile    torch.profiler of the batch-1 decode step: decoder vs transformers' modeling, bf16 and W4
 #   marlin     python -m pytest tests/test_gpu.py -k "marlin or decoder"
 #   tests      python -m pytest tests/test_gpu.py
@@ -59,18 +62,24 @@ print('marlin:', marlin.unusable() or 'ready', round(time.time() - t, 1), 's')" 
             if python3 -c "import sys; sys.exit(0 if $ms < $bestms else 1)"; then best=$k; bestms=$ms; fi
           done
           export QUANTPIPE_DECODE_ATTN=$best; echo "  using $best" ;;
-    prefill) for rows in 128 1000000; do
-               QUANTPIPE_MARLIN_PREFILL_ROWS=$rows python3 scripts/decode_probe.py profile "$A/w4" --prefill \
-                 --json "$res/prefill-w4-rows$rows.json" 2>/dev/null | head -12
+    crossover) python3 scripts/decode_probe.py crossover --json "$res/crossover.json" 2>&1 | tail -12
+               from=$(python3 -c "import json; print(json.load(open('$res/crossover.json'))['dequant_wins_from_rows'] or 0)")
+               export QUANTPIPE_MARLIN_PREFILL_ROWS=$([ "$from" -gt 0 ] && echo $((from - 1)) || echo 1000000)
+               echo "  prefill dequantizes above $QUANTPIPE_MARLIN_PREFILL_ROWS rows" ;;
+    link) mkdir -p "$A" && ln -sfn "$PWD/runs/gpu-qwen2-7b-random/artifacts/baseline" "$A/bf16" &&
+          ln -sfn "$PWD/runs/gpu-qwen2-7b-random/artifacts/gptq-w4g128" "$A/w4" &&
+          ln -sfn "$PWD/runs/gpu-qwen2-7b-random/artifacts/gptq-w4g128-head" "$A/w4h"; ls -l "$A" ;;
+    prefill) rows=${QUANTPIPE_MARLIN_PREFILL_ROWS:-1024}
+             for r in "$rows" 1000000; do
+               QUANTPIPE_MARLIN_PREFILL_ROWS=$r python3 scripts/decode_probe.py profile "$A/w4" --prefill \
+                 --json "$res/prefill-w4-rows$r.json" 2>/dev/null | head -12
              done
-             python3 scripts/decode_probe.py profile "$A/bf16" --prefill --json "$res/prefill-bf16.json" 2>/dev/null | head -6
-             rows=$(python3 -c "
-import json; r = {n: json.load(open(f'$res/prefill-w4-rows{n}.json'))['prefill_ms'] for n in (128, 1000000)}
-print(128 if r[128] <= r[1000000] else 1024)")
-             export QUANTPIPE_MARLIN_PREFILL_ROWS=$rows; echo "  prefill dequantizes above $rows rows" ;;
+             python3 scripts/decode_probe.py profile "$A/bf16" --prefill --json "$res/prefill-bf16.json" 2>/dev/null | head -6 ;;
     marlin) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "marlin or decoder" 2>&1 | tail -15 ;;
-    profile) for a in bf16 w4; do
+    profile) for a in bf16 w4 w4h; do
+               [ -e "$A/$a" ] || continue
                python3 scripts/decode_probe.py profile "$A/$a" --batch 1 --json "$res/prof-$a-b1.json" | head -30
+               [ "${PROFILE_HF:-0}" = 1 ] || continue  # transformers' modeling + tinygemm: the "before" profile
                QUANTPIPE_MARLIN=0 python3 scripts/decode_probe.py profile "$A/$a" --batch 1 --hf --json "$res/prof-$a-b1-hf.json" | head -30
              done ;;
     tests) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -15 ;;

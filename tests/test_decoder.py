@@ -7,6 +7,9 @@ the kernel itself needs a GPU (tests/test_gpu.py)."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -163,6 +166,45 @@ def test_marlin_packing_and_permutations() -> None:
     assert marlin.scalar_type_id(8, 128) == (1 << 50) + (128 << 17) + (8 << 8)
 
 
+def _marlin_words(u: torch.Tensor, order: torch.Tensor, bits: int) -> torch.Tensor:
+    """[N, K] values -> words in a Marlin-like layout whose tiles hold their values in `order` (slot -> k*64+n)."""
+    n, k = u.shape
+    tiles = u.t().reshape(k // 16, 16, n // 64, 64).permute(0, 2, 1, 3).reshape(k // 16, n // 64, 1024)
+    return marlin._pack_rows(tiles[..., order].reshape(k // 16, -1), bits)
+
+
+@pytest.mark.parametrize("bits,groups,zp", [(4, 4, False), (4, 4, True), (8, 1, False)])
+def test_marlin_dequantizers_place_every_value(bits: int, groups: int, zp: bool,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both dequantizers of the Marlin layout (the compiled gather; the Triton kernel in Triton's interpreter,
+    where Triton is installed: it runs on GPUs only) put every value of a tile order back, scaled per group."""
+    torch.manual_seed(bits)
+    n, k = 128, 512
+    order = torch.randperm(1024)
+    u = torch.randint(0, 1 << bits, (n, k))
+    qm = _marlin_words(u, order, bits)
+    scale = (torch.rand(groups, n) * 0.01 + 0.001).to(torch.bfloat16)  # [G, N]
+    zero = torch.randint(4, 12, (groups, n)).to(torch.bfloat16) if zp else None
+    z = torch.full_like(scale, 1 << (bits - 1)) if zero is None else zero
+    g = k // groups
+    want = ((u.t().float() - z.float().repeat_interleave(g, 0)) * scale.float().repeat_interleave(g, 0))
+    want = want.to(torch.bfloat16)
+    got = marlin.dequantize(qm, torch.argsort(order), scale, z, bits, k, n, g)
+    assert torch.equal(got, want)
+    if importlib.util.find_spec("triton") is None:
+        return
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when the kernel is decorated: import it afresh
+    monkeypatch.delitem(sys.modules, "quantpipe.runtimes._marlin_triton", raising=False)
+    _marlin_triton = importlib.import_module("quantpipe.runtimes._marlin_triton")
+
+    kl, nl = _marlin_triton.tables(order)
+    # the interpreter rounds float32 -> bfloat16 toward zero (a GPU to nearest, checked in test_gpu.py): powers of
+    # two as scales make every product exact, so this checks where each value lands and its scale and zero point
+    scale = (2.0 ** -torch.randint(4, 12, (groups, n))).to(torch.bfloat16)
+    want = ((u.t().float() - z.float().repeat_interleave(g, 0)) * scale.float().repeat_interleave(g, 0))
+    assert torch.equal(_marlin_triton.dequantize(qm, kl, nl, scale, zero, bits, k, n, g), want.to(torch.bfloat16))
+
+
 def test_w4_checkpoint_is_read_one_linear_at_a_time(tmp_path: Path) -> None:
     """A compressed-tensors W4 checkpoint with zero points (scripts/decode_probe.py writes the layout
     llm-compressor does): load_parts hands out readers of the packed tensors, the decoder unpacks and fuses one
@@ -237,3 +279,8 @@ def test_comparison_switches_reject_bad_values(tiny_model: Path, monkeypatch: py
     assert marlin.prefill_rows() == 64
     monkeypatch.delenv("QUANTPIPE_MARLIN_PREFILL_ROWS")
     assert marlin.prefill_rows() == marlin.PREFILL_ROWS == 1024
+    monkeypatch.setenv("QUANTPIPE_MARLIN_DEQUANT", "fast")
+    with pytest.raises(QuantpipeError, match="QUANTPIPE_MARLIN_DEQUANT=fast: triton or gather"):
+        marlin.triton_dequant()
+    monkeypatch.setenv("QUANTPIPE_MARLIN_DEQUANT", "gather")
+    assert marlin.triton_dequant() is None

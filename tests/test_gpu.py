@@ -122,9 +122,11 @@ def _marlin_or_skip() -> None:
 
 @pytest.mark.parametrize("bits,sym,groups", [(4, True, 4), (4, False, 4), (4, True, 1), (8, True, 1)])
 @pytest.mark.parametrize("m", [1, 8, 32, 300, 1100])  # 1100 > marlin.PREFILL_ROWS: the dequantized path
-def test_marlin_matches_the_dequantized_matmul(bits: int, sym: bool, groups: int, m: int) -> None:
+def test_marlin_matches_the_dequantized_matmul(bits: int, sym: bool, groups: int, m: int,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Marlin (decode rows) and the dequantized dense path (m > PREFILL_ROWS) against the plain arithmetic;
-    the weight read back from the Marlin layout equals the one it was built from."""
+    the weight read back from the Marlin layout (by the Triton kernel and by the compiled gather) equals the one
+    it was built from."""
     _marlin_or_skip()
     from quantpipe.runtimes import marlin
 
@@ -138,7 +140,11 @@ def test_marlin_matches_the_dequantized_matmul(bits: int, sym: bool, groups: int
     mid = 1 << (bits - 1)
     z = torch.full_like(scale, mid) if zero is None else zero
     w = (u.float() - z.repeat_interleave(g, 1)) * scale.to(torch.bfloat16).float().repeat_interleave(g, 1)
+    assert marlin.triton_dequant() is not None
     assert torch.equal(lin.dequantized().float(), w.t().to(torch.bfloat16).float())
+    with monkeypatch.context() as mp:
+        mp.setenv("QUANTPIPE_MARLIN_DEQUANT", "gather")
+        assert torch.equal(lin.dequantized().float(), w.t().to(torch.bfloat16).float())
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     ref = x.float() @ w.t()
     y = lin(x).float()

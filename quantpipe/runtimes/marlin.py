@@ -8,9 +8,10 @@ This file owns where the kernel comes from, the weight layouts it wants and `Mar
   prebuilt library to load instead;
 - the checkpoint on disk stays the standard one: its unsigned values are packed along K (GPTQ's layout), repacked by
   the kernel library's own `gptq_marlin_repack` at load time, and the scales and zero points permuted here;
-- prefill of more than PREFILL_ROWS rows dequantizes the layer to bfloat16 from the Marlin layout (one compiled
-  gather kernel; the position of every value in a 16 x 64 tile is read back from the repack itself) and runs the
-  dense GEMM, where Marlin is slower than cuBLAS; decode and short prompts run on Marlin.
+- prefill of more than PREFILL_ROWS rows dequantizes the layer to bfloat16 from the Marlin layout (the position
+  of every value in a 16 x 64 tile is read back from the repack itself; _marlin_triton's kernel reads the tiles
+  contiguously, torch.compile's gather is the fallback) and runs the dense GEMM, where Marlin is slower than
+  cuBLAS; decode and short prompts run on Marlin.
 On a CPU nothing here runs: `unusable()` says why, and the loader keeps torch's kernels (QUANTPIPE_MARLIN=0 turns
 Marlin off on a GPU too, for comparisons).
 """
@@ -253,7 +254,9 @@ def _inverses(bits: int, device: torch.device) -> dict[str, torch.Tensor]:
         grouped, single = _scale_perms()
         t = {"grouped": grouped, "single": single, "interleave": _interleave(bits)}
         _STATE[key] = {k: torch.argsort(torch.tensor(v)).to(device) for k, v in t.items()}
-        _STATE[key]["tile"] = torch.argsort(_tile_order(bits, device))
+        order = _tile_order(bits, device)
+        _STATE[key]["tile"] = torch.argsort(order)
+        _STATE[key]["order"] = order
     return _STATE[key]
 
 
@@ -264,6 +267,22 @@ def _dequant_fn() -> Any:
     if "fn" not in _DEQUANT:
         _DEQUANT["fn"] = torch.compile(dequantize, dynamic=False, fullgraph=True)
     return _DEQUANT["fn"]
+
+
+def triton_dequant() -> Any:
+    """_marlin_triton (the Triton dequantization) where Triton imports, else None (the compiled gather runs).
+    QUANTPIPE_MARLIN_DEQUANT=gather picks the gather, for comparisons."""
+    mode = os.environ.get("QUANTPIPE_MARLIN_DEQUANT", "triton")
+    if mode not in ("triton", "gather"):
+        raise QuantpipeError(f"QUANTPIPE_MARLIN_DEQUANT={mode}: triton or gather")
+    if mode == "gather":
+        return None
+    if "triton" not in _DEQUANT:
+        mod = None
+        if importlib.util.find_spec("triton") is not None:
+            from quantpipe.runtimes import _marlin_triton as mod
+        _DEQUANT["triton"] = mod
+    return _DEQUANT["triton"]
 
 
 # -- the module ---------------------------------------------------------------------------------------------
@@ -318,11 +337,18 @@ class MarlinLinear(nn.Module):
         inv = _inverses(self.bits, self.qweight.device)
         perm = inv["single"] if self.group == self.in_features else inv["grouped"]
         scales = self.scales.reshape(-1, perm.numel())[:, perm].reshape(self.scales.shape)
-        if self.zeros is None:
-            zeros = torch.full_like(scales, 1 << (self.bits - 1))
-        else:
+        zeros = None
+        if self.zeros is not None:
             z = unpack_int32(self.zeros, self.bits, 1).reshape(-1, 32 // self.bits)[:, inv["interleave"]]
             zeros = z.reshape(-1, 64)[:, inv["grouped"]].reshape(scales.shape).to(torch.bfloat16)
+        tri = triton_dequant() if self.qweight.is_cuda else None
+        if tri is not None:
+            if "kl" not in inv:
+                inv["kl"], inv["nl"] = tri.tables(inv["order"])
+            return tri.dequantize(self.qweight, inv["kl"], inv["nl"], scales, zeros, self.bits, self.in_features,
+                                  self.out_features, self.group)
+        if zeros is None:
+            zeros = torch.full_like(scales, 1 << (self.bits - 1))
         return _dequant_fn()(self.qweight, inv["tile"], scales, zeros, self.bits, self.in_features,
                              self.out_features, self.group)
 
