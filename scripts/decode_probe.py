@@ -214,9 +214,12 @@ def crossover(out: Path | None) -> None:
                  sum(res["ms"][s][f"dequant_mm_{m}"] for s in SHAPES_7B)) for m in rows}
     res["layer_ms"] = {m: {"marlin": round(a, 3), "dequant_mm": round(b, 3)} for m, (a, b) in layer.items()}
     res["dequant_wins_from_rows"] = next((m for m in rows if layer[m][1] < layer[m][0]), None)
+    res["dequant_faster"] = min(("triton", "gather"), key=lambda md: sum(res["ms"][s][f"dequant_{md}"]
+                                                                          for s in SHAPES_7B))
     for m, v in res["layer_ms"].items():
         print(f"  rows {m}: layer marlin {v['marlin']} ms, dequantized + cuBLAS {v['dequant_mm']} ms")
-    print("dequantizing wins from", res["dequant_wins_from_rows"], "rows")
+    print("dequantizing wins from", res["dequant_wins_from_rows"], "rows; faster dequantization:",
+          res["dequant_faster"])
     if out:
         out.write_text(json.dumps(res, indent=1) + "\n")
 

@@ -65,6 +65,8 @@ print('marlin:', marlin.unusable() or 'ready', round(time.time() - t, 1), 's')" 
     crossover) python3 scripts/decode_probe.py crossover --json "$res/crossover.json" 2>&1 | tail -12
                from=$(python3 -c "import json; print(json.load(open('$res/crossover.json'))['dequant_wins_from_rows'] or 0)")
                export QUANTPIPE_MARLIN_PREFILL_ROWS=$([ "$from" -gt 0 ] && echo $((from - 1)) || echo 1000000)
+               export QUANTPIPE_MARLIN_DEQUANT=$(python3 -c "import json; print(json.load(open('$res/crossover.json'))['dequant_faster'])")
+               echo "  dequantization: $QUANTPIPE_MARLIN_DEQUANT"
                echo "  prefill dequantizes above $QUANTPIPE_MARLIN_PREFILL_ROWS rows" ;;
     link) mkdir -p "$A" && ln -sfn "$PWD/runs/gpu-qwen2-7b-random/artifacts/baseline" "$A/bf16" &&
           ln -sfn "$PWD/runs/gpu-qwen2-7b-random/artifacts/gptq-w4g128" "$A/w4" &&

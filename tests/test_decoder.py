@@ -197,12 +197,12 @@ def test_marlin_dequantizers_place_every_value(bits: int, groups: int, zp: bool,
     monkeypatch.delitem(sys.modules, "quantpipe.runtimes._marlin_triton", raising=False)
     _marlin_triton = importlib.import_module("quantpipe.runtimes._marlin_triton")
 
-    kl, nl = _marlin_triton.tables(order)
+    slots = _marlin_triton.tables(order)
     # the interpreter rounds float32 -> bfloat16 toward zero (a GPU to nearest, checked in test_gpu.py): powers of
     # two as scales make every product exact, so this checks where each value lands and its scale and zero point
     scale = (2.0 ** -torch.randint(4, 12, (groups, n))).to(torch.bfloat16)
     want = ((u.t().float() - z.float().repeat_interleave(g, 0)) * scale.float().repeat_interleave(g, 0))
-    assert torch.equal(_marlin_triton.dequantize(qm, kl, nl, scale, zero, bits, k, n, g), want.to(torch.bfloat16))
+    assert torch.equal(_marlin_triton.dequantize(qm, slots, scale, zero, bits, k, n, g), want.to(torch.bfloat16))
 
 
 def test_w4_checkpoint_is_read_one_linear_at_a_time(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ VARIANTS = [
     {"name": "baseline", "method": "baseline"},
     {"name": "gptq-ct", "method": "gptq", "bits": 4, "group_size": 64},
     {"name": "gptq-ct8", "method": "gptq", "bits": 8, "group_size": -1},
+    {"name": "gptq-head", "method": "gptq", "bits": 4, "group_size": 64, "quantize_lm_head": True},
     {"name": "gptq-fmt", "method": "gptq", "bits": 4, "group_size": 32, "desc_act": True, "format": "gptq"},
     {"name": "awq-ct", "method": "awq", "bits": 4, "group_size": 64},
     {"name": "awq-fmt", "method": "awq", "bits": 4, "group_size": 64, "format": "awq"},
@@ -70,6 +71,10 @@ def test_compressed_tensors_gptq_checkpoint(quant_run: tuple[Path, Results]) -> 
     w8 = quant_config(run_dir, "gptq-ct8")["config_groups"]["group_0"]["weights"]
     assert (w8["num_bits"], w8["strategy"], w8["actorder"]) == (8, "channel", "static")
     assert artifact_tensors(run_dir, "gptq-ct8", Q_PROJ)["weight_scale"][0] == [128, 1]
+    # quantize_lm_head: lm_head is packed like the decoder's Linears, and nothing is left out
+    assert quant_config(run_dir, "gptq-head")["ignore"] == []
+    head = artifact_tensors(run_dir, "gptq-head", "lm_head.")
+    assert head["weight_packed"][1] == "I32" and head["weight_scale"][0][1] == 128 // 64
 
 
 def test_classic_gptq_checkpoint(quant_run: tuple[Path, Results]) -> None:
@@ -138,6 +143,8 @@ def test_every_variant_is_scored_benchmarked_and_described(quant_run: tuple[Path
     ({"method": "gptq", "group_size": 100}, r"variants\[1\]\(v\)\.group_size: 100 is not a power of two >= 16 or -1"),
     ({"method": "awq", "format": "awq", "group_size": -1}, r"variants\[1\]\(v\)\.format: the AWQ GEMM format"),
     ({"method": "gptq", "format": "exl2"}, r"variants\[1\]\(v\)\.format: Input should be 'compressed-tensors' or"),
+    ({"method": "gptq", "format": "gptq", "quantize_lm_head": True},
+     r"variants\[1\]\(v\)\.quantize_lm_head: only the llm-compressor backend"),
     ({"method": "smoothquant", "smoothing_strength": 1.5}, r"variants\[1\]\(v\)\.smoothing_strength: Input should"),
 ])
 def test_bad_params_fail_validation(tiny_model: Path, tmp_path: Path, variant: dict, expected: str) -> None:
@@ -280,7 +287,8 @@ def test_compiled_engine_runs_each_format_on_its_kernel(quant_run: tuple[Path, R
 
     run_dir, _ = quant_run
     ids = list(range(3, 200))
-    expect = {"baseline": "dense", "gptq-ct": "int4 tinygemm", "gptq-ct8": "int8 weight-only",
+    expect = {"baseline": "dense", "gptq-ct": "int4 tinygemm", "gptq-head": "int4 tinygemm",
+              "gptq-ct8": "int8 weight-only",
               "awq-ct": "int4 tinygemm", "sq": "int8 x int8 dynamic"}
     for name, kernel in expect.items():
         art = run_dir / "artifacts" / name
@@ -292,10 +300,22 @@ def test_compiled_engine_runs_each_format_on_its_kernel(quant_run: tuple[Path, R
         # activations to int8 per token, at slightly different ties
         assert kld < (2e-3 if name == "sq" else 2e-4), (name, kld)
         x = torch.tensor([ids[:24], ids[30:54]])
+        if name == "gptq-head":  # lm_head's output is bfloat16 (tinygemm): logits within 2 of its steps (0.0039
+            # at these values) of each other are a tie there, so each greedy token must be the reference's best
+            # up to that resolution, given the tokens before it
+            for row, toks in zip(x.tolist(), fast.generate(x, 8).tolist(), strict=True):
+                for t in toks:
+                    lg = ref.logits(row)[-1]
+                    assert lg[t] >= lg.max() - 8e-3, (name, t, lg.max().item(), lg[t].item())
+                    row.append(t)
+            continue
         assert (fast.generate(x, 8) == ref.generate(x, 8)).float().mean() >= 0.85, name
         if name != "baseline":  # packed: fewer bytes per step than the float baseline's
             assert fast.decode_bytes() < compiled.CompiledRuntime(run_dir / "artifacts" / "baseline",
                                                                 "cpu").decode_bytes()
+    head, body = (compiled.CompiledRuntime(run_dir / "artifacts" / n, "cpu") for n in ("gptq-head", "gptq-ct"))
+    assert head.decode_bytes() < body.decode_bytes()  # lm_head on the int4 kernel too
+    assert not isinstance(head.model.get_output_embeddings(), torch.nn.Linear)
     for name, why in {"gptq-fmt": "act-order", "awq-fmt": "quant_method awq"}.items():
         with pytest.raises(compiled.Unsupported, match=why):
             compiled.CompiledRuntime(run_dir / "artifacts" / name, "cpu")

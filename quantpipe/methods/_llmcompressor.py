@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from quantpipe.deps import Requirements
+from quantpipe.memory import Shapes, Storage
 from quantpipe.methods import QuantizeJob, copy_tokenizer
 from quantpipe.sources import DTYPE
 
@@ -71,6 +72,32 @@ def kv_cache_scheme(kind: str | None) -> dict[str, Any] | None:
     if kind is None:
         return None
     return {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+
+
+def ignore(quantize_lm_head: bool) -> list[str]:
+    """The modifiers' `ignore`: lm_head stays float unless the recipe quantizes it too (llm-compressor then
+    unties a tied embedding: the embedding stays float, lm_head is stored quantized)."""
+    return [] if quantize_lm_head else ["lm_head"]
+
+
+def packed_storage(bits: int, group_size: int, zero_point: bool, dtype_bytes: int,
+                   quantize_lm_head: bool) -> Storage:
+    """`Storage` of a compressed-tensors `pack-quantized` artifact, lm_head included when it is quantized too
+    (tied: the float embedding plus the quantized lm_head, untied by llm-compressor)."""
+    linear = packed_bytes(bits, group_size, zero_point, dtype_bytes)
+    head = None
+    tied = None
+    if quantize_lm_head:
+        head = linear
+        tied = lambda vocab, hidden: vocab * hidden * dtype_bytes + linear(vocab, hidden)  # noqa: E731
+    return Storage(float_bytes=dtype_bytes, decompressed_on_cpu=True, linear=linear, lm_head=head,
+                   tied_embedding=tied)
+
+
+def head_calibration(s: Shapes, n_samples: int, seq_len: int, a: int) -> dict[str, int]:
+    """What calibrating a quantized lm_head adds: its outputs (the logits) for every calibration sample, which
+    the layer-by-layer pipeline keeps like any layer's (measured on SmolLM2, docs/benchmarks.md)."""
+    return {"lm_head outputs": n_samples * seq_len * s.vocab * a}
 
 
 def config_groups(weights: Any, input_activations: Any = None) -> dict[str, Any]:

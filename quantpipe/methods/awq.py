@@ -31,9 +31,13 @@ class AWQParams(MethodParams):
     duo_scaling: bool = True
     n_grid: int = Field(20, ge=2, le=100)
     format: Literal["compressed-tensors", "awq"] = "compressed-tensors"
+    quantize_lm_head: bool = False  # lm_head too (round-to-nearest: AWQ's smoothing has no mapping into it)
 
     @model_validator(mode="after")
     def _fits(self) -> AWQParams:
+        if self.format == "awq" and self.quantize_lm_head:
+            raise ValueError("quantize_lm_head: only the llm-compressor backend (`format: compressed-tensors`) "
+                             "has it")
         if self.format == "awq" and self.n_grid != 20:
             raise ValueError("n_grid: only the llm-compressor backend (`format: compressed-tensors`) has it")
         if self.format == "awq" and not self.duo_scaling:
@@ -53,13 +57,14 @@ class LLMCompressorAWQ:
         from llmcompressor.modifiers.awq import AWQModifier
 
         weights = _llmcompressor.weight_args(p.bits, p.group_size, symmetric=not p.zero_point)
-        modifier = AWQModifier(config_groups=_llmcompressor.config_groups(weights), ignore=["lm_head"],
+        modifier = AWQModifier(config_groups=_llmcompressor.config_groups(weights),
+                               ignore=_llmcompressor.ignore(p.quantize_lm_head),
                                duo_scaling=p.duo_scaling, n_grid=p.n_grid)
         return _llmcompressor.oneshot(job, [modifier])
 
     def storage(self, p: AWQParams, dtype: str) -> Storage:
-        return Storage(float_bytes=DTYPE_BYTES[dtype], decompressed_on_cpu=True,
-                       linear=_llmcompressor.packed_bytes(p.bits, p.group_size, p.zero_point, DTYPE_BYTES[dtype]))
+        return _llmcompressor.packed_storage(p.bits, p.group_size, p.zero_point, DTYPE_BYTES[dtype],
+                                             p.quantize_lm_head)
 
 
 class GPTQModelAWQ:
@@ -87,7 +92,8 @@ class AWQ(BackendMethod):
 
     def calibration_memory(self, p: AWQParams, shapes: Shapes, n_samples: int, seq_len: int, a: int
                            ) -> dict[str, int]:
-        return awq_calibration(shapes, n_samples, seq_len, a)
+        head = _llmcompressor.head_calibration(shapes, n_samples, seq_len, a) if p.quantize_lm_head else {}
+        return awq_calibration(shapes, n_samples, seq_len, a) | head
 
 
 register(AWQ())

@@ -32,9 +32,13 @@ class GPTQParams(MethodParams):
     sym: bool = True
     damp_percent: float = Field(0.01, gt=0, lt=1)
     format: Literal["compressed-tensors", "gptq"] = "compressed-tensors"
+    quantize_lm_head: bool = False  # lm_head too (vocab x hidden: the largest Linear; the embedding stays float)
 
     @model_validator(mode="after")
     def _fits(self) -> GPTQParams:
+        if self.format == "gptq" and self.quantize_lm_head:
+            raise ValueError("quantize_lm_head: only the llm-compressor backend (`format: compressed-tensors`) "
+                             "has it")
         if self.format == "compressed-tensors" and self.desc_act:
             raise ValueError("desc_act: true (g_idx) needs `format: gptq`; llm-compressor 0.14 dropped it, and "
                              "already quantizes in activation order without g_idx")
@@ -53,13 +57,14 @@ class LLMCompressorGPTQ:
         from llmcompressor.modifiers.quantization import GPTQModifier
 
         weights = _llmcompressor.weight_args(p.bits, p.group_size, p.sym)
-        modifier = GPTQModifier(config_groups=_llmcompressor.config_groups(weights), ignore=["lm_head"],
+        modifier = GPTQModifier(config_groups=_llmcompressor.config_groups(weights),
+                                ignore=_llmcompressor.ignore(p.quantize_lm_head),
                                 dampening_frac=p.damp_percent, actorder="static")
         return _llmcompressor.oneshot(job, [modifier])
 
     def storage(self, p: GPTQParams, dtype: str) -> Storage:
-        return Storage(float_bytes=DTYPE_BYTES[dtype], decompressed_on_cpu=True,
-                       linear=_llmcompressor.packed_bytes(p.bits, p.group_size, not p.sym, DTYPE_BYTES[dtype]))
+        return _llmcompressor.packed_storage(p.bits, p.group_size, not p.sym, DTYPE_BYTES[dtype],
+                                             p.quantize_lm_head)
 
 
 class GPTQModelGPTQ:
@@ -88,7 +93,8 @@ class GPTQ(BackendMethod):
 
     def calibration_memory(self, p: GPTQParams, shapes: Shapes, n_samples: int, seq_len: int, a: int
                            ) -> dict[str, int]:
-        return gptq_calibration(shapes, n_samples, seq_len, a)
+        head = _llmcompressor.head_calibration(shapes, n_samples, seq_len, a) if p.quantize_lm_head else {}
+        return gptq_calibration(shapes, n_samples, seq_len, a) | head
 
 
 register(GPTQ())

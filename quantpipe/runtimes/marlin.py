@@ -343,9 +343,9 @@ class MarlinLinear(nn.Module):
             zeros = z.reshape(-1, 64)[:, inv["grouped"]].reshape(scales.shape).to(torch.bfloat16)
         tri = triton_dequant() if self.qweight.is_cuda else None
         if tri is not None:
-            if "kl" not in inv:
-                inv["kl"], inv["nl"] = tri.tables(inv["order"])
-            return tri.dequantize(self.qweight, inv["kl"], inv["nl"], scales, zeros, self.bits, self.in_features,
+            if "slots" not in inv:
+                inv["slots"] = tri.tables(inv["order"])
+            return tri.dequantize(self.qweight, inv["slots"], scales, zeros, self.bits, self.in_features,
                                   self.out_features, self.group)
         if zeros is None:
             zeros = torch.full_like(scales, 1 << (self.bits - 1))
