@@ -154,7 +154,7 @@ def test_marlin_matches_the_dequantized_matmul(bits: int, sym: bool, groups: int
 
 def test_decoder_on_cuda_equals_transformers(tmp_path: Path) -> None:
     """The decoder's logits in bfloat16 on the GPU against transformers' own (bf16 tolerance), and the
-    CUDA-graph decode's tokens against the decoder's eager decode."""
+    CUDA-graph decode's greedy tokens against transformers' greedy generate."""
     from test_decoder import FAMILIES, build_family
     from transformers import AutoModelForCausalLM
 
@@ -171,9 +171,11 @@ def test_decoder_on_cuda_equals_transformers(tmp_path: Path) -> None:
         got = fast.logits(ids)
         want = ref(torch.tensor([ids], device="cuda")).logits[0].float().cpu()
         assert (got - want).norm() / want.norm() < 2e-2, name
-        eager = compiled.CompiledRuntime(bf, "cuda", compile=False)
+        # greedy tokens against transformers' own greedy generate (the eager decoder rounds differently from the
+        # compiled step: on mistral-window it flips a one-bf16-step tie, 1.898 vs 1.891, that the graph does not)
         x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
-        assert (fast.generate(x, 10) == eager.generate(x, 10)).float().mean() >= 0.9, name
+        want = ref.generate(x.cuda(), max_new_tokens=10, do_sample=False)[:, 12:].cpu()
+        assert (fast.generate(x, 10) == want).float().mean() >= 0.9, name
 
 
 def test_marlin_runs_a_w4_checkpoint_in_the_compiled_engine(tmp_path: Path) -> None:
