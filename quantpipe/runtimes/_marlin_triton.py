@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-TILE_K, TILE_N = 16, 64
+from quantpipe.runtimes.marlin import TILE_K, TILE_N
 
 
 @triton.jit
@@ -37,15 +37,11 @@ def _dequant(q_ptr, inv_ptr, s_ptr, z_ptr, out_ptr, N, NT, GROUP: tl.constexpr, 
     tl.store(out_ptr + k * N + n, ((u.to(tl.float32) - z) * s).to(tl.bfloat16))
 
 
-def tables(order: torch.Tensor) -> torch.Tensor:
-    """The slot (int32) of each in-tile position k * 64 + n, from `order` (slot -> position)."""
-    return torch.argsort(order).to(torch.int32)
-
-
 def dequantize(qm: torch.Tensor, inv: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
                k: int, n: int, group: int) -> torch.Tensor:
     """W^T [K, N] in bfloat16 from Marlin words `qm` [K/16, N*16/(32/bits)]: (u - zero) * scale, `scale` and
-    `zero` [K/group, N] in natural order (zero None: the symmetric midpoint); `inv`: `tables(order)`."""
+    `zero` [K/group, N] in natural order (zero None: the symmetric midpoint); `inv` (int32): the slot of each
+    in-tile position k * 64 + n."""
     per = 32 // bits
     words = TILE_K * TILE_N // per
     nt = n // TILE_N

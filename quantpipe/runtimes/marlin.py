@@ -48,6 +48,8 @@ def prefill_rows() -> int:
     if not raw.isdigit():
         raise QuantpipeError(f"QUANTPIPE_MARLIN_PREFILL_ROWS={raw}: a whole number of rows (default {PREFILL_ROWS})")
     return int(raw)
+
+
 GROUPS = (32, 64, 128)  # group sizes its kernels are generated for (and channelwise)
 
 _STATE: dict[str, Any] = {}
@@ -254,9 +256,8 @@ def _inverses(bits: int, device: torch.device) -> dict[str, torch.Tensor]:
         grouped, single = _scale_perms()
         t = {"grouped": grouped, "single": single, "interleave": _interleave(bits)}
         _STATE[key] = {k: torch.argsort(torch.tensor(v)).to(device) for k, v in t.items()}
-        order = _tile_order(bits, device)
-        _STATE[key]["tile"] = torch.argsort(order)
-        _STATE[key]["order"] = order
+        _STATE[key]["tile"] = torch.argsort(_tile_order(bits, device))
+        _STATE[key]["slots"] = _STATE[key]["tile"].to(torch.int32)  # the same, as the Triton kernel reads it
     return _STATE[key]
 
 
@@ -343,8 +344,6 @@ class MarlinLinear(nn.Module):
             zeros = z.reshape(-1, 64)[:, inv["grouped"]].reshape(scales.shape).to(torch.bfloat16)
         tri = triton_dequant() if self.qweight.is_cuda else None
         if tri is not None:
-            if "slots" not in inv:
-                inv["slots"] = tri.tables(inv["order"])
             return tri.dequantize(self.qweight, inv["slots"], scales, zeros, self.bits, self.in_features,
                                   self.out_features, self.group)
         if zeros is None:
