@@ -8,7 +8,6 @@ the kernel itself needs a GPU (tests/test_gpu.py)."""
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -173,36 +172,46 @@ def _marlin_words(u: torch.Tensor, order: torch.Tensor, bits: int) -> torch.Tens
     return marlin._pack_rows(tiles[..., order].reshape(k // 16, -1), bits)
 
 
-@pytest.mark.parametrize("bits,groups,zp", [(4, 4, False), (4, 4, True), (8, 1, False)])
-def test_marlin_dequantizers_place_every_value(bits: int, groups: int, zp: bool,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both dequantizers of the Marlin layout (the compiled gather; the Triton kernel in Triton's interpreter,
-    where Triton is installed: it runs on GPUs only) put every value of a tile order back, scaled per group."""
+DEQUANT_CASES = [(4, 4, False), (4, 4, True), (8, 1, False)]
+
+
+def _dequant_case(bits: int, groups: int, zp: bool, pow2: bool) -> tuple[torch.Tensor, ...]:
+    """A synthetic Marlin-like weight of a random tile order, its scales, zero points and the expected W^T.
+    `pow2`: scales that are powers of two, so every product is exact in bfloat16 whatever the rounding."""
     torch.manual_seed(bits)
     n, k = 128, 512
     order = torch.randperm(1024)
     u = torch.randint(0, 1 << bits, (n, k))
-    qm = _marlin_words(u, order, bits)
-    scale = (torch.rand(groups, n) * 0.01 + 0.001).to(torch.bfloat16)  # [G, N]
+    scale = (2.0 ** -torch.randint(4, 12, (groups, n)) if pow2 else torch.rand(groups, n) * 0.01 + 0.001)
+    scale = scale.to(torch.bfloat16)  # [G, N]
     zero = torch.randint(4, 12, (groups, n)).to(torch.bfloat16) if zp else None
     z = torch.full_like(scale, 1 << (bits - 1)) if zero is None else zero
     g = k // groups
     want = ((u.t().float() - z.float().repeat_interleave(g, 0)) * scale.float().repeat_interleave(g, 0))
-    want = want.to(torch.bfloat16)
-    got = marlin.dequantize(qm, torch.argsort(order), scale, z, bits, k, n, g)
-    assert torch.equal(got, want)
-    if importlib.util.find_spec("triton") is None:
-        return
+    return _marlin_words(u, order, bits), order, scale, zero, z, want.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("bits,groups,zp", DEQUANT_CASES)
+def test_marlin_gather_dequantizer_places_every_value(bits: int, groups: int, zp: bool) -> None:
+    """The compiled gather (the dequantizer wherever Triton is missing) puts every value of a tile order back,
+    scaled per group, rounded as the GPU test expects."""
+    qm, order, scale, _, z, want = _dequant_case(bits, groups, zp, pow2=False)
+    assert torch.equal(marlin.dequantize(qm, torch.argsort(order), scale, z, bits, 512, 128, 512 // groups), want)
+
+
+@pytest.mark.parametrize("bits,groups,zp", DEQUANT_CASES)
+def test_marlin_triton_dequantizer_places_every_value(bits: int, groups: int, zp: bool,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Triton kernel in Triton's interpreter (skipped where Triton is not installed, as in CI's CPU torch;
+    tests/test_gpu.py runs it on a GPU). The interpreter rounds float32 -> bfloat16 toward zero, a GPU to nearest:
+    power-of-two scales make every product exact, so this checks where each value lands, its scale and zero."""
+    pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when the kernel is decorated: import it afresh
     monkeypatch.delitem(sys.modules, "quantpipe.runtimes._marlin_triton", raising=False)
     _marlin_triton = importlib.import_module("quantpipe.runtimes._marlin_triton")
-
+    qm, order, scale, zero, _, want = _dequant_case(bits, groups, zp, pow2=True)
     slots = torch.argsort(order).to(torch.int32)  # as marlin._inverses hands it over
-    # the interpreter rounds float32 -> bfloat16 toward zero (a GPU to nearest, checked in test_gpu.py): powers of
-    # two as scales make every product exact, so this checks where each value lands and its scale and zero point
-    scale = (2.0 ** -torch.randint(4, 12, (groups, n))).to(torch.bfloat16)
-    want = ((u.t().float() - z.float().repeat_interleave(g, 0)) * scale.float().repeat_interleave(g, 0))
-    assert torch.equal(_marlin_triton.dequantize(qm, slots, scale, zero, bits, k, n, g), want.to(torch.bfloat16))
+    assert torch.equal(_marlin_triton.dequantize(qm, slots, scale, zero, bits, 512, 128, 512 // groups), want)
 
 
 def test_w4_checkpoint_is_read_one_linear_at_a_time(tmp_path: Path) -> None:
