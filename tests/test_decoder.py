@@ -165,6 +165,25 @@ def test_marlin_packing_and_permutations() -> None:
     assert marlin.scalar_type_id(8, 128) == (1 << 50) + (128 << 17) + (8 << 8)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_unpacking_and_packing_in_chunks_equal_the_whole(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading a large Linear unpacks and re-packs it in chunks of rows (a 152k-row lm_head whole took ~10 GiB of
+    temporaries): with chunks of a few rows the result is the single-chunk one, in uint8."""
+    torch.manual_seed(bits)
+    u = torch.randint(0, 1 << bits, (70, 256))
+    whole_words = marlin._pack_rows(u, bits)
+    whole_k = kernels.unpack_int32(whole_words, bits, 1)
+    whole_n = kernels.unpack_int32(marlin.pack_along_k(u, bits), bits, 0)
+    monkeypatch.setattr(kernels, "CHUNK_BYTES", 3 * 256 * 24)  # 3 rows a chunk: 24 chunks, the last one short
+    assert len(kernels.row_chunks(70, 256 * 24)) == 24
+    assert torch.equal(marlin._pack_rows(u, bits), whole_words)
+    for dim, whole in ((1, whole_k), (0, whole_n)):
+        words = marlin._pack_rows(u, bits) if dim == 1 else marlin.pack_along_k(u, bits)
+        got = kernels.unpack_int32(words, bits, dim)
+        assert got.dtype == torch.uint8 and torch.equal(got, whole)
+        assert torch.equal(got, u if dim == 1 else u.t())
+
+
 def _marlin_words(u: torch.Tensor, order: torch.Tensor, bits: int) -> torch.Tensor:
     """[N, K] values -> words in a Marlin-like layout whose tiles hold their values in `order` (slot -> k*64+n)."""
     n, k = u.shape

@@ -152,6 +152,28 @@ def test_marlin_matches_the_dequantized_matmul(bits: int, sym: bool, groups: int
     assert (y - ref).norm() / ref.norm() < 5e-3, (y - ref).norm() / ref.norm()
 
 
+def test_marlin_load_memory_is_bounded() -> None:
+    """Reading and repacking a large packed Linear (an lm_head's shape) takes its uint8 values, the repacked words
+    and kernels.CHUNK_BYTES of temporaries, not the int32/int64 copies of the whole that once cost ~10 GiB."""
+    _marlin_or_skip()
+    from quantpipe.runtimes import kernels, marlin
+
+    n, k, group = 65536, 3584, 128
+    words = torch.randint(-2**31, 2**31 - 1, (n, k // 8), dtype=torch.int32, device="cuda")  # compressed-tensors
+    scale = torch.rand(n, k // group, device="cuda") * 0.01
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    u = kernels.unpack_int32(words, 4, 1)
+    lin = marlin.MarlinLinear(u, scale, None, 4, None, torch.bfloat16)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    packed = words.numel() * 4
+    assert u.dtype == torch.uint8 and lin.qweight.numel() * 4 == packed
+    # u (2x packed), the GPTQ-layout words and the repacked ones (1x each), the chunks' temporaries
+    assert extra <= 4 * packed + 4 * kernels.CHUNK_BYTES, (extra / 2**20, packed / 2**20)
+
+
 def test_decoder_on_cuda_equals_transformers(tmp_path: Path) -> None:
     """The decoder's logits in bfloat16 on the GPU against transformers' own (bf16 tolerance), and the
     CUDA-graph decode's greedy tokens against transformers' greedy generate."""

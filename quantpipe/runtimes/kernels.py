@@ -265,7 +265,8 @@ def build(rec: QWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Mod
         if fallback is None:
             if bits == 4:
                 return marlin.MarlinLinear(rec.u, rec.scale, rec.zero_u, 4, bias, dtype)
-            return marlin.MarlinLinear(rec.q.to(torch.int32) + 128, rec.scale.reshape(-1, 1), None, 8, bias, dtype)
+            return marlin.MarlinLinear((rec.q.to(torch.int16) + 128).to(torch.uint8), rec.scale.reshape(-1, 1),
+                                        None, 8, bias, dtype)
     if isinstance(rec, DenseWeight):
         lin = nn.Linear(rec.w.shape[1], rec.w.shape[0], bias=bias is not None, device="meta")
         lin.weight = nn.Parameter(rec.w.to(dtype), requires_grad=False)
@@ -291,18 +292,37 @@ def kernel_name(mod: nn.Module) -> str:
 
 
 # -- reading quantized checkpoints --------------------------------------------------------------------------
+# Temporaries of unpacking/packing stay under this many bytes per chunk of rows, whatever the layer's size: a
+# 152k-row lm_head unpacked whole in int32/int64 temporaries took ~10 GiB on the GPU at load (docs/benchmarks.md).
+CHUNK_BYTES = 64 << 20
+
+
+def row_chunks(rows: int, bytes_per_row: int) -> range:
+    """Start rows of chunks whose temporaries stay under CHUNK_BYTES (one chunk while torch.compile traces, so a
+    compiled caller gets one vectorized graph, not an unrolled loop)."""
+    if torch.compiler.is_compiling():
+        return range(0, rows, max(rows, 1))
+    return range(0, rows, max(1, CHUNK_BYTES // max(1, bytes_per_row)))
+
+
 def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Unsigned `bits`-bit values packed densely into int32 along `dim` (first value in the lowest bits), as
-    compressed-tensors and GPTQ write them; bits 4 or 8 (no value crosses a word)."""
+    compressed-tensors and GPTQ write them; bits 4 or 8 (no value crosses a word). Returns uint8, unpacked in
+    chunks of rows so that loading a large Linear needs its values' bytes plus CHUNK_BYTES, not 8-16 times more."""
     if bits not in (4, 8):
         raise Unsupported(f"{bits}-bit packing")
     per, mask = 32 // bits, (1 << bits) - 1
-    p = packed.to(torch.int32)
-    if dim == 0:
-        p = p.t()
+    p = packed.t() if dim == 0 else packed
+    rows, words = p.shape
     shifts = torch.arange(0, 32, bits, device=p.device, dtype=torch.int32)
-    u = (p.unsqueeze(-1) >> shifts) & mask  # [rows, words, per]
-    u = u.reshape(p.shape[0], p.shape[1] * per)
+    step = row_chunks(rows, words * per * 8)
+    if len(step) == 1:
+        u = ((p.to(torch.int32).unsqueeze(-1) >> shifts) & mask).to(torch.uint8).reshape(rows, words * per)
+    else:
+        u = torch.empty(rows, words * per, dtype=torch.uint8, device=p.device)
+        for r in step:
+            c = p[r:r + step.step].to(torch.int32)
+            u[r:r + step.step] = ((c.unsqueeze(-1) >> shifts) & mask).reshape(c.shape[0], words * per)
     return u.t().contiguous() if dim == 0 else u
 
 
@@ -357,7 +377,7 @@ def compressed_tensors_weight(t: dict[str, torch.Tensor], qc: dict[str, Any]) ->
         if bits == 8:
             if not sym:
                 raise Unsupported("asymmetric 8-bit packed weights")
-            return Int8Weight((u - 128).to(torch.int8), t["weight_scale"].reshape(-1), False)
+            return Int8Weight((u.to(torch.int16) - 128).to(torch.int8), t["weight_scale"].reshape(-1), False)
         zp = None
         if "weight_zero_point" in t:  # signed zero point, packed along the output dim
             zp = unpack_int32(t["weight_zero_point"], bits, 0)[:n]  # packed like the weights: signed + 8

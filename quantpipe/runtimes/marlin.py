@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from quantpipe.errors import QuantpipeError
-from quantpipe.runtimes.kernels import unpack_int32
+from quantpipe.runtimes.kernels import row_chunks, unpack_int32
 
 OPS_NAMESPACE = "gptqmodel_marlin_bf16"  # the TORCH_LIBRARY name in the shipped bf16 binding
 TILE_K, TILE_N = 16, 64  # one Marlin tile of the repacked weight
@@ -168,11 +168,17 @@ def _register_op() -> None:
 # -- layouts ------------------------------------------------------------------------------------------------
 def _pack_rows(v: torch.Tensor, bits: int) -> torch.Tensor:
     """[R, C] unsigned values -> [R, C / (32 / bits)] int32, consecutive values of a row in one word, the first in
-    the lowest bits (the inverse of kernels.unpack_int32 along dim 1)."""
+    the lowest bits (the inverse of kernels.unpack_int32 along dim 1); in chunks of rows (kernels.row_chunks)."""
     per = 32 // bits
     r, c = v.shape
-    word = (v.to(torch.int64).reshape(r, c // per, per) << (torch.arange(per, device=v.device) * bits)).sum(-1)
-    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+    shifts = torch.arange(per, device=v.device) * bits
+    out = torch.empty(r, c // per, dtype=torch.int32, device=v.device)
+    step = row_chunks(r, c * 24)  # int64 values, shifted, and the sum's word per value
+    for i in step:
+        part = v[i:i + step.step]
+        word = (part.to(torch.int64).reshape(part.shape[0], c // per, per) << shifts).sum(-1)
+        out[i:i + step.step] = torch.where(word >= 2**31, word - 2**32, word)
+    return out
 
 
 def pack_along_k(u: torch.Tensor, bits: int) -> torch.Tensor:
