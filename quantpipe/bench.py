@@ -3,7 +3,11 @@
 Per batch size: time to first token (a 1-token generation = prefill), prefill tokens/s, and decode tokens/s
 = batch x (gen_len - 1) / (time of a gen_len generation - time to first token). Warm-up runs are discarded and
 the median of the repeats is reported. Peak resident memory is the bench process's own high-water mark
-(VmHWM), so each variant's figure is its own; `load_rss_mib` is what loading the artifact added.
+(VmHWM), so each variant's figure is its own; `load_rss_mib` is what loading the artifact added. On a CPU, one
+more (untimed) generation at the largest batch follows, with glibc's malloc returning freed blocks and the
+high-water mark restarted (isolate.start_memory_pass): `pass_rss_mib` is its peak, the process's memory without
+the free blocks glibc otherwise keeps (a different 30-90 MiB on each run), which is what `quantpipe plan`'s
+prediction is checked against.
 
 The runtime is the recipe's choice (`bench.runtimes`): `auto` is the format's own runtime, and on a GPU the
 compiled engine (runtimes/compiled.py: static KV cache, low-bit kernels, decode step in CUDA graphs) for the
@@ -131,6 +135,12 @@ def run_bench(artifact_dir: Path, cfg: dict[str, Any], prompt_ids: list[int], ru
         }
     out["kernel"] = rt.kernel()
     out["peak_rss_mib"] = isolate.peak_rss_mib()
+    if rt.device == "cpu" and cfg["batch_sizes"] and isolate.start_memory_pass():
+        # one untimed generation at the largest batch, with glibc returning what is freed: its peak is the memory
+        # `quantpipe plan` predicts (weights + KV cache + activations), without the allocator's retained free blocks
+        b = max(int(x) for x in cfg["batch_sizes"])
+        rt.generate(prompt_batch(prompt_ids, int(cfg["prompt_len"]), b), gen_len)
+        out["pass_rss_mib"] = isolate.peak_rss_mib()
     out["load_rss_mib"] = load_rss / 2**20
     out["base_rss_mib"] = rss0 / 2**20  # before loading, libraries imported: peak - base is the model's share
     if rt.device == "cuda":

@@ -51,6 +51,46 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _libc() -> Any:
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+def start_memory_pass() -> bool:
+    """Prepare this process to measure the memory of what it runs next: free what reference cycles hold, return
+    glibc's free heap memory to the system (malloc_trim), have glibc map each block of 128 KiB or more on its own
+    and trim its heap's top whenever it frees there, and restart the resident high-water mark at the current RSS
+    (Linux: /proc/self/clear_refs "5"), so that peak_rss_mib() then covers what comes after.
+
+    Why: glibc keeps freed blocks resident (its mmap threshold rises as large blocks are freed, so later ones come
+    from the heap, where free chunks stay mapped). A CPU benchmark's peak RSS held 30-90 MiB of such free memory,
+    a different amount on each identical run, and malloc_trim gave all of it back (docs/benchmarks.md). With these
+    settings the figure repeats to the MiB; decoding is then ~3x slower, so only an untimed pass runs this way.
+    False where the high-water mark cannot be restarted (it then still covers the whole process)."""
+    import gc
+
+    gc.collect()
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, 128 << 10)
+        libc.mallopt(_M_TRIM_THRESHOLD, 0)
+        libc.malloc_trim(0)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def rss_mib() -> float:
     import psutil
 

@@ -246,6 +246,7 @@ def test_memory_predicted_beside_measured(tiny_run: tuple[Path, Path, Results]) 
     _, _, res = tiny_run
     for v in res.variants:
         check_memory_prediction(v.name, v.prediction)
+        assert v.prediction.bench_measure.startswith("peak RSS of a generation at the largest batch"), v.name
     matrix = report.markdown(res)  # the run dir's matrix.md is rewritten by later tests of this module
     table = matrix[matrix.index("Memory, predicted"):]
     assert all(f"| {v} | " in table for v in ("baseline", "int8", "int8-dyn"))

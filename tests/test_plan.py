@@ -151,3 +151,40 @@ def test_calibration_warning_before_a_run(monkeypatch):
     assert len(warnings) == sum(1 for v in recipe.variants if get_method(v.method).calibrates(parse_params(v)))
     monkeypatch.setattr(plan, "available_memory", lambda: ("available RAM", 2**50))
     assert plan.calibration_warnings(recipe, config) == []
+
+
+
+def memory_pass_job(arg: tuple[int, bool]) -> dict:
+    """In a fresh process (isolate.run): memory freed but kept by glibc, then (when `arg[1]`)
+    isolate.start_memory_pass, then 2 x `mib` blocks of 1 MiB of which every other one is freed."""
+    import torch
+
+    from quantpipe import isolate
+
+    mib, use_pass = arg
+    blocks = [torch.ones(256, 1024) for _ in range(mib)]
+    big = torch.ones(8, 2**18)  # 8 MiB: mapped, and freeing it raises glibc's mmap threshold above 1 MiB
+    del blocks, big
+    before = isolate.peak_rss_mib()
+    ok = isolate.start_memory_pass() if use_pass else False
+    start = isolate.peak_rss_mib() if use_pass else isolate.rss_mib()
+    blocks = [torch.ones(256, 1024) for _ in range(2 * mib)]
+    peak = isolate.peak_rss_mib()
+    del blocks[::2]  # freed blocks between live ones: no heap top to trim
+    return {"ok": ok, "before": before, "start": start, "peak": peak, "half": isolate.rss_mib()}
+
+
+def test_memory_pass_measures_what_follows(tmp_path: Path) -> None:
+    """The bench's untimed memory pass: the high-water mark restarts at the current RSS (the free blocks glibc
+    kept are given back), it sees what is allocated later, and blocks freed later leave the process at once,
+    where without the pass glibc keeps them resident."""
+    from quantpipe import isolate
+
+    mib = 100
+    r = isolate.run(f"{__name__}:memory_pass_job", (mib, True), tmp_path, "pass")
+    assert r["ok"], "no /proc/self/clear_refs"
+    assert r["start"] < r["before"] - 0.8 * mib, r  # restarted lower than the process's earlier peak
+    assert r["peak"] - r["start"] >= 1.9 * mib, r  # what came after the restart is in it
+    assert r["half"] < r["start"] + 1.2 * mib, r  # the freed half went back to the system
+    plain = isolate.run(f"{__name__}:memory_pass_job", (mib, False), tmp_path, "plain")
+    assert plain["half"] > plain["start"] + 1.8 * mib, plain  # glibc's default: kept

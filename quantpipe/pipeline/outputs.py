@@ -196,10 +196,13 @@ def add_predictions(r: Run, res: dict[str, Any]) -> None:
         if b is not None:
             device = b["device"]
             pred["bench"] = {k: x / plan.MIB for k, x in plan.bench_memory(s, storage, dtype, device, spec).items()}
+            cpu_peak = b.get("pass_rss_mib", b["peak_rss_mib"])  # older bench records have no pass_rss_mib
             measured = b.get("peak_gpu_mib") if device == "cuda" else (
-                b["peak_rss_mib"] - b["base_rss_mib"] if "base_rss_mib" in b else None)
+                cpu_peak - b["base_rss_mib"] if "base_rss_mib" in b else None)
             pred["measured_bench_mib"] = measured
-            pred["bench_measure"] = "peak CUDA memory allocated" if device == "cuda" else "peak RSS - RSS before load"
+            pred["bench_measure"] = ("peak CUDA memory allocated" if device == "cuda" else
+                                     "peak RSS of a generation at the largest batch after the timed runs - RSS "
+                                     "before load" if "pass_rss_mib" in b else "peak RSS - RSS before load")
             # the storage's CPU note is about the format's own runtime (e.g. GPTQModel's kernel repacking)
             if device == "cpu" and storage.cpu_note and b.get("runtime") == runtimes.natural(row["format"]).name:
                 pred["bench_not_modelled"] = storage.cpu_note
