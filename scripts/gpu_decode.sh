@@ -54,7 +54,7 @@ print('marlin:', marlin.unusable() or 'ready', round(time.time() - t, 1), 's')" 
           python3 scripts/decode_probe.py w4 --asym "$A/bf16" "$A/w4a"; ls "$A" ;;
     bench) bench bf16 1 8 32; bench w4 1 8 32; bench w4a 1 8 32 ;;
     attn) best=; bestms=1e9
-          for k in sdpa-gqa sdpa-expand matmul; do
+          for k in sdpa-gqa sdpa-expand matmul flex; do
             QUANTPIPE_DECODE_ATTN=$k python3 scripts/decode_probe.py profile "$A/bf16" --batch 1 \
               --json "$res/attn-$k.json" > /dev/null 2>"$res/attn-$k.err"
             ms=$(python3 -c "import json; print(json.load(open('$res/attn-$k.json'))['step_ms'])" 2>/dev/null || echo 1e9)

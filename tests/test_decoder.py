@@ -70,16 +70,22 @@ def test_greedy_decode_equals_transformers(family: tuple[str, Path]) -> None:
     assert torch.equal(own.generate(x, 16), want)  # the reused cache, not reset
 
 
-def test_decode_step_logits_follow_the_full_pass(family: tuple[str, Path]) -> None:
-    """Every cached decode step's logits equal those of one full pass over the same tokens."""
+@pytest.mark.parametrize("attn", decoder.ATTN_KINDS)
+def test_decode_step_logits_follow_the_full_pass(family: tuple[str, Path], attn: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every cached decode step's logits equal those of one full pass over the same tokens, with each decode
+    attention (QUANTPIPE_DECODE_ATTN), the sliding window's mask included."""
     _, path = family
+    monkeypatch.setenv("QUANTPIPE_DECODE_ATTN", attn)
     own = compiled.CompiledRuntime(path, "cpu")
+    assert own.model.attn == attn
     ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(7))
-    full = own.model(ids, torch.arange(20), None)
-    cache = own.model.new_cache(2, 64)
-    steps = [own.model(ids[:, :12], torch.arange(12), cache, keep=1)]
-    for p in range(12, 20):
-        steps.append(own.model(ids[:, p:p + 1], torch.tensor([p]), cache, keep=1))
+    with torch.inference_mode():  # as the runtime runs it (FlexAttention has no backward on a CPU)
+        full = own.model(ids, torch.arange(20), None)
+        cache = own.model.new_cache(2, 64)
+        steps = [own.model(ids[:, :12], torch.arange(12), cache, keep=1)]
+        for p in range(12, 20):
+            steps.append(own.model(ids[:, p:p + 1], torch.tensor([p]), cache, keep=1))
     got = torch.cat(steps[1:], 1)
     assert torch.allclose(steps[0][:, -1], full[:, 11], atol=1e-4)
     assert torch.allclose(got, full[:, 12:20], atol=1e-4)
@@ -298,7 +304,7 @@ def test_comparison_switches_reject_bad_values(tiny_model: Path, monkeypatch: py
     from quantpipe.errors import QuantpipeError
 
     monkeypatch.setenv("QUANTPIPE_DECODE_ATTN", "flash")
-    with pytest.raises(QuantpipeError, match="QUANTPIPE_DECODE_ATTN=flash: one of matmul, sdpa-gqa, sdpa-expand"):
+    with pytest.raises(QuantpipeError, match="QUANTPIPE_DECODE_ATTN=flash: one of matmul, sdpa-gqa, sdpa-expand, flex"):
         compiled.CompiledRuntime(tiny_model, "cpu")
     monkeypatch.setenv("QUANTPIPE_MARLIN_PREFILL_ROWS", "lots")
     with pytest.raises(QuantpipeError, match="QUANTPIPE_MARLIN_PREFILL_ROWS=lots: a whole number"):

@@ -174,13 +174,17 @@ def test_marlin_load_memory_is_bounded() -> None:
     assert extra <= 4 * packed + 4 * kernels.CHUNK_BYTES, (extra / 2**20, packed / 2**20)
 
 
-def test_decoder_on_cuda_equals_transformers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("attn", ["matmul", "flex"])
+def test_decoder_on_cuda_equals_transformers(tmp_path: Path, attn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The decoder's logits in bfloat16 on the GPU against transformers' own (bf16 tolerance), and the
-    CUDA-graph decode's greedy tokens against transformers' greedy generate."""
+    CUDA-graph decode's greedy tokens against transformers' greedy generate; with the default decode attention
+    and with FlexAttention's decoding kernel."""
     from test_decoder import FAMILIES, build_family
     from transformers import AutoModelForCausalLM
 
     from quantpipe.runtimes import compiled
+
+    monkeypatch.setenv("QUANTPIPE_DECODE_ATTN", attn)
 
     for name, (mt, extra) in FAMILIES.items():
         path = build_family(tmp_path / name, mt, extra)

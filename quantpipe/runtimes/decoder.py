@@ -45,7 +45,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos.unsqueeze(2) + rot * sin.unsqueeze(2)
 
 
-ATTN_KINDS = ("matmul", "sdpa-gqa", "sdpa-expand")
+ATTN_KINDS = ("matmul", "sdpa-gqa", "sdpa-expand", "flex")
 # measured on the H200, Qwen2-7B shape, bf16 batch-1 step: matmul 4.62 ms, sdpa-gqa 4.95, sdpa-expand 4.96
 # (docs/benchmarks.md); QUANTPIPE_DECODE_ATTN picks another, for comparisons
 DECODE_ATTN = "matmul"
@@ -56,9 +56,17 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     """One query position per sequence (q [B, H, 1, D]) over the cache (k, v [B, KV, L, D]), `mask` [1, L] of
     the positions it may read. sdpa-gqa: the query heads of a KV head become that head's rows (no copy of the
     cache); sdpa-expand: the cache expanded to every query head (what transformers does); matmul: scores, softmax
-    and the weighted sum written out, for the compiler to fuse."""
+    and the weighted sum written out, for the compiler to fuse; flex: PyTorch's FlexAttention, which torch.compile
+    turns into one decoding kernel for short queries (its flex-decoding template) instead of three."""
     b, h, _, d = q.shape
     kv = k.shape[1]
+    if kind == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        def readable(score: torch.Tensor, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> torch.Tensor:
+            return torch.where(mask[0, kv_idx], score, float("-inf"))
+
+        return flex_attention(q, k, v, score_mod=readable, scale=scale, enable_gqa=kv != h)
     if kind == "sdpa-expand":
         rep = h // kv
         ke = k[:, :, None].expand(b, kv, rep, *k.shape[2:]).reshape(b, h, *k.shape[2:])
