@@ -57,7 +57,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     the positions it may read. sdpa-gqa: the query heads of a KV head become that head's rows (no copy of the
     cache); sdpa-expand: the cache expanded to every query head (what transformers does); matmul: scores, softmax
     and the weighted sum written out, for the compiler to fuse; flex: PyTorch's FlexAttention, which torch.compile
-    turns into one decoding kernel for short queries (its flex-decoding template) instead of three."""
+    turns into one decoding kernel for short queries (its flex-decoding Triton template) instead of three; a GPU's:
+    on a CPU it runs eagerly (torch 2.13's CPU lowering has no template for it)."""
     b, h, _, d = q.shape
     kv = k.shape[1]
     if kind == "flex":
