@@ -207,6 +207,7 @@ class LoadLevel(Model):
     failed: int | None = Field(None, ge=0)
     error: str | None = None  # the level did not finish: why (GuideLLM's or the server's last lines)
     log_tail: str | None = None
+    retried: str | None = None  # the first run measured no request (GuideLLM's line); these figures are the second's
 
 
 class ServedMemory(Model):

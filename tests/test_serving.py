@@ -18,7 +18,7 @@ import torch
 from quantpipe import gate, report
 from quantpipe.errors import QuantpipeError
 from quantpipe.recipe import GatesSpec, parse_recipe
-from quantpipe.results import Results
+from quantpipe.results import LoadLevel, Results
 from quantpipe.serving import client as client_mod
 from quantpipe.serving import engines, loadtest, measure
 from quantpipe.serving.engines import Engine, Env, Launch
@@ -197,6 +197,46 @@ def test_a_crash_under_load_is_an_incomplete_level_not_cached(tmp_path: Path, mo
     s.stop()
     assert out["ok"] is False and len(out["levels"]) == 1  # the sweep stops: the server is gone
     assert out["levels"][0]["concurrency"] == 1 and "RuntimeError: fake engine died" in out["levels"][0]["log_tail"]
+
+
+def test_a_level_guidellm_ended_before_any_request_runs_once_more(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """GuideLLM ends a level having measured no request while the server is healthy: that level runs a second
+    time and its record says so; a second such failure is the level's error (no third try); other failures are
+    not retried."""
+    s = server("ok", tmp_path, key=None)
+    s.start()
+    report = json.loads((DATA / "guidellm-report.json").read_text())
+    calls: list[int] = []
+    outcomes: list[tuple[dict | None, str]] = []
+
+    def flaky_guidellm(python: Path, doc: dict, work: Path, timeout_s: float) -> tuple[dict | None, str]:
+        calls.append(doc["benchmarks"][0]["profile.streams"])
+        return outcomes.pop(0)
+
+    monkeypatch.setattr(loadtest, "run", flaky_guidellm)
+    monkeypatch.setattr(Env, "require", lambda self, who: Path(sys.executable))
+    nothing = (None, "guidellm exited with 1: ValueError: Cannot compile GenerativeMetrics: "
+                     "No measurement start or end times available.")
+    one = {**report, "benchmarks": report["benchmarks"][:1]}
+    spec = {"concurrency": [4], "requests": 2, "prompt_tokens": 8, "output_tokens": 4, "max_seconds": 5,
+            "seed": 0}
+    try:
+        outcomes[:] = [nothing, (one, "")]
+        out = measure._load_test(s, spec, tmp_path, tmp_path, "m", "", lambda msg: None)
+        assert calls == [4, 4] and out["ok"] is True
+        assert out["levels"][0]["retried"].endswith("No measurement start or end times available.")
+        assert LoadLevel.model_validate(out["levels"][0]).retried == out["levels"][0]["retried"]
+        calls.clear()
+        outcomes[:] = [nothing, nothing, (one, "")]
+        out = measure._load_test(s, spec, tmp_path, tmp_path, "m", "", lambda msg: None)
+        assert calls == [4, 4] and out["ok"] is False and "No measurement" in out["levels"][0]["error"]
+        calls.clear()
+        outcomes[:] = [(None, "guidellm exited with 1: connection refused"), (one, "")]
+        out = measure._load_test(s, spec, tmp_path, tmp_path, "m", "", lambda msg: None)
+        assert calls == [4] and out["ok"] is False
+    finally:
+        s.stop()
 
 
 # -- the HTTP client -----------------------------------------------------------------------------------------------

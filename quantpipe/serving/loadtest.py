@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 PERCENTILES = ("p50", "p95", "p99")
+# GuideLLM's error when a level ended before any request was measured (no request sent or finished)
+NO_REQUEST_MEASURED = "No measurement start or end times available"
 
 
 def scenario(url: str, model: str, tokenizer_dir: Path, concurrency: list[int], requests: int, prompt_tokens: int,
