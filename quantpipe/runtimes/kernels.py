@@ -315,14 +315,11 @@ def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     p = packed.t() if dim == 0 else packed
     rows, words = p.shape
     shifts = torch.arange(0, 32, bits, device=p.device, dtype=torch.int32)
-    step = row_chunks(rows, words * per * 8)
-    if len(step) == 1:
-        u = ((p.to(torch.int32).unsqueeze(-1) >> shifts) & mask).to(torch.uint8).reshape(rows, words * per)
-    else:
-        u = torch.empty(rows, words * per, dtype=torch.uint8, device=p.device)
-        for r in step:
-            c = p[r:r + step.step].to(torch.int32)
-            u[r:r + step.step] = ((c.unsqueeze(-1) >> shifts) & mask).reshape(c.shape[0], words * per)
+    u = torch.empty(rows, words * per, dtype=torch.uint8, device=p.device)
+    step = row_chunks(rows, words * per * 8)  # two int32 temporaries per value
+    for r in step:
+        c = p[r:r + step.step].to(torch.int32)
+        u[r:r + step.step] = ((c.unsqueeze(-1) >> shifts) & mask).reshape(c.shape[0], words * per)
     return u.t().contiguous() if dim == 0 else u
 
 
