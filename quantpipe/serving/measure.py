@@ -176,6 +176,14 @@ def _log_fields(server: Server) -> dict[str, Any]:
                               "kv_cache_mib": rep.kv_cache_mib, "engine_dtype": rep.dtype}.items() if v is not None}
 
 
+def _run_level(server: Server, python: Path, doc: dict[str, Any], work: Path, timeout_s: float
+               ) -> tuple[dict[str, Any] | None, str, float]:
+    """One GuideLLM run (loadtest.run) and the server's peak PSS meanwhile."""
+    with server.sample_memory() as mem:
+        report, tail = loadtest.run(python, doc, work, timeout_s)
+    return report, tail, mem["peak_pss_mib"]
+
+
 def _load_test(server: Server, spec: dict[str, Any], tokenizer_dir: Path, work: Path, model: str, api_key: str,
                log: Any) -> dict[str, Any]:
     python = GUIDELLM.require("serve (the load test)")
@@ -185,18 +193,17 @@ def _load_test(server: Server, spec: dict[str, Any], tokenizer_dir: Path, work: 
         doc = loadtest.scenario(server.url, model, tokenizer_dir, [c], spec["requests"], spec["prompt_tokens"],
                                 spec["output_tokens"], spec["max_seconds"], spec["seed"],
                                 work / f"guidellm-c{c}.json", api_key, server.engine.health)
+        timeout_s = spec["max_seconds"] * 2 + 120
+        report, tail, pss = _run_level(server, python, doc, work / f"guidellm-c{c}", timeout_s)
         retried = None
-        for _ in range(2):
-            with server.sample_memory() as mem:
-                report, tail = loadtest.run(python, doc, work / f"guidellm-c{c}", spec["max_seconds"] * 2 + 120)
-            peak = max(peak, mem["peak_pss_mib"])
-            if report is not None or retried is not None or not server.alive() or \
-                    loadtest.NO_REQUEST_MEASURED not in tail:
-                break
+        if report is None and server.alive() and loadtest.NO_REQUEST_MEASURED in tail:
             # GuideLLM ended the level before it measured any request (seen once on a loaded 2-core machine,
             # the server healthy and idle): nothing was measured, so the level runs once more, and says so
             retried = tail.splitlines()[-1]
             log(f"  serve: concurrency {c}: GuideLLM measured no request ({retried}); running the level again")
+            report, tail, again = _run_level(server, python, doc, work / f"guidellm-c{c}", timeout_s)
+            pss = max(pss, again)
+        peak = max(peak, pss)
         if report is None or not server.alive():
             why = tail if report is None else "the server died during this level"
             levels_out.append({"concurrency": c, "error": why, "log_tail": server.log_tail()})
