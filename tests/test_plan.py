@@ -153,7 +153,6 @@ def test_calibration_warning_before_a_run(monkeypatch):
     assert plan.calibration_warnings(recipe, config) == []
 
 
-
 def memory_pass_job(arg: tuple[int, bool]) -> dict:
     """In a fresh process (isolate.run): memory freed but kept by glibc, then (when `arg[1]`)
     isolate.start_memory_pass, then 2 x `mib` blocks of 1 MiB of which every other one is freed."""
