@@ -61,6 +61,31 @@ def test_int8_linears_match_float_arithmetic() -> None:
     assert (dyn - ref).norm() / ref.norm() < 0.02  # activations rounded to int8 per token
 
 
+@pytest.mark.parametrize("vocab", [100, 152_064, 49_152 + 37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_pick_is_argmax_first_of_ties(vocab: int, dtype: torch.dtype) -> None:
+    """The two-stage pick equals argmax, ties (inside a slice, across slices, at the padded end) included."""
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(6, vocab, generator=g).to(dtype)
+    x[1, vocab // 3] = x[1, vocab // 2] = x[1].max() + 1  # the same maximum in two slices
+    x[2, 5] = x[2, 6] = x[2].max() + 1  # twice inside one slice
+    x[3, -1] = x[3].max() + 1  # the last position (next to the padding)
+    x[4] = 0.5  # all equal: the first
+    x[5, 0] = -float("inf")
+    got = compiled.greedy(x)
+    assert got.shape == (6, 1) and got.dtype == torch.int64
+    assert torch.equal(got, x.argmax(-1, keepdim=True))
+    assert got[1, 0] == vocab // 3 and got[2, 0] == 5 and got[3, 0] == vocab - 1 and got[4, 0] == 0
+
+
+def test_greedy_pick_compiles_to_argmax() -> None:
+    """Under torch.compile (Inductor's CPU code here; CUDA graphs on a GPU) the pick is still argmax."""
+    x = torch.randn(3, 152_064, generator=torch.Generator().manual_seed(0))
+    x[0, 70_000] = x[0, 90_000] = 99.0
+    fn = torch.compile(compiled.greedy, fullgraph=True, dynamic=False)
+    assert torch.equal(fn(x), x.argmax(-1, keepdim=True))
+
+
 def test_decode_limit_and_bytes(tiny_model: Path) -> None:
     from transformers import AutoModelForCausalLM
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from quantpipe import memory
 from quantpipe.artifact import ArtifactMeta
@@ -24,6 +25,25 @@ from quantpipe.runtimes.kernels import Unsupported, load_model
 
 # the formats it has kernels for (AWQ's GEMM layout has none: tinygemm's packing differs)
 FORMATS = frozenset({"safetensors", "compressed-tensors", "gptq", "torchao"})
+
+# The greedy pick over the vocabulary in two stages: the maximum of each of this many slices, then of those. One
+# row's argmax is one Triton program in Inductor (33.7 us over Qwen2's 152,064 logits at batch 1 on the H200,
+# ~1.3 % of a W4 step); the slices' maxima run in parallel.
+ARGMAX_SLICES = 128
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """[B, V] -> [B, 1]: the index of each row's maximum, the first one where several are equal (what
+    `argmax` returns), computed as the maxima of ARGMAX_SLICES slices and the first slice holding the largest."""
+    b, v = logits.shape
+    if v < ARGMAX_SLICES * 64:
+        return logits.argmax(-1, keepdim=True)
+    width = -(-v // ARGMAX_SLICES)
+    x = F.pad(logits, (0, width * ARGMAX_SLICES - v), value=float("-inf")).view(b, ARGMAX_SLICES, width)
+    best, where = x.max(-1)  # [B, slices]: each slice's maximum and its first position
+    first = best.argmax(-1, keepdim=True)
+    return first * width + where.gather(-1, first)
+
 
 def set_inductor_flags() -> None:
     """Cache compiled graphs on disk (the GPTQ and AWQ rows of one shape share theirs). gpt-fast's
@@ -74,7 +94,7 @@ class CompiledRuntime(BaseRuntime):
                           logits_to_keep=keep or 0).logits
 
     def _decode_one(self, tok: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
-        return self._forward(tok, pos, cache, 1)[:, -1].argmax(-1, keepdim=True)
+        return greedy(self._forward(tok, pos, cache, 1)[:, -1])
 
     def _cache(self, batch: int, length: int) -> Any:
         """The static cache of this (batch, length), reused across calls. The decoder's needs no reset: a prompt
@@ -101,7 +121,7 @@ class CompiledRuntime(BaseRuntime):
         cache = self._cache(b, self.cache_length(t, new_tokens))
         pos = torch.arange(t, device=self.device)
         logits = self._forward(x, pos, cache, 1)  # the last position's only: [B, T, vocab] can be GBs
-        tok = logits[:, -1].argmax(-1, keepdim=True)
+        tok = greedy(logits[:, -1])
         out = [tok]
         positions = torch.arange(t, t + new_tokens, device=self.device)
         for i in range(new_tokens - 1):
