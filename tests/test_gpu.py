@@ -142,13 +142,17 @@ def test_marlin_matches_the_dequantized_matmul(bits: int, sym: bool, groups: int
     w = (u.float() - z.repeat_interleave(g, 1)) * scale.to(torch.bfloat16).float().repeat_interleave(g, 1)
     assert marlin.triton_dequant() is not None
     assert torch.equal(lin.dequantized().float(), w.t().to(torch.bfloat16).float())
-    with monkeypatch.context() as mp:
-        mp.setenv("QUANTPIPE_MARLIN_DEQUANT", "gather")
-        assert torch.equal(lin.dequantized().float(), w.t().to(torch.bfloat16).float())
+    for mode in ("words", "gather"):
+        with monkeypatch.context() as mp:
+            mp.setenv("QUANTPIPE_MARLIN_DEQUANT", mode)
+            assert torch.equal(lin.dequantized().float(), w.t().to(torch.bfloat16).float()), mode
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     ref = x.float() @ w.t()
     y = lin(x).float()
     assert y.shape == (m, n)
+    assert (y - ref).norm() / ref.norm() < 5e-3, (y - ref).norm() / ref.norm()
+    lin.fp32_reduce = False  # split-K partial sums in bfloat16 (QUANTPIPE_MARLIN_FP32_REDUCE=0)
+    y = lin(x).float()
     assert (y - ref).norm() / ref.norm() < 5e-3, (y - ref).norm() / ref.norm()
 
 

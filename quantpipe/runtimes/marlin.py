@@ -52,6 +52,16 @@ def prefill_rows() -> int:
 
 GROUPS = (32, 64, 128)  # group sizes its kernels are generated for (and channelwise)
 
+
+def fp32_reduce() -> bool:
+    """Whether Marlin sums the partial products of a split K in float32 (vLLM's default, the one measured in
+    docs/benchmarks.md) or in bfloat16 in the output itself (QUANTPIPE_MARLIN_FP32_REDUCE=0, for comparisons:
+    `scripts/decode_probe.py marlin-opts` times both)."""
+    raw = os.environ.get("QUANTPIPE_MARLIN_FP32_REDUCE", "1")
+    if raw not in ("0", "1"):
+        raise QuantpipeError(f"QUANTPIPE_MARLIN_FP32_REDUCE={raw}: 1 (float32 partial sums) or 0 (bfloat16)")
+    return raw == "1"
+
 _STATE: dict[str, Any] = {}
 
 
@@ -153,12 +163,13 @@ def _register_op() -> None:
 
     @torch.library.custom_op("quantpipe::marlin_gemm", mutates_args=())
     def marlin_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                    workspace: torch.Tensor, type_id: int, n: int, k: int) -> torch.Tensor:
+                    workspace: torch.Tensor, type_id: int, n: int, k: int, fp32_reduce: bool) -> torch.Tensor:
+        # flags: is_k_full, use_atomic_add (it only engages for N <= 2048), use_fp32_reduce, is_zp_float
         return ops.gptq_marlin_gemm_bf16(x, None, qweight, None, scales, None, zeros, None, None, workspace, type_id,
-                                         x.shape[0], n, k, True, False, True, False)
+                                         x.shape[0], n, k, True, False, fp32_reduce, False)
 
     @marlin_gemm.register_fake
-    def _(x, qweight, scales, zeros, workspace, type_id, n, k):  # noqa: ANN001, ANN202
+    def _(x, qweight, scales, zeros, workspace, type_id, n, k, fp32_reduce):  # noqa: ANN001, ANN202
         return x.new_empty(x.shape[0], n)
 
     _STATE["op"] = marlin_gemm
@@ -276,13 +287,23 @@ def _dequant_fn() -> Any:
     return _DEQUANT["fn"]
 
 
-def triton_dequant() -> Any:
-    """_marlin_triton (the Triton dequantization) where Triton imports, else None (the compiled gather runs).
-    QUANTPIPE_MARLIN_DEQUANT=gather picks the gather, for comparisons."""
+DEQUANT_MODES = ("triton", "words", "gather")
+
+
+def dequant_mode() -> str:
+    """How prefill dequantizes (QUANTPIPE_MARLIN_DEQUANT, for comparisons): `triton` (_marlin_triton's kernel
+    reading each value at its slot), `words` (its kernel gathering inside the program from contiguous words) or
+    `gather` (torch.compile's gather, also what runs where Triton is missing)."""
     mode = os.environ.get("QUANTPIPE_MARLIN_DEQUANT", "triton")
-    if mode not in ("triton", "gather"):
-        raise QuantpipeError(f"QUANTPIPE_MARLIN_DEQUANT={mode}: triton or gather")
-    if mode == "gather":
+    if mode not in DEQUANT_MODES:
+        raise QuantpipeError(f"QUANTPIPE_MARLIN_DEQUANT={mode}: one of {', '.join(DEQUANT_MODES)}")
+    return mode
+
+
+def triton_dequant() -> Any:
+    """_marlin_triton (the Triton dequantization) where Triton imports and the mode is a Triton kernel, else None
+    (the compiled gather runs)."""
+    if dequant_mode() == "gather":
         return None
     if "triton" not in _DEQUANT:
         mod = None
@@ -335,7 +356,9 @@ class MarlinLinear(nn.Module):
         self.register_buffer("workspace", torch.zeros(max(sms, 128), dtype=torch.int32, device=dev))
         self.register_buffer("bias", bias)
         self.prefill_rows = prefill_rows()
-        self.label = (f"Marlin W{bits}A16 (gptq_marlin_gemm{'' if self.zeros is None else ', zero points'}; "
+        self.fp32_reduce = fp32_reduce()
+        self.label = (f"Marlin W{bits}A16 (gptq_marlin_gemm{'' if self.zeros is None else ', zero points'}"
+                      f"{'' if self.fp32_reduce else ', bfloat16 split-K sums'}; "
                       f"prefill over {self.prefill_rows} rows: dequantized bf16 GEMM)")
         _tile_order(bits, dev)  # read back (and checked) once per process
 
@@ -351,7 +374,7 @@ class MarlinLinear(nn.Module):
         tri = triton_dequant() if self.qweight.is_cuda else None
         if tri is not None:
             return tri.dequantize(self.qweight, inv["slots"], scales, zeros, self.bits, self.in_features,
-                                  self.out_features, self.group)
+                                  self.out_features, self.group, "words" if dequant_mode() == "words" else "slots")
         if zeros is None:
             zeros = torch.full_like(scales, 1 << (self.bits - 1))
         return _dequant_fn()(self.qweight, inv["tile"], scales, zeros, self.bits, self.in_features,
@@ -364,6 +387,6 @@ class MarlinLinear(nn.Module):
             y = x2 @ self.dequantized()
         else:
             y = _STATE["op"](x2.contiguous(), self.qweight, self.scales, self.zeros, self.workspace, self.type_id,
-                             self.out_features, self.in_features)
+                             self.out_features, self.in_features, self.fp32_reduce)
         y = y.to(self.out_dtype).reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
