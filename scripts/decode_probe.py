@@ -1,7 +1,8 @@
 """GPU decode measurements outside a recipe (docs/benchmarks.md, "GPU decode at the bandwidth limit"):
 
   random DIR --arch qwen2-7b          a random-weight bf16 checkpoint of a shipped shape (quantpipe artifact)
-  w4 SRC DIR [--asym] [--group 128]   a compressed-tensors W4A16 checkpoint of SRC's shape with random 4-bit
+  w4 SRC DIR [--asym] [--group 128] [--bits 8] [--head]
+                                      a compressed-tensors W4A16 (or W8A16) checkpoint of SRC's shape with random
                                       values and scales (the layout llm-compressor's GPTQ/AWQ write; no
                                       quantization is run: for kernel speed only)
   profile DIR --batch 1 [--hf] [--json F]
@@ -10,6 +11,8 @@
                                       share; --hf runs transformers' modeling code instead of the decoder
   crossover [--json F]                Marlin against dequantize + cuBLAS per row count on the Qwen2-7B layer
                                       shapes (W4 g128): where prefill should stop using Marlin
+  marlin-opts [--json F]              per 7B projection at 1/8/32 rows, from CUDA graphs: Marlin with float32 and
+                                      bfloat16 split-K sums, tinygemm and bf16 cuBLAS
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def make_random(out: Path, arch: str) -> None:
                                      arch=arch, seed=0))
 
 
-def make_w4(src: Path, out: Path, asym: bool, group: int) -> None:
+def make_w4(src: Path, out: Path, asym: bool, group: int, bits: int = 4, head: bool = False) -> None:
     from safetensors.torch import load_file, save_file
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # 7B random values: seconds on a GPU
@@ -49,15 +52,18 @@ def make_w4(src: Path, out: Path, asym: bool, group: int) -> None:
         tensors.update(load_file(str(f)))
     out.mkdir(parents=True, exist_ok=True)
     res: dict[str, torch.Tensor] = {}
+    if bits == 8:
+        group = 0  # 8-bit: one scale per output channel (what the int8 kernels read)
     for name, t in tensors.items():
-        if not (name.startswith("model.layers.") and name.endswith("_proj.weight")):
+        linear = name.startswith("model.layers.") and name.endswith("_proj.weight")
+        if not (linear or head and name == "lm_head.weight"):
             res[name] = t
             continue
         n, k = t.shape
         base = name[: -len(".weight")]
-        u = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int64, device=dev)  # signed + 8
-        res[f"{base}.weight_packed"] = pack_along_k(u, 4).t().contiguous().cpu()  # [N, K/8]: along K
-        scale = torch.rand(n, k // group, generator=g, device=dev) * 0.002 + 0.001
+        u = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.int64, device=dev)  # signed + 2^(bits-1)
+        res[f"{base}.weight_packed"] = pack_along_k(u, bits).t().contiguous().cpu()  # [N, K/per]: along K
+        scale = torch.rand(n, k // (group or k), generator=g, device=dev) * 0.002 + 0.001
         res[f"{base}.weight_scale"] = scale.to(torch.bfloat16).cpu()
         res[f"{base}.weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
         if asym:
@@ -66,10 +72,11 @@ def make_w4(src: Path, out: Path, asym: bool, group: int) -> None:
     save_file({k: v.contiguous() for k, v in res.items()}, str(out / "model.safetensors"))
     cfg["quantization_config"] = {
         "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-        "ignore": ["lm_head"], "kv_cache_scheme": None,
+        "ignore": [] if head else ["lm_head"], "kv_cache_scheme": None,
         "config_groups": {"group_0": {"targets": ["Linear"], "format": "pack-quantized", "input_activations": None,
                                       "output_activations": None, "weights": {
-            "num_bits": 4, "type": "int", "symmetric": not asym, "group_size": group, "strategy": "group",
+            "num_bits": bits, "type": "int", "symmetric": not asym, "group_size": group or None,
+            "strategy": "group" if group else "channel",
             "dynamic": False, "actorder": None, "observer": "minmax", "zp_dtype": "torch.int8" if asym else None}}}}
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     for extra in ("generation_config.json",):
@@ -78,7 +85,8 @@ def make_w4(src: Path, out: Path, asym: bool, group: int) -> None:
     meta = artifact.read(src)
     artifact.write(out, ArtifactMeta(variant="w4-random", method="awq" if asym else "gptq", format="compressed-tensors",
                                      weights="random", arch=meta.arch, seed=0,
-                                     params={"bits": 4, "group_size": group, "symmetric": not asym}))
+                                     params={"bits": bits, "group_size": group or None, "symmetric": not asym,
+                                             "lm_head": head}))
 
 
 def _top(prof: Any, calls: int) -> tuple[float, list[dict[str, Any]]]:
@@ -180,7 +188,8 @@ def _time(fn: Any, reps: int = 10) -> float:
 
 def crossover(out: Path | None) -> None:
     """Per row count, the four projections of one Qwen2-7B layer (W4 g128, symmetric): Marlin's GEMM against
-    the dequantized path (Triton dequantization + cuBLAS; the compiled gather too), and the dequantization alone."""
+    the dequantized path (the fastest dequantization + cuBLAS), and each dequantization alone (both Triton
+    kernels and the compiled gather)."""
     import os
 
     from quantpipe.runtimes import marlin
@@ -191,17 +200,30 @@ def crossover(out: Path | None) -> None:
     rows = [16, 64, 128, 256, 512, 1024, 2048, 4096]
     g = torch.Generator("cuda").manual_seed(0)
     res: dict[str, Any] = {"shapes": SHAPES_7B, "rows": rows, "ms": {}}
+    lins = {}
     for name, (n, k) in SHAPES_7B.items():
         u = torch.randint(0, 16, (n, k), generator=g, device="cuda", dtype=torch.int32)
         scale = torch.rand(n, k // 128, generator=g, device="cuda") * 0.002 + 0.001
-        lin = marlin.MarlinLinear(u, scale, None, 4, None, torch.bfloat16)
+        lins[name] = lin = marlin.MarlinLinear(u, scale, None, 4, None, torch.bfloat16)
         del u
+        want = None
         d: dict[str, Any] = {}
-        for mode in ("triton", "gather"):
+        for mode in marlin.DEQUANT_MODES:
             os.environ["QUANTPIPE_MARLIN_DEQUANT"] = mode
+            w = lin.dequantized()
+            if want is None:
+                want = w
+            elif not torch.equal(w, want):  # the kernels must agree before their times mean anything
+                d[f"dequant_{mode}_differs"] = float((w.float() - want.float()).abs().max())
             d[f"dequant_{mode}"] = _time(lin.dequantized)
-        os.environ.pop("QUANTPIPE_MARLIN_DEQUANT")
-        d["dequant_gbps"] = round((n * k * 2.5) / d["dequant_triton"] / 1e6, 1)  # bf16 out + int4 in
+            d[f"dequant_{mode}_gbps"] = round((n * k * 2.5) / d[f"dequant_{mode}"] / 1e6, 1)  # bf16 out + int4 in
+        res["ms"][name] = d
+        print(name, json.dumps({key: round(v, 4) for key, v in d.items()}), flush=True)
+    ok = [md for md in marlin.DEQUANT_MODES if not any(f"dequant_{md}_differs" in res["ms"][s] for s in SHAPES_7B)]
+    res["dequant_faster"] = min(ok, key=lambda md: sum(res["ms"][s][f"dequant_{md}"] for s in SHAPES_7B))
+    os.environ["QUANTPIPE_MARLIN_DEQUANT"] = res["dequant_faster"]
+    for name, (_, k) in SHAPES_7B.items():
+        d, lin = res["ms"][name], lins[name]
         for m in rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
             lin.prefill_rows = 1 << 30
@@ -209,17 +231,94 @@ def crossover(out: Path | None) -> None:
             lin.prefill_rows = 0
             d[f"dequant_mm_{m}"] = _time(lambda x=x, lin=lin: lin(x))
         res["ms"][name] = {key: round(v, 4) if isinstance(v, float) else v for key, v in d.items()}
-        print(name, json.dumps(res["ms"][name]), flush=True)
+    os.environ.pop("QUANTPIPE_MARLIN_DEQUANT")
     layer = {m: (sum(res["ms"][s][f"marlin_{m}"] for s in SHAPES_7B),
                  sum(res["ms"][s][f"dequant_mm_{m}"] for s in SHAPES_7B)) for m in rows}
     res["layer_ms"] = {m: {"marlin": round(a, 3), "dequant_mm": round(b, 3)} for m, (a, b) in layer.items()}
     res["dequant_wins_from_rows"] = next((m for m in rows if layer[m][1] < layer[m][0]), None)
-    res["dequant_faster"] = min(("triton", "gather"), key=lambda md: sum(res["ms"][s][f"dequant_{md}"]
-                                                                          for s in SHAPES_7B))
     for m, v in res["layer_ms"].items():
         print(f"  rows {m}: layer marlin {v['marlin']} ms, dequantized + cuBLAS {v['dequant_mm']} ms")
     print("dequantizing wins from", res["dequant_wins_from_rows"], "rows; faster dequantization:",
-          res["dequant_faster"])
+          res["dequant_faster"], "(of", ", ".join(ok), "agreeing)")
+    if out:
+        out.write_text(json.dumps(res, indent=1) + "\n")
+
+
+def _graph_ms(fns: list[Any], reps: int = 5) -> float:
+    """Median ms per call of `fns` (one call each, in turn; several copies of a weight so that it is read from
+    memory, not the 50 MB L2) replayed from one CUDA graph: no host time inside."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(4):
+            for f in fns:
+                f()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / (4 * len(fns)))
+    return sorted(times)[reps // 2]
+
+
+def marlin_opts(out: Path | None) -> None:
+    """Per Qwen2-7B projection (and lm_head) at 1, 8 and 32 rows, from CUDA graphs: Marlin W4 g128 with float32
+    and with bfloat16 split-K sums, tinygemm, and the bf16 matmul (cuBLAS); us per call, GB/s of the weight's
+    bytes, and each kernel's speed over bf16's."""
+    from quantpipe.runtimes import kernels, marlin
+
+    why = marlin.unusable()
+    if why:
+        sys.exit(f"Marlin: {why}")
+    g = torch.Generator("cuda").manual_seed(0)
+    shapes = {**SHAPES_7B, "lm_head": (152064, 3584)}
+    res: dict[str, Any] = {"shapes": shapes, "rows": [1, 8, 32], "us": {}}
+    for name, (n, k) in shapes.items():
+        w4_bytes, bf_bytes = n * k // 2 + n * (k // 128) * 2, n * k * 2
+        copies_w4, copies_bf = max(1, -(-200_000_000 // w4_bytes)), max(1, -(-200_000_000 // bf_bytes))
+        mods: dict[str, list[Any]] = {"marlin": [], "tinygemm": [], "bf16": []}
+        for _ in range(min(copies_w4, 24)):
+            u = torch.randint(0, 16, (n, k), generator=g, device="cuda", dtype=torch.int32)
+            scale = torch.rand(n, k // 128, generator=g, device="cuda") * 0.002 + 0.001
+            mods["marlin"].append(marlin.MarlinLinear(u, scale, None, 4, None, torch.bfloat16))
+            mods["tinygemm"].append(kernels.int4_from_unsigned(u, scale, None, None, torch.bfloat16))
+            del u
+        for _ in range(min(copies_bf, 24)):
+            mods["bf16"].append(torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16))
+        d: dict[str, float] = {}
+        for m in res["rows"]:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+            with torch.inference_mode():
+                for reduce in (True, False):
+                    for lin in mods["marlin"]:
+                        lin.fp32_reduce = reduce
+                    d[f"marlin{'' if reduce else '_bf16_reduce'}_{m}"] = 1e3 * _graph_ms(
+                        [lambda lin=lin, x=x: lin(x) for lin in mods["marlin"]])
+                for key in ("tinygemm", "bf16"):
+                    d[f"{key}_{m}"] = 1e3 * _graph_ms([lambda lin=lin, x=x: lin(x) for lin in mods[key]])
+            for key in ("marlin", "marlin_bf16_reduce", "tinygemm"):
+                d[f"{key}_{m}_x_bf16"] = d[f"bf16_{m}"] / d[f"{key}_{m}"]
+            d[f"marlin_{m}_gbps"] = w4_bytes / d[f"marlin_{m}"] / 1e3
+            d[f"bf16_{m}_gbps"] = bf_bytes / d[f"bf16_{m}"] / 1e3
+        res["us"][name] = {key: round(v, 3) for key, v in d.items()}
+        print(name, json.dumps(res["us"][name]), flush=True)
+        del mods
+        torch.cuda.empty_cache()
+    layer = {}
+    for key in ("marlin", "marlin_bf16_reduce", "tinygemm", "bf16"):
+        layer[key] = {m: round(sum(res["us"][s][f"{key}_{m}"] for s in SHAPES_7B), 1) for m in res["rows"]}
+    res["layer_us"] = layer
+    res["bf16_reduce_faster"] = all(layer["marlin_bf16_reduce"][m] < layer["marlin"][m] for m in res["rows"])
+    for key, v in layer.items():
+        print(f"  one layer, {key}: " + ", ".join(f"{m} rows {us} us" for m, us in v.items()))
     if out:
         out.write_text(json.dumps(res, indent=1) + "\n")
 
@@ -235,6 +334,8 @@ def main() -> None:
     w.add_argument("dir", type=Path)
     w.add_argument("--asym", action="store_true")
     w.add_argument("--group", type=int, default=128)
+    w.add_argument("--bits", type=int, choices=[4, 8], default=4, help="8: per-channel scales, symmetric")
+    w.add_argument("--head", action="store_true", help="lm_head quantized too")
     p = sub.add_parser("profile")
     p.add_argument("dir", type=Path)
     p.add_argument("--batch", type=int, default=1)
@@ -243,13 +344,17 @@ def main() -> None:
     p.add_argument("--prefill", action="store_true", help="profile the prompt pass instead of decode steps")
     c = sub.add_parser("crossover")
     c.add_argument("--json", type=Path)
+    o = sub.add_parser("marlin-opts")
+    o.add_argument("--json", type=Path)
     a = ap.parse_args()
     if a.cmd == "crossover":
         crossover(a.json)
+    elif a.cmd == "marlin-opts":
+        marlin_opts(a.json)
     elif a.cmd == "random":
         make_random(a.dir, a.arch)
     elif a.cmd == "w4":
-        make_w4(a.src, a.dir, a.asym, a.group)
+        make_w4(a.src, a.dir, a.asym, a.group, a.bits, a.head)
     elif a.prefill:
         profile_prefill(a.dir, a.batch, a.json)
     else:

@@ -3,8 +3,11 @@
 # carried in .whl/ (gptqmodel's wheel brings Marlin's CUDA sources; nvcc compiles them on first use).
 # Steps (any order, each logs to $OUT or runs/gpu-out):
 #   build      compile Marlin (about 100 s; QUANTPIPE_MARLIN_SO=path skips it with a library built earlier)
-#   data       random-weight Qwen2-7B checkpoints: bf16, and W4 g128 compressed-tensors (symmetric, zero points)
-#   bench      quantpipe bench of each at batch 1, 8, 32 (prompt 512 + 128, median of 3)
+#   data       random-weight Qwen2-7B checkpoints: bf16; W4 g128 compressed-tensors with lm_head 4-bit too (w4h);
+#              W8 per channel (w8)
+#   bench      quantpipe bench of bf16 and w4h at batch 1, 8, 32 and of w8 at 1 and 8 (prompt 512 + 128, median of 3)
+#   opts       Marlin's split-K sums in float32 vs bfloat16, tinygemm and bf16 cuBLAS per 7B projection (CUDA
+#              graphs); later steps use bfloat16 sums where they are faster at every row count
 #   attn       the decode attention variants (QUANTPIPE_DECODE_ATTN) at batch 1 on bf16; later steps use the fastest
 #   crossover  Marlin vs dequantize + cuBLAS per row count (7B layer shapes); later steps dequantize from the
 #              measured crossover (QUANTPIPE_MARLIN_PREFILL_ROWS)
@@ -35,7 +38,7 @@ bench() {  # artifact name, batch sizes...
   python3 - "$res/bench-$a.json" <<'EOF'
 import json, sys
 d = json.load(open(sys.argv[1]))
-print(d.get("engine"), "|", d.get("kernel"))
+print(d.get("engine"), "|", d.get("kernel"), "| peak GPU MiB", round(d.get("peak_gpu_mib", 0)))
 for b, r in d.get("per_batch", {}).items():
     print(f"  b{b}: {r['decode_tok_s']:.1f} tok/s, limit {r['limit_tok_s']:.1f}, {100 * r['frac_of_limit']:.1f} %, "
           f"TTFT {1e3 * r['ttft_s']:.1f} ms")
@@ -50,9 +53,13 @@ import time; t = time.time()
 from quantpipe.runtimes import marlin
 print('marlin:', marlin.unusable() or 'ready', round(time.time() - t, 1), 's')" 2>&1 | tail -5 ;;
     data) python3 scripts/decode_probe.py random "$A/bf16" --arch qwen2-7b &&
-          python3 scripts/decode_probe.py w4 "$A/bf16" "$A/w4" &&
-          python3 scripts/decode_probe.py w4 --asym "$A/bf16" "$A/w4a"; ls "$A" ;;
-    bench) bench bf16 1 8 32; bench w4 1 8 32; bench w4a 1 8 32 ;;
+          python3 scripts/decode_probe.py w4 --head "$A/bf16" "$A/w4h" &&
+          python3 scripts/decode_probe.py w4 --bits 8 "$A/bf16" "$A/w8"; ls "$A" ;;
+    bench) bench bf16 1 8 32; bench w4h 1 8 32; bench w8 1 8 ;;
+    opts) python3 scripts/decode_probe.py marlin-opts --json "$res/marlin-opts.json" 2>&1 | tail -12
+          if python3 -c "import json, sys; sys.exit(0 if json.load(open('$res/marlin-opts.json'))['bf16_reduce_faster'] else 1)"; then
+            export QUANTPIPE_MARLIN_FP32_REDUCE=0; echo "  using bfloat16 split-K sums"
+          fi ;;
     attn) best=; bestms=1e9
           for k in sdpa-gqa sdpa-expand matmul flex; do
             QUANTPIPE_DECODE_ATTN=$k python3 scripts/decode_probe.py profile "$A/bf16" --batch 1 \
@@ -78,7 +85,7 @@ print('marlin:', marlin.unusable() or 'ready', round(time.time() - t, 1), 's')" 
              done
              python3 scripts/decode_probe.py profile "$A/bf16" --prefill --json "$res/prefill-bf16.json" 2>/dev/null | head -6 ;;
     marlin) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "marlin or decoder" 2>&1 | tail -15 ;;
-    profile) for a in bf16 w4 w4h; do
+    profile) for a in bf16 w4 w4h w8; do
                [ -e "$A/$a" ] || continue
                python3 scripts/decode_probe.py profile "$A/$a" --batch 1 --json "$res/prof-$a-b1.json" | head -30
                [ "${PROFILE_HF:-0}" = 1 ] || continue  # transformers' modeling + tinygemm: the "before" profile
