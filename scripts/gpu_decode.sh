@@ -8,7 +8,7 @@
 #   bench      quantpipe bench of bf16 and w4h at batch 1, 8, 32 and of w8 at 1 and 8 (prompt 512 + 128, median of 3)
 #   opts       Marlin's split-K sums in float32 vs bfloat16, tinygemm and bf16 cuBLAS per 7B projection (CUDA
 #              graphs); later steps use bfloat16 sums where they are faster at every row count
-#   attn       the decode attention variants (QUANTPIPE_DECODE_ATTN) at batch 1 on bf16; later steps use the fastest
+#   attn       decode attention variants (ATTN_KINDS, default "matmul flex") at batch 1 on bf16; later steps use the fastest
 #   crossover  Marlin vs dequantize + cuBLAS per row count (7B layer shapes); later steps dequantize from the
 #              measured crossover (QUANTPIPE_MARLIN_PREFILL_ROWS)
 #   link       use the recipe's artifacts (baseline, gptq-w4g128, gptq-w4g128-head) as bf16, w4, w4h
@@ -61,7 +61,7 @@ print('marlin:', marlin.unusable() or 'ready', round(time.time() - t, 1), 's')" 
             export QUANTPIPE_MARLIN_FP32_REDUCE=0; echo "  using bfloat16 split-K sums"
           fi ;;
     attn) best=; bestms=1e9
-          for k in sdpa-gqa sdpa-expand matmul flex; do
+          for k in ${ATTN_KINDS:-matmul flex}; do  # sdpa-gqa and sdpa-expand: 4.95 and 4.96 ms (2026-12-01)
             QUANTPIPE_DECODE_ATTN=$k python3 scripts/decode_probe.py profile "$A/bf16" --batch 1 \
               --json "$res/attn-$k.json" > /dev/null 2>"$res/attn-$k.err"
             ms=$(python3 -c "import json; print(json.load(open('$res/attn-$k.json'))['step_ms'])" 2>/dev/null || echo 1e9)
