@@ -224,9 +224,8 @@ def test_marlin_gather_dequantizer_places_every_value(bits: int, groups: int, zp
     assert torch.equal(marlin.dequantize(qm, torch.argsort(order), scale, z, bits, 512, 128, 512 // groups), want)
 
 
-@pytest.mark.parametrize("kernel", ["slots", "words"])
 @pytest.mark.parametrize("bits,groups,zp", DEQUANT_CASES)
-def test_marlin_triton_dequantizer_places_every_value(bits: int, groups: int, zp: bool, kernel: str,
+def test_marlin_triton_dequantizer_places_every_value(bits: int, groups: int, zp: bool,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The Triton kernel in Triton's interpreter (skipped where Triton is not installed, as in CI's CPU torch;
     tests/test_gpu.py runs it on a GPU). The interpreter rounds float32 -> bfloat16 toward zero, a GPU to nearest:
@@ -237,8 +236,7 @@ def test_marlin_triton_dequantizer_places_every_value(bits: int, groups: int, zp
     _marlin_triton = importlib.import_module("quantpipe.runtimes._marlin_triton")
     qm, order, scale, zero, _, want = _dequant_case(bits, groups, zp, pow2=True)
     slots = torch.argsort(order).to(torch.int32)  # as marlin._inverses hands it over
-    got = _marlin_triton.dequantize(qm, slots, scale, zero, bits, 512, 128, 512 // groups, kernel)
-    assert torch.equal(got, want)
+    assert torch.equal(_marlin_triton.dequantize(qm, slots, scale, zero, bits, 512, 128, 512 // groups), want)
 
 
 def test_w4_checkpoint_is_read_one_linear_at_a_time(tmp_path: Path) -> None:
@@ -316,7 +314,7 @@ def test_comparison_switches_reject_bad_values(tiny_model: Path, monkeypatch: py
     monkeypatch.delenv("QUANTPIPE_MARLIN_PREFILL_ROWS")
     assert marlin.prefill_rows() == marlin.PREFILL_ROWS == 1024
     monkeypatch.setenv("QUANTPIPE_MARLIN_DEQUANT", "fast")
-    with pytest.raises(QuantpipeError, match="QUANTPIPE_MARLIN_DEQUANT=fast: one of triton, words, gather"):
+    with pytest.raises(QuantpipeError, match="QUANTPIPE_MARLIN_DEQUANT=fast: one of triton, gather"):
         marlin.triton_dequant()
     monkeypatch.setenv("QUANTPIPE_MARLIN_DEQUANT", "gather")
     assert marlin.triton_dequant() is None

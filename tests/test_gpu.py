@@ -142,10 +142,9 @@ def test_marlin_matches_the_dequantized_matmul(bits: int, sym: bool, groups: int
     w = (u.float() - z.repeat_interleave(g, 1)) * scale.to(torch.bfloat16).float().repeat_interleave(g, 1)
     assert marlin.triton_dequant() is not None
     assert torch.equal(lin.dequantized().float(), w.t().to(torch.bfloat16).float())
-    for mode in ("words", "gather"):
-        with monkeypatch.context() as mp:
-            mp.setenv("QUANTPIPE_MARLIN_DEQUANT", mode)
-            assert torch.equal(lin.dequantized().float(), w.t().to(torch.bfloat16).float()), mode
+    with monkeypatch.context() as mp:
+        mp.setenv("QUANTPIPE_MARLIN_DEQUANT", "gather")
+        assert torch.equal(lin.dequantized().float(), w.t().to(torch.bfloat16).float())
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     ref = x.float() @ w.t()
     y = lin(x).float()

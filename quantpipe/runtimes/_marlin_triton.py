@@ -37,39 +37,11 @@ def _dequant(q_ptr, inv_ptr, s_ptr, z_ptr, out_ptr, N, NT, GROUP: tl.constexpr, 
     tl.store(out_ptr + k * N + n, ((u.to(tl.float32) - z) * s).to(tl.bfloat16))
 
 
-@triton.jit
-def _dequant_words(q_ptr, inv_ptr, s_ptr, z_ptr, out_ptr, N, NT, GROUP: tl.constexpr, BITS: tl.constexpr,
-                   WORDS: tl.constexpr, TILES: tl.constexpr, HAS_ZP: tl.constexpr, MID: tl.constexpr):
-    """The same result as _dequant, read another way: the block's words are loaded once, contiguously, unpacked
-    into each tile's 1024 values in the kernel's slot order, and put in (k, n) order by a gather inside the
-    program (tl.gather: registers and shared memory) instead of one cached global load per value; the block's
-    scales (one group: 16 rows never straddle one) are loaded once per column."""
-    PER: tl.constexpr = 32 // BITS
-    kt = tl.program_id(0)
-    nt0 = tl.program_id(1) * TILES
-    t = tl.arange(0, TILES)
-    words = tl.load(q_ptr + (kt * NT + nt0 + t[:, None]) * WORDS + tl.arange(0, WORDS)[None, :])  # [T, WORDS]
-    shift = tl.arange(0, PER)[None, None, :] * BITS
-    u = tl.reshape((words[:, :, None] >> shift) & ((1 << BITS) - 1), [TILES, WORDS * PER])  # slot order
-    pos = tl.arange(0, 1024)
-    slot = tl.broadcast_to(tl.load(inv_ptr + pos)[None, :], [TILES, 1024])
-    v = tl.reshape(tl.gather(u, slot, 1), [TILES, 16, 64])  # in-tile order k * 64 + n
-    kl = tl.arange(0, 16)[None, :, None]
-    nl = ((nt0 + t) * 64)[:, None, None] + tl.arange(0, 64)[None, None, :]  # [T, 1, 64]
-    g = kt * 16 // GROUP
-    s = tl.load(s_ptr + g * N + nl).to(tl.float32)
-    if HAS_ZP:
-        z = tl.load(z_ptr + g * N + nl).to(tl.float32)
-    else:
-        z = MID
-    tl.store(out_ptr + (kt * 16 + kl) * N + nl, ((v.to(tl.float32) - z) * s).to(tl.bfloat16))
-
-
 def dequantize(qm: torch.Tensor, inv: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
-               k: int, n: int, group: int, kernel: str = "slots") -> torch.Tensor:
+               k: int, n: int, group: int) -> torch.Tensor:
     """W^T [K, N] in bfloat16 from Marlin words `qm` [K/16, N*16/(32/bits)]: (u - zero) * scale, `scale` and
     `zero` [K/group, N] in natural order (zero None: the symmetric midpoint); `inv` (int32): the slot of each
-    in-tile position k * 64 + n. `kernel`: "slots" (_dequant) or "words" (_dequant_words)."""
+    in-tile position k * 64 + n."""
     per = 32 // bits
     words = TILE_K * TILE_N // per
     nt = n // TILE_N
@@ -77,7 +49,7 @@ def dequantize(qm: torch.Tensor, inv: torch.Tensor, scale: torch.Tensor, zero: t
     out = torch.empty(k, n, dtype=torch.bfloat16, device=qm.device)
     s = scale.contiguous()
     z = s if zero is None else zero.contiguous()
-    fn = _dequant_words if kernel == "words" else _dequant
-    fn[(k // TILE_K, nt // tiles)](qm, inv, s, z, out, n, nt, GROUP=group, BITS=bits, WORDS=words, TILES=tiles,
-                                   HAS_ZP=zero is not None, MID=1 << (bits - 1), num_warps=8)
+    _dequant[(k // TILE_K, nt // tiles)](qm, inv, s, z, out, n, nt, GROUP=group, BITS=bits, WORDS=words,
+                                          TILES=tiles, HAS_ZP=zero is not None, MID=1 << (bits - 1),
+                                          num_warps=8)
     return out

@@ -287,13 +287,14 @@ def _dequant_fn() -> Any:
     return _DEQUANT["fn"]
 
 
-DEQUANT_MODES = ("triton", "words", "gather")
+# How prefill dequantizes: `triton` (_marlin_triton's kernel) or `gather` (torch.compile's gather, also what runs
+# where Triton is missing). A third kernel, loading the words contiguously and placing the values with tl.gather,
+# measured 0.43-0.80x the Triton kernel's speed on the 7B projections and was dropped (docs/benchmarks.md).
+DEQUANT_MODES = ("triton", "gather")
 
 
 def dequant_mode() -> str:
-    """How prefill dequantizes (QUANTPIPE_MARLIN_DEQUANT, for comparisons): `triton` (_marlin_triton's kernel
-    reading each value at its slot), `words` (its kernel gathering inside the program from contiguous words) or
-    `gather` (torch.compile's gather, also what runs where Triton is missing)."""
+    """QUANTPIPE_MARLIN_DEQUANT (for comparisons): one of DEQUANT_MODES, `triton` where unset."""
     mode = os.environ.get("QUANTPIPE_MARLIN_DEQUANT", "triton")
     if mode not in DEQUANT_MODES:
         raise QuantpipeError(f"QUANTPIPE_MARLIN_DEQUANT={mode}: one of {', '.join(DEQUANT_MODES)}")
@@ -374,7 +375,7 @@ class MarlinLinear(nn.Module):
         tri = triton_dequant() if self.qweight.is_cuda else None
         if tri is not None:
             return tri.dequantize(self.qweight, inv["slots"], scales, zeros, self.bits, self.in_features,
-                                  self.out_features, self.group, "words" if dequant_mode() == "words" else "slots")
+                                  self.out_features, self.group)
         if zeros is None:
             zeros = torch.full_like(scales, 1 << (self.bits - 1))
         return _dequant_fn()(self.qweight, inv["tile"], scales, zeros, self.bits, self.in_features,
