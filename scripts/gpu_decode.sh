@@ -11,6 +11,8 @@
 #   attn       decode attention variants (ATTN_KINDS, default "matmul flex") at batch 1 on bf16; later steps use the fastest
 #   crossover  Marlin vs dequantize + cuBLAS per row count (7B layer shapes); later steps dequantize from the
 #              measured crossover (QUANTPIPE_MARLIN_PREFILL_ROWS)
+#   onerow     w4h with QUANTPIPE_ONE_ROW_TINYGEMM=1 (tinygemm copies of the small projections for batch 1):
+#              profile at batch 1 and bench at 1, 8, 32
 #   link       use the recipe's artifacts (baseline, gptq-w4g128, gptq-w4g128-head) as bf16, w4, w4h
 #   prefill    the W4 prompt pass at batch 1: dequantized bf16 GEMM above the crossover vs Marlin throughout
 #   profile    torch.profiler of the batch-1 decode step: decoder vs transformers' modeling, bf16 and W4
@@ -84,6 +86,9 @@ print('marlin:', marlin.unusable() or 'ready', round(time.time() - t, 1), 's')" 
                  --json "$res/prefill-w4-rows$r.json" 2>/dev/null | head -12
              done
              python3 scripts/decode_probe.py profile "$A/bf16" --prefill --json "$res/prefill-bf16.json" 2>/dev/null | head -6 ;;
+    onerow) QUANTPIPE_ONE_ROW_TINYGEMM=1 python3 scripts/decode_probe.py profile "$A/w4h" --batch 1 \
+              --json "$res/prof-w4h-b1-onerow.json" | head -12
+            ln -sfn "$A/w4h" "$A/w4h-onerow" && QUANTPIPE_ONE_ROW_TINYGEMM=1 bench w4h-onerow 1 8 32 ;;
     marlin) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "marlin or decoder" 2>&1 | tail -15 ;;
     profile) for a in bf16 w4 w4h w8; do
                [ -e "$A/$a" ] || continue

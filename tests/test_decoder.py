@@ -171,6 +171,54 @@ def test_marlin_packing_and_permutations() -> None:
     assert marlin.scalar_type_id(8, 128) == (1 << 50) + (128 << 17) + (8 << 8)
 
 
+def test_marlin_one_row_calls_go_to_the_tinygemm_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MarlinLinear.use_one_row (QUANTPIPE_ONE_ROW_TINYGEMM): one-row calls run on the copy, more rows on Marlin's
+    op (a stand-in here: Marlin needs a GPU), the kernel label says so, and a decode step's bytes count one copy.
+    tests/test_gpu.py::test_marlin_one_row_tinygemm_copy builds it through kernels.build on a GPU."""
+    from torch import nn
+
+    from quantpipe import memory
+
+    torch.manual_seed(0)
+    n, k = 256, 512
+    u, scale = torch.randint(0, 16, (n, k)), torch.rand(n, 4) * 0.01 + 0.001
+    lin = marlin.MarlinLinear.__new__(marlin.MarlinLinear)  # the module without Marlin's repack (GPU only)
+    nn.Module.__init__(lin)
+    lin.in_features, lin.out_features, lin.out_dtype, lin.prefill_rows = k, n, torch.bfloat16, 1024
+    for name, t in {"qweight": torch.zeros(k // 8, n, dtype=torch.int32), "scales": scale.t().contiguous(),
+                    "workspace": torch.zeros(128, dtype=torch.int32)}.items():
+        lin.register_buffer(name, t)
+    lin.bias = lin.zeros = lin.one_row = None
+    lin.type_id, lin.fp32_reduce, lin.label = 0, True, "Marlin W4A16 (gptq_marlin_gemm)"
+    rows: list[int] = []
+    monkeypatch.setitem(marlin._STATE, "op", lambda x, *a: rows.append(x.shape[0]) or x.new_zeros(x.shape[0], n))
+    x = torch.randn(1, 1, k, dtype=torch.bfloat16)
+    assert torch.equal(lin(x), torch.zeros(1, 1, n, dtype=torch.bfloat16)) and rows == [1]  # no copy: Marlin
+    copy = kernels.int4_from_unsigned(u, scale, None, None, torch.bfloat16)
+    lin.use_one_row(copy, kernels.KERNEL_NAMES[kernels.Int4Linear])
+    assert lin.label == "Marlin W4A16 (gptq_marlin_gemm; one row: int4 tinygemm (_weight_int4pack_mm))"
+    assert torch.equal(lin(x), copy(x)) and rows == [1]
+    lin(torch.randn(2, 4, k, dtype=torch.bfloat16))
+    assert rows == [1, 8]
+
+    class Model(nn.Module):  # what decode_bytes reads: an embedding, an lm_head, the rest
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.lin, self.head = nn.Embedding(10, k), lin, nn.Linear(k, 10, bias=False)
+
+        def get_input_embeddings(self) -> nn.Module:
+            return self.embed
+
+        def get_output_embeddings(self) -> nn.Module:
+            return self.head
+
+    m = Model()
+    marlin_bytes = sum(t.numel() * t.element_size() for t in (lin.qweight, lin.scales, lin.workspace))
+    assert memory.decode_bytes(m) == marlin_bytes + m.head.weight.numel() * 4
+    copy.alternate = False
+    assert memory.decode_bytes(m) > marlin_bytes + m.head.weight.numel() * 4
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_unpacking_and_packing_in_chunks_equal_the_whole(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Loading a large Linear unpacks and re-packs it in chunks of rows (a 152k-row lm_head whole took ~10 GiB of

@@ -155,6 +155,33 @@ def test_marlin_matches_the_dequantized_matmul(bits: int, sym: bool, groups: int
     assert (y - ref).norm() / ref.norm() < 5e-3, (y - ref).norm() / ref.norm()
 
 
+@pytest.mark.parametrize("sym", [True, False])
+def test_marlin_one_row_tinygemm_copy(sym: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QUANTPIPE_ONE_ROW_TINYGEMM=1: kernels.build gives a small 4-bit weight a tinygemm copy for one-row calls
+    (both kernels' results against the plain arithmetic); a weight over ONE_ROW_MAX_ELEMENTS gets none."""
+    _marlin_or_skip()
+    from quantpipe.runtimes import kernels, marlin
+
+    monkeypatch.setenv("QUANTPIPE_ONE_ROW_TINYGEMM", "1")
+    torch.manual_seed(0)
+    n, k = 384, 512
+    u = torch.randint(0, 16, (n, k), device="cuda")
+    scale = torch.rand(n, 4, device="cuda") * 0.01 + 0.001
+    zero = None if sym else torch.randint(4, 12, (n, 4), device="cuda").float()
+    lin = kernels.build(kernels.Int4Weight(u, scale, zero), None, torch.bfloat16)
+    assert isinstance(lin, marlin.MarlinLinear) and isinstance(lin.one_row, kernels.Int4Linear)
+    assert "one row: int4 tinygemm" in kernels.kernel_name(lin)
+    z = torch.full_like(scale, 8) if zero is None else zero
+    w = (u.float() - z.repeat_interleave(128, 1)) * scale.to(torch.bfloat16).float().repeat_interleave(128, 1)
+    for m in (1, 8):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ w.t()
+        y = lin(x).float()
+        assert (y - ref).norm() / ref.norm() < 1e-2, (m, (y - ref).norm() / ref.norm())
+    monkeypatch.setattr(marlin, "ONE_ROW_MAX_ELEMENTS", n * k - 1)
+    assert kernels.build(kernels.Int4Weight(u, scale, zero), None, torch.bfloat16).one_row is None
+
+
 def test_marlin_load_memory_is_bounded() -> None:
     """Reading and repacking a large packed Linear (an lm_head's shape) takes its uint8 values, the repacked words
     and kernels.CHUNK_BYTES of temporaries, not the int32/int64 copies of the whole that once cost ~10 GiB."""

@@ -264,7 +264,14 @@ def build(rec: QWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Mod
         fallback = marlin.unusable() or marlin.shape_problem(n, k, k // g, bits, dtype)
         if fallback is None:
             if bits == 4:
-                return marlin.MarlinLinear(rec.u, rec.scale, rec.zero_u, 4, bias, dtype)
+                lin = marlin.MarlinLinear(rec.u, rec.scale, rec.zero_u, 4, bias, dtype)
+                if marlin.one_row_tinygemm() and rec.u.numel() <= marlin.ONE_ROW_MAX_ELEMENTS:
+                    try:
+                        lin.use_one_row(int4_from_unsigned(rec.u, rec.scale, rec.zero_u, None, torch.bfloat16),
+                                        KERNEL_NAMES[Int4Linear])
+                    except Unsupported:  # tinygemm's group sizes are narrower than Marlin's: Marlin alone
+                        pass
+                return lin
             return marlin.MarlinLinear((rec.q.to(torch.int16) + 128).to(torch.uint8), rec.scale.reshape(-1, 1),
                                         None, 8, bias, dtype)
     if isinstance(rec, DenseWeight):

@@ -53,6 +53,24 @@ def prefill_rows() -> int:
 GROUPS = (32, 64, 128)  # group sizes its kernels are generated for (and channelwise)
 
 
+# At one row (batch-1 decode) Marlin's fixed grid leaves small weights short of work: on the H200 the 7B's
+# 3584-wide attention projections (fused q/k/v 4608 x 3584, o_proj 3584 x 3584) ran on Marlin at 0.83 and 0.60
+# TB/s (1.07x and 1.05x bf16's cuBLAS) and on tinygemm at 1.29x and 1.78x bf16; the MLP projections and lm_head
+# ran faster on Marlin (1.9-2.3x bf16), and at 8 rows tinygemm is behind on every shape (`decode_probe.py
+# marlin-opts`, docs/benchmarks.md). QUANTPIPE_ONE_ROW_TINYGEMM=1 keeps a tinygemm copy of each 4-bit weight of
+# at most ONE_ROW_MAX_ELEMENTS for one-row calls; it costs that copy's memory (~9 % of a 7B's W4 weights) and is
+# off until timed end to end.
+ONE_ROW_MAX_ELEMENTS = 24 << 20
+
+
+def one_row_tinygemm() -> bool:
+    """Whether small 4-bit weights get a tinygemm copy for one-row calls (QUANTPIPE_ONE_ROW_TINYGEMM=1)."""
+    raw = os.environ.get("QUANTPIPE_ONE_ROW_TINYGEMM", "0")
+    if raw not in ("0", "1"):
+        raise QuantpipeError(f"QUANTPIPE_ONE_ROW_TINYGEMM={raw}: 1 (a tinygemm copy for one row) or 0")
+    return raw == "1"
+
+
 def fp32_reduce() -> bool:
     """Whether Marlin sums the partial products of a split K in float32 (vLLM's default, the one measured in
     docs/benchmarks.md) or in bfloat16 in the output itself (QUANTPIPE_MARLIN_FP32_REDUCE=0, for comparisons:
@@ -331,7 +349,8 @@ def shape_problem(n: int, k: int, group: int, bits: int, dtype: torch.dtype) -> 
 class MarlinLinear(nn.Module):
     """y = x W^T, W = (u - zero) * scale per group of input columns (`scale`, `zero_u`: [N, G]; G = 1 per
     channel), u [N, K] unsigned `bits`-bit (zero None: the symmetric midpoint, 8 or 128). Decode rows run on
-    Marlin; more than PREFILL_ROWS rows on the dequantized bfloat16 weight and the dense GEMM."""
+    Marlin; more than PREFILL_ROWS rows on the dequantized bfloat16 weight and the dense GEMM; one row on
+    `one_row` where a copy was given (use_one_row)."""
 
     def __init__(self, u: torch.Tensor, scale: torch.Tensor, zero_u: torch.Tensor | None, bits: int,
                  bias: torch.Tensor | None, out_dtype: torch.dtype) -> None:
@@ -358,10 +377,18 @@ class MarlinLinear(nn.Module):
         self.register_buffer("bias", bias)
         self.prefill_rows = prefill_rows()
         self.fp32_reduce = fp32_reduce()
+        self.one_row: nn.Module | None = None
         self.label = (f"Marlin W{bits}A16 (gptq_marlin_gemm{'' if self.zeros is None else ', zero points'}"
                       f"{'' if self.fp32_reduce else ', bfloat16 split-K sums'}; "
                       f"prefill over {self.prefill_rows} rows: dequantized bf16 GEMM)")
         _tile_order(bits, dev)  # read back (and checked) once per process
+
+    def use_one_row(self, mod: nn.Module, name: str) -> None:
+        """Compute one-row calls with `mod` (the same weight on another kernel, `name`). It is marked `alternate`:
+        a step reads it or the Marlin words, not both (memory.decode_bytes counts one)."""
+        mod.alternate = True
+        self.one_row = mod
+        self.label = self.label[:-1] + f"; one row: {name})"
 
     def dequantized(self) -> torch.Tensor:
         """W^T [K, N] in bfloat16, from the Marlin-layout buffers alone (scales and zero points un-permuted)."""
@@ -384,7 +411,9 @@ class MarlinLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if x2.shape[0] > self.prefill_rows and not torch.compiler.is_compiling():
+        if self.one_row is not None and x2.shape[0] == 1:
+            y = self.one_row(x2)
+        elif x2.shape[0] > self.prefill_rows and not torch.compiler.is_compiling():
             y = x2 @ self.dequantized()
         else:
             y = _STATE["op"](x2.contiguous(), self.qweight, self.scales, self.zeros, self.workspace, self.type_id,
