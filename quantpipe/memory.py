@@ -191,9 +191,9 @@ def awq_calibration(s: Shapes, n_samples: int, seq_len: int, a: int) -> dict[str
 # -- what a loaded model reads per decode step -----------------------------------------------------------------
 def decode_bytes(model: torch.nn.Module) -> int:
     """Bytes of weights one decode step reads: every parameter and buffer but the token embedding (a step
-    gathers a few rows of it) — unless the lm_head is tied to it, then it is read whole, once — and but the
-    modules marked `alternate` (a second copy of a weight on another kernel for some row counts: a step reads
-    one of the two; marlin.MarlinLinear.use_one_row)."""
+    gathers a few rows of it) — unless the lm_head is tied to it, then it is read whole, once. Modules marked
+    `alternate` are left out: each is a second copy of a weight on another kernel for some row counts, and a step
+    reads one of the two copies (marlin.MarlinLinear.use_one_row)."""
     emb = model.get_input_embeddings().weight
     seen = {t.data_ptr() for m in model.modules() if getattr(m, "alternate", False)
             for t in [*m.parameters(), *m.buffers()]}
