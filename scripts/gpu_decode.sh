@@ -13,6 +13,8 @@
 #              measured crossover (QUANTPIPE_MARLIN_PREFILL_ROWS)
 #   onerow     w4h with QUANTPIPE_ONE_ROW_TINYGEMM=1 (tinygemm copies of the small projections for batch 1):
 #              profile at batch 1 and bench at 1, 8, 32
+#   tune       bf16 and w4h profiled at batch 1 with QUANTPIPE_TUNE=1 (Inductor's coordinate-descent tuning, which
+#              also turns one-row bf16 matmuls into fused reductions instead of cuBLAS split-K calls)
 #   link       use the recipe's artifacts (baseline, gptq-w4g128, gptq-w4g128-head) as bf16, w4, w4h
 #   prefill    the W4 prompt pass at batch 1: dequantized bf16 GEMM above the crossover vs Marlin throughout
 #   profile    torch.profiler of the batch-1 decode step: decoder vs transformers' modeling, bf16 and W4
@@ -89,6 +91,10 @@ print('marlin:', marlin.unusable() or 'ready', round(time.time() - t, 1), 's')" 
     onerow) QUANTPIPE_ONE_ROW_TINYGEMM=1 python3 scripts/decode_probe.py profile "$A/w4h" --batch 1 \
               --json "$res/prof-w4h-b1-onerow.json" | head -12
             ln -sfn "$A/w4h" "$A/w4h-onerow" && QUANTPIPE_ONE_ROW_TINYGEMM=1 bench w4h-onerow 1 8 32 ;;
+    tune) for a in bf16 w4h; do
+            QUANTPIPE_TUNE=1 python3 scripts/decode_probe.py profile "$A/$a" --batch 1 \
+              --json "$res/prof-$a-b1-tune.json" | head -12
+          done ;;
     marlin) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "marlin or decoder" 2>&1 | tail -15 ;;
     profile) for a in bf16 w4 w4h w8; do
                [ -e "$A/$a" ] || continue
