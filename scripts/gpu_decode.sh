@@ -95,14 +95,15 @@ print('marlin:', marlin.unusable() or 'ready', round(time.time() - t, 1), 's')" 
             QUANTPIPE_TUNE=1 python3 scripts/decode_probe.py profile "$A/$a" --batch 1 \
               --json "$res/prof-$a-b1-tune.json" | head -12
           done ;;
-    marlin) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "marlin or decoder" 2>&1 | tail -15 ;;
+    marlin) python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_gpu.py -k "marlin or decoder" 2>&1 |
+              grep -v "Warning\|warn" | tail -60 ;;
     profile) for a in bf16 w4 w4h w8; do
                [ -e "$A/$a" ] || continue
                python3 scripts/decode_probe.py profile "$A/$a" --batch 1 --json "$res/prof-$a-b1.json" | head -30
                [ "${PROFILE_HF:-0}" = 1 ] || continue  # transformers' modeling + tinygemm: the "before" profile
                QUANTPIPE_MARLIN=0 python3 scripts/decode_probe.py profile "$A/$a" --batch 1 --hf --json "$res/prof-$a-b1-hf.json" | head -30
              done ;;
-    tests) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -15 ;;
+    tests) python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_gpu.py 2>&1 | grep -v "Warning\|warn" | tail -60 ;;
     recipe) python3 -m quantpipe run recipes/gpu-qwen2-7b-random.yaml 2>&1 | tail -30
             python3 -m quantpipe gate runs/gpu-qwen2-7b-random 2>&1 | tail -30
             cp runs/gpu-qwen2-7b-random/results.json "$res/7b-results.json" ;;

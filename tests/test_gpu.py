@@ -270,7 +270,8 @@ def test_marlin_runs_a_w4_checkpoint_in_the_compiled_engine(tmp_path: Path) -> N
             marlin._STATE.clear()
             marlin._STATE.update(state)
         assert "tinygemm" in slow.kernels
-        assert (got == slow.generate(x, 8)).float().mean() >= 0.8
+        agree = (got == slow.generate(x, 8)).float().mean()
+        assert agree >= 0.8, (asym, agree, got.tolist())
         ids = x[0].tolist()
         a, b = fast.logits(ids), slow.logits(ids)
-        assert (a - b).norm() / b.norm() < 2e-2
+        assert (a - b).norm() / b.norm() < 2e-2, (asym, (a - b).norm() / b.norm())
