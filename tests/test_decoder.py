@@ -366,3 +366,13 @@ def test_comparison_switches_reject_bad_values(tiny_model: Path, monkeypatch: py
         marlin.triton_dequant()
     monkeypatch.setenv("QUANTPIPE_MARLIN_DEQUANT", "gather")
     assert marlin.triton_dequant() is None
+    assert marlin.fp32_reduce() is True and marlin.one_row_tinygemm() is False  # the defaults
+    monkeypatch.setenv("QUANTPIPE_MARLIN_FP32_REDUCE", "0")
+    monkeypatch.setenv("QUANTPIPE_ONE_ROW_TINYGEMM", "1")
+    assert marlin.fp32_reduce() is False and marlin.one_row_tinygemm() is True
+    monkeypatch.setenv("QUANTPIPE_MARLIN_FP32_REDUCE", "yes")
+    with pytest.raises(QuantpipeError, match=r"QUANTPIPE_MARLIN_FP32_REDUCE=yes: 1 \(float32 partial sums\) or 0"):
+        marlin.fp32_reduce()
+    monkeypatch.setenv("QUANTPIPE_ONE_ROW_TINYGEMM", "on")
+    with pytest.raises(QuantpipeError, match=r"QUANTPIPE_ONE_ROW_TINYGEMM=on: 1 \(a tinygemm copy for one row\) or 0"):
+        marlin.one_row_tinygemm()

@@ -63,22 +63,25 @@ GROUPS = (32, 64, 128)  # group sizes its kernels are generated for (and channel
 ONE_ROW_MAX_ELEMENTS = 24 << 20
 
 
+def _switch(name: str, default: str, meaning: str) -> bool:
+    """An on/off environment switch: `name` set to 1 or 0 (`default` where unset); anything else is an error
+    that says what each value means (`meaning`: "1 (...) or 0 (...)")."""
+    raw = os.environ.get(name, default)
+    if raw not in ("0", "1"):
+        raise QuantpipeError(f"{name}={raw}: {meaning}")
+    return raw == "1"
+
+
 def one_row_tinygemm() -> bool:
     """Whether small 4-bit weights get a tinygemm copy for one-row calls (QUANTPIPE_ONE_ROW_TINYGEMM=1)."""
-    raw = os.environ.get("QUANTPIPE_ONE_ROW_TINYGEMM", "0")
-    if raw not in ("0", "1"):
-        raise QuantpipeError(f"QUANTPIPE_ONE_ROW_TINYGEMM={raw}: 1 (a tinygemm copy for one row) or 0")
-    return raw == "1"
+    return _switch("QUANTPIPE_ONE_ROW_TINYGEMM", "0", "1 (a tinygemm copy for one row) or 0")
 
 
 def fp32_reduce() -> bool:
     """Whether Marlin sums the partial products of a split K in float32 (vLLM's default, the one measured in
     docs/benchmarks.md) or in bfloat16 in the output itself (QUANTPIPE_MARLIN_FP32_REDUCE=0, for comparisons:
     `scripts/decode_probe.py marlin-opts` times both)."""
-    raw = os.environ.get("QUANTPIPE_MARLIN_FP32_REDUCE", "1")
-    if raw not in ("0", "1"):
-        raise QuantpipeError(f"QUANTPIPE_MARLIN_FP32_REDUCE={raw}: 1 (float32 partial sums) or 0 (bfloat16)")
-    return raw == "1"
+    return _switch("QUANTPIPE_MARLIN_FP32_REDUCE", "1", "1 (float32 partial sums) or 0 (bfloat16)")
 
 _STATE: dict[str, Any] = {}
 
