@@ -347,6 +347,8 @@ def main() -> None:
     o = sub.add_parser("marlin-opts")
     o.add_argument("--json", type=Path)
     a = ap.parse_args()
+    if a.cmd == "w4" and a.bits == 8 and a.asym:
+        ap.error("w4 --bits 8 is symmetric (the 8-bit kernels have no zero points): drop --asym")
     if a.cmd == "crossover":
         crossover(a.json)
     elif a.cmd == "marlin-opts":
