@@ -188,8 +188,9 @@ def _time(fn: Any, reps: int = 10) -> float:
 
 def crossover(out: Path | None) -> None:
     """Per row count, the four projections of one Qwen2-7B layer (W4 g128, symmetric): Marlin's GEMM against
-    the dequantized path (the fastest dequantization + cuBLAS), and each dequantization alone (both Triton
-    kernels and the compiled gather)."""
+    the dequantized path (the fastest dequantization + cuBLAS), and each dequantization alone (the Triton
+    kernels and the compiled gather; `fields_match` says whether the `fields` kernel ran or fell back to the
+    table-reading one)."""
     import os
 
     from quantpipe.runtimes import marlin
@@ -210,7 +211,11 @@ def crossover(out: Path | None) -> None:
         d: dict[str, Any] = {}
         for mode in marlin.DEQUANT_MODES:
             os.environ["QUANTPIPE_MARLIN_DEQUANT"] = mode
-            w = lin.dequantized()
+            try:
+                w = lin.dequantized()
+            except Exception as e:  # a kernel that does not build here is reported, and the others still run
+                d[f"dequant_{mode}_error"] = f"{type(e).__name__}: {e}"[:300]
+                continue
             if want is None:
                 want = w
             elif not torch.equal(w, want):  # the kernels must agree before their times mean anything
@@ -218,8 +223,11 @@ def crossover(out: Path | None) -> None:
             d[f"dequant_{mode}"] = _time(lin.dequantized)
             d[f"dequant_{mode}_gbps"] = round((n * k * 2.5) / d[f"dequant_{mode}"] / 1e6, 1)  # bf16 out + int4 in
         res["ms"][name] = d
-        print(name, json.dumps({key: round(v, 4) for key, v in d.items()}), flush=True)
-    ok = [md for md in marlin.DEQUANT_MODES if not any(f"dequant_{md}_differs" in res["ms"][s] for s in SHAPES_7B)]
+        print(name, json.dumps({key: round(v, 4) if isinstance(v, float) else v for key, v in d.items()}), flush=True)
+    res["fields_match"] = marlin.fields_match(4, torch.device("cuda"))
+    print("tile order is TILE_FIELDS':", res["fields_match"])
+    ok = [md for md in marlin.DEQUANT_MODES
+          if not any(f"dequant_{md}_{bad}" in res["ms"][s] for s in SHAPES_7B for bad in ("differs", "error"))]
     res["dequant_faster"] = min(ok, key=lambda md: sum(res["ms"][s][f"dequant_{md}"] for s in SHAPES_7B))
     os.environ["QUANTPIPE_MARLIN_DEQUANT"] = res["dequant_faster"]
     for name, (_, k) in SHAPES_7B.items():

@@ -6,17 +6,21 @@
 #   data       random-weight Qwen2-7B checkpoints: bf16; W4 g128 compressed-tensors with lm_head 4-bit too (w4h);
 #              W8 per channel (w8)
 #   bench      quantpipe bench of bf16 and w4h at batch 1, 8, 32 and of w8 at 1 and 8 (prompt 512 + 128, median of 3)
+#   benchbf16  the same for bf16 alone
 #   opts       Marlin's split-K sums in float32 vs bfloat16, tinygemm and bf16 cuBLAS per 7B projection (CUDA
 #              graphs); later steps use bfloat16 sums where they are faster at every row count
 #   attn       decode attention variants (ATTN_KINDS, default "matmul flex") at batch 1 on bf16; later steps use the fastest
-#   crossover  Marlin vs dequantize + cuBLAS per row count (7B layer shapes); later steps dequantize from the
-#              measured crossover (QUANTPIPE_MARLIN_PREFILL_ROWS)
+#   crossover  Marlin vs dequantize + cuBLAS per row count (7B layer shapes), each dequantizer timed; later steps
+#              use the fastest dequantizer that agrees and dequantize from the measured crossover
+#              (QUANTPIPE_MARLIN_DEQUANT, QUANTPIPE_MARLIN_PREFILL_ROWS)
 #   onerow     w4h with QUANTPIPE_ONE_ROW_TINYGEMM=1 (tinygemm copies of the small projections for batch 1):
 #              profile at batch 1 and bench at 1, 8, 32
-#   tune       bf16 and w4h profiled at batch 1 with QUANTPIPE_TUNE=1 (Inductor's coordinate-descent tuning, which
-#              also turns one-row bf16 matmuls into fused reductions instead of cuBLAS split-K calls)
+#   tune       bf16 at batch 1 and 8 and w4h at batch 1 profiled with QUANTPIPE_TUNE=1 (Inductor's
+#              coordinate-descent tuning of its own kernels' tilings)
+#   prof8      bf16 profiled at batch 8 (the untuned reference for tune's)
 #   link       use the recipe's artifacts (baseline, gptq-w4g128, gptq-w4g128-head) as bf16, w4, w4h
-#   prefill    the W4 prompt pass at batch 1: dequantized bf16 GEMM above the crossover vs Marlin throughout
+#   prefill    the W4 prompt pass at batch 1 (W4 = $PREFILL_W4, default w4h): dequantized bf16 GEMM above the
+#              crossover vs Marlin throughout, and bf16's
 #   profile    torch.profiler of the batch-1 decode step: decoder vs transformers' modeling, bf16 and W4
 #   marlin     python -m pytest tests/test_gpu.py -k "marlin or decoder"
 #   tests      python -m pytest tests/test_gpu.py
@@ -60,6 +64,7 @@ print('marlin:', marlin.unusable() or 'ready', round(time.time() - t, 1), 's')" 
           python3 scripts/decode_probe.py w4 --head "$A/bf16" "$A/w4h" &&
           python3 scripts/decode_probe.py w4 --bits 8 "$A/bf16" "$A/w8"; ls "$A" ;;
     bench) bench bf16 1 8 32; bench w4h 1 8 32; bench w8 1 8 ;;
+    benchbf16) bench bf16 1 8 32 ;;
     opts) python3 scripts/decode_probe.py marlin-opts --json "$res/marlin-opts.json" 2>&1 | tail -12
           if python3 -c "import json, sys; sys.exit(0 if json.load(open('$res/marlin-opts.json'))['bf16_reduce_faster'] else 1)"; then
             export QUANTPIPE_MARLIN_FP32_REDUCE=0; echo "  using bfloat16 split-K sums"
@@ -84,17 +89,19 @@ print('marlin:', marlin.unusable() or 'ready', round(time.time() - t, 1), 's')" 
           ln -sfn "$PWD/runs/gpu-qwen2-7b-random/artifacts/gptq-w4g128-head" "$A/w4h"; ls -l "$A" ;;
     prefill) rows=${QUANTPIPE_MARLIN_PREFILL_ROWS:-1024}
              for r in "$rows" 1000000; do
-               QUANTPIPE_MARLIN_PREFILL_ROWS=$r python3 scripts/decode_probe.py profile "$A/w4" --prefill \
+               QUANTPIPE_MARLIN_PREFILL_ROWS=$r python3 scripts/decode_probe.py profile "$A/${PREFILL_W4:-w4h}" --prefill \
                  --json "$res/prefill-w4-rows$r.json" 2>/dev/null | head -12
              done
              python3 scripts/decode_probe.py profile "$A/bf16" --prefill --json "$res/prefill-bf16.json" 2>/dev/null | head -6 ;;
     onerow) QUANTPIPE_ONE_ROW_TINYGEMM=1 python3 scripts/decode_probe.py profile "$A/w4h" --batch 1 \
               --json "$res/prof-w4h-b1-onerow.json" | head -12
             ln -sfn "$A/w4h" "$A/w4h-onerow" && QUANTPIPE_ONE_ROW_TINYGEMM=1 bench w4h-onerow 1 8 32 ;;
-    tune) for a in bf16 w4h; do
-            QUANTPIPE_TUNE=1 python3 scripts/decode_probe.py profile "$A/$a" --batch 1 \
-              --json "$res/prof-$a-b1-tune.json" | head -12
+    tune) for ab in bf16:1 bf16:8 w4h:1; do
+            a=${ab%:*} b=${ab#*:}
+            QUANTPIPE_TUNE=1 python3 scripts/decode_probe.py profile "$A/$a" --batch "$b" \
+              --json "$res/prof-$a-b$b-tune.json" | head -12
           done ;;
+    prof8) python3 scripts/decode_probe.py profile "$A/bf16" --batch 8 --json "$res/prof-bf16-b8.json" | head -12 ;;
     marlin) python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_gpu.py -k "marlin or decoder" 2>&1 |
               grep -v "Warning\|warn" | tail -60 ;;
     profile) for a in bf16 w4 w4h w8; do

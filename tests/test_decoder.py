@@ -248,12 +248,13 @@ def _marlin_words(u: torch.Tensor, order: torch.Tensor, bits: int) -> torch.Tens
 DEQUANT_CASES = [(4, 4, False), (4, 4, True), (8, 1, False)]
 
 
-def _dequant_case(bits: int, groups: int, zp: bool, pow2: bool) -> tuple[torch.Tensor, ...]:
-    """A synthetic Marlin-like weight of a random tile order, its scales, zero points and the expected W^T.
-    `pow2`: scales that are powers of two, so every product is exact in bfloat16 whatever the rounding."""
+def _dequant_case(bits: int, groups: int, zp: bool, pow2: bool, fields: bool = False) -> tuple[torch.Tensor, ...]:
+    """A synthetic Marlin-like weight of a random tile order (`fields`: Marlin's own, marlin.TILE_FIELDS), its
+    scales, zero points and the expected W^T. `pow2`: scales that are powers of two, so every product is exact in
+    bfloat16 whatever the rounding."""
     torch.manual_seed(bits)
     n, k = 128, 512
-    order = torch.randperm(1024)
+    order = torch.randperm(1024) if not fields else marlin.fields_order(bits)
     u = torch.randint(0, 1 << bits, (n, k))
     scale = (2.0 ** -torch.randint(4, 12, (groups, n)) if pow2 else torch.rand(groups, n) * 0.01 + 0.001)
     scale = scale.to(torch.bfloat16)  # [G, N]
@@ -285,6 +286,42 @@ def test_marlin_triton_dequantizer_places_every_value(bits: int, groups: int, zp
     qm, order, scale, zero, _, want = _dequant_case(bits, groups, zp, pow2=True)
     slots = torch.argsort(order).to(torch.int32)  # as marlin._inverses hands it over
     assert torch.equal(_marlin_triton.dequantize(qm, slots, scale, zero, bits, 512, 128, 512 // groups), want)
+
+
+@pytest.mark.parametrize("bits,groups,zp", DEQUANT_CASES)
+def test_marlin_fields_dequantizer_places_every_value(bits: int, groups: int, zp: bool,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The `fields` kernel (words loaded once, values placed by a permutation of the slot's bit fields) in
+    Triton's interpreter, on weights laid out in Marlin's tile order; exact as in the test above."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delitem(sys.modules, "quantpipe.runtimes._marlin_triton", raising=False)
+    _marlin_triton = importlib.import_module("quantpipe.runtimes._marlin_triton")
+    qm, _, scale, zero, _, want = _dequant_case(bits, groups, zp, pow2=True, fields=True)
+    assert torch.equal(_marlin_triton.dequantize_fields(qm, scale, zero, bits, 512, 128, 512 // groups), want)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_marlin_tile_fields_follow_the_repack_kernels_indexing(bits: int) -> None:
+    """marlin.TILE_FIELDS against gptq_marlin_repack's indexing written out (gptq_marlin_repack.cu: warp w of 4
+    and thread t of 32 take rows 2 * (t % 4) + {0, 1, 8, 9} of columns 16 w + t // 4 and 8 more; the values go
+    into words at t * 4 + w (4-bit) or t * 8 + 2 w + {0, 1} (8-bit) in the interleaved order). On a GPU the
+    order read back from the kernel itself is compared too (marlin.fields_match, tests/test_gpu.py)."""
+    per = 32 // bits
+    order = torch.full((1024,), -1)
+    for w in range(4):
+        for t in range(32):
+            rows = [2 * (t % 4) + o for o in (0, 1, 8, 9)]
+            pos = [r * 64 + 16 * w + t // 4 for r in rows] + [r * 64 + 16 * w + t // 4 + 8 for r in rows]
+            if bits == 4:
+                for place, v in enumerate((0, 2, 4, 6, 1, 3, 5, 7)):
+                    order[(t * 4 + w) * per + place] = pos[v]
+            else:
+                for half in (0, 1):
+                    for place, v in enumerate((0, 2, 1, 3)):
+                        order[(t * 8 + 2 * w + half) * per + place] = pos[4 * half + v]
+    assert sorted(order.tolist()) == list(range(1024))
+    assert torch.equal(marlin.fields_order(bits), order)
 
 
 def test_w4_checkpoint_is_read_one_linear_at_a_time(tmp_path: Path) -> None:
@@ -362,7 +399,7 @@ def test_comparison_switches_reject_bad_values(tiny_model: Path, monkeypatch: py
     monkeypatch.delenv("QUANTPIPE_MARLIN_PREFILL_ROWS")
     assert marlin.prefill_rows() == marlin.PREFILL_ROWS == 1024
     monkeypatch.setenv("QUANTPIPE_MARLIN_DEQUANT", "fast")
-    with pytest.raises(QuantpipeError, match="QUANTPIPE_MARLIN_DEQUANT=fast: one of triton, gather"):
+    with pytest.raises(QuantpipeError, match="QUANTPIPE_MARLIN_DEQUANT=fast: one of triton, fields, gather"):
         marlin.triton_dequant()
     monkeypatch.setenv("QUANTPIPE_MARLIN_DEQUANT", "gather")
     assert marlin.triton_dequant() is None

@@ -125,7 +125,7 @@ def _marlin_or_skip() -> None:
 def test_marlin_matches_the_dequantized_matmul(bits: int, sym: bool, groups: int, m: int,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Marlin (decode rows) and the dequantized dense path (m > PREFILL_ROWS) against the plain arithmetic;
-    the weight read back from the Marlin layout (by the Triton kernel and by the compiled gather) equals the one
+    the weight read back from the Marlin layout (by both Triton kernels and by the compiled gather) equals the one
     it was built from."""
     _marlin_or_skip()
     from quantpipe.runtimes import marlin
@@ -142,9 +142,11 @@ def test_marlin_matches_the_dequantized_matmul(bits: int, sym: bool, groups: int
     w = (u.float() - z.repeat_interleave(g, 1)) * scale.to(torch.bfloat16).float().repeat_interleave(g, 1)
     assert marlin.triton_dequant() is not None
     assert torch.equal(lin.dequantized().float(), w.t().to(torch.bfloat16).float())
-    with monkeypatch.context() as mp:
-        mp.setenv("QUANTPIPE_MARLIN_DEQUANT", "gather")
-        assert torch.equal(lin.dequantized().float(), w.t().to(torch.bfloat16).float())
+    assert marlin.fields_match(bits, u.device)  # the repack's tile order is TILE_FIELDS' permutation
+    for mode in ("gather", "fields"):
+        with monkeypatch.context() as mp:
+            mp.setenv("QUANTPIPE_MARLIN_DEQUANT", mode)
+            assert torch.equal(lin.dequantized().float(), w.t().to(torch.bfloat16).float()), mode
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     ref = x.float() @ w.t()
     y = lin(x).float()

@@ -1,9 +1,13 @@
-"""Dequantization of a Marlin-layout weight to bfloat16 on the GPU, for prompts (marlin.MarlinLinear): one
-Triton program per block of 16 rows x up to 8 tiles writes W^T [K, N] row segments contiguously (coalesced
-stores), reading each value from the tiles' packed words (a few KB, served by the cache) at the slot that a table
-of the tile order gives (read back from the repack itself by marlin._tile_order). Not a GEMM: the product runs on
-cuBLAS afterwards. Imported only where Triton is installed (with CUDA torch); marlin.dequantize (torch.compile's
-gather) is the same arithmetic everywhere else.
+"""Dequantization of a Marlin-layout weight to bfloat16 on the GPU, for prompts (marlin.MarlinLinear). Two
+kernels, both one Triton program per block of 16 rows x up to 8 tiles writing W^T [K, N] row segments contiguously
+(coalesced stores), with one row of scales (and zero points) per program (16 rows never straddle a group):
+- `dequantize` (mode `triton`) reads each value from the tiles' packed words (a few KB, served by the cache) at the
+  slot that a table of the tile order gives (read back from the repack itself by marlin._tile_order): any order;
+- `dequantize_fields` (mode `fields`) loads the tiles' words once, contiguously, unpacks them in slot order and
+  puts the values in place with one reshape/permute of the slot's bit fields (marlin.TILE_FIELDS): no table and
+  no per-value word loads; used only where the order read back is that permutation (marlin.fields_match).
+Not a GEMM: the product runs on cuBLAS afterwards. Imported only where Triton is installed (with CUDA torch);
+marlin.dequantize (torch.compile's gather) is the same arithmetic everywhere else.
 """
 
 from __future__ import annotations
@@ -28,8 +32,38 @@ def _dequant(q_ptr, inv_ptr, s_ptr, z_ptr, out_ptr, N, NT, GROUP: tl.constexpr, 
     u = (word >> ((slot % PER) * BITS)) & ((1 << BITS) - 1)
     k = kt * 16 + kl
     n = nt0 * 64 + c
-    g = k // GROUP
-    s = tl.load(s_ptr + g * N + n).to(tl.float32)
+    g = kt * 16 // GROUP  # the block's 16 rows share a group (GROUP is a multiple of 16)
+    s = tl.load(s_ptr + g * N + n).to(tl.float32)  # [1, 64 * TILES]
+    if HAS_ZP:
+        z = tl.load(z_ptr + g * N + n).to(tl.float32)
+    else:
+        z = MID
+    tl.store(out_ptr + k * N + n, ((u.to(tl.float32) - z) * s).to(tl.bfloat16))
+
+
+@triton.jit
+def _dequant_fields(q_ptr, s_ptr, z_ptr, out_ptr, N, NT, GROUP: tl.constexpr, BITS: tl.constexpr,
+                    WORDS: tl.constexpr, TILES: tl.constexpr, HAS_ZP: tl.constexpr, MID: tl.constexpr):
+    PER: tl.constexpr = 32 // BITS
+    kt = tl.program_id(0)
+    nt0 = tl.program_id(1) * TILES
+    t = tl.arange(0, TILES)[:, None]
+    w = tl.arange(0, WORDS)[None, :]
+    words = tl.load(q_ptr + (kt * NT + nt0 + t) * WORDS + w)  # [TILES, WORDS]: the tiles' words, contiguous
+    j = tl.arange(0, PER)[None, None, :]
+    u = (words[:, :, None] >> (j * BITS)) & ((1 << BITS) - 1)  # [TILES, WORDS, PER]: values in slot order
+    # a slot's bits as fields of sizes (8, 4, 4, 2, 2, 2) put in the order of a position's (k * 64 + n) bits:
+    # marlin.TILE_FIELDS, with the tile dimension in front
+    u = tl.reshape(u, (TILES, 8, 4, 4, 2, 2, 2))
+    if BITS == 4:
+        u = tl.permute(u, (0, 6, 2, 4, 3, 5, 1))
+    else:
+        u = tl.permute(u, (0, 6, 2, 5, 3, 4, 1))
+    u = tl.reshape(tl.permute(tl.reshape(u, (TILES, 16, 64)), (1, 0, 2)), (16, TILES * 64))
+    k = kt * 16 + tl.arange(0, 16)[:, None]
+    n = nt0 * 64 + tl.arange(0, 64 * TILES)[None, :]
+    g = kt * 16 // GROUP
+    s = tl.load(s_ptr + g * N + n).to(tl.float32)  # [1, 64 * TILES]
     if HAS_ZP:
         z = tl.load(z_ptr + g * N + n).to(tl.float32)
     else:
@@ -52,4 +86,20 @@ def dequantize(qm: torch.Tensor, inv: torch.Tensor, scale: torch.Tensor, zero: t
     _dequant[(k // TILE_K, nt // tiles)](qm, inv, s, z, out, n, nt, GROUP=group, BITS=bits, WORDS=words,
                                           TILES=tiles, HAS_ZP=zero is not None, MID=1 << (bits - 1),
                                           num_warps=8)
+    return out
+
+
+def dequantize_fields(qm: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, k: int, n: int,
+                      group: int) -> torch.Tensor:
+    """`dequantize` for weights whose tile order is marlin.TILE_FIELDS' permutation (the caller checks that)."""
+    per = 32 // bits
+    words = TILE_K * TILE_N // per
+    nt = n // TILE_N
+    tiles = next(t for t in (8, 4, 2, 1) if nt % t == 0)
+    out = torch.empty(k, n, dtype=torch.bfloat16, device=qm.device)
+    s = scale.contiguous()
+    z = s if zero is None else zero.contiguous()
+    _dequant_fields[(k // TILE_K, nt // tiles)](qm, s, z, out, n, nt, GROUP=group, BITS=bits, WORDS=words,
+                                                TILES=tiles, HAS_ZP=zero is not None, MID=1 << (bits - 1),
+                                                num_warps=8)
     return out

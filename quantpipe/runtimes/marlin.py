@@ -272,6 +272,32 @@ def _tile_order(bits: int, device: torch.device) -> torch.Tensor:
     return _STATE[key]
 
 
+# The tile order of gptq_marlin_repack as a permutation of bit fields: a value's slot in a tile (word * per +
+# place in the word) written in bits is six fields of sizes (8, 4, 4, 2, 2, 2), most significant first, and its
+# position k * 64 + n is the same fields in another order (k: 4 bits, n: 6). 4-bit: slot (c, r, w, a, b, d) holds
+# k = (d, r, a), n = (w, b, c); 8-bit: k = (d, r, b), n = (w, a, c). Read off the repack kernel's indexing
+# (each thread's mma fragment rows and columns, then the interleave inside a word); `fields_match` checks it
+# against the order read back, and the `fields` dequantizer runs only where it holds.
+TILE_FIELDS = {4: ((8, 4, 4, 2, 2, 2), (5, 1, 3, 2, 4, 0)), 8: ((8, 4, 4, 2, 2, 2), (5, 1, 4, 2, 3, 0))}
+
+
+def fields_order(bits: int) -> torch.Tensor:
+    """TILE_FIELDS' tile order in `_tile_order`'s form: for each slot, the position k * 64 + n it holds."""
+    sizes, perm = TILE_FIELDS[bits]
+    slot_at = torch.arange(TILE_K * TILE_N).reshape(sizes).permute(perm).reshape(-1)  # position -> slot
+    order = torch.empty_like(slot_at)
+    order[slot_at] = torch.arange(TILE_K * TILE_N)
+    return order
+
+
+def fields_match(bits: int, device: torch.device) -> bool:
+    """Whether the tile order read back from this build's repack is TILE_FIELDS' (once per process)."""
+    key = f"fields{bits}"
+    if key not in _STATE:
+        _STATE[key] = torch.equal(_tile_order(bits, device).cpu(), fields_order(bits))
+    return _STATE[key]
+
+
 def _unpermute(qm: torch.Tensor, inv: torch.Tensor, bits: int, k: int, n: int) -> torch.Tensor:
     """Marlin-layout words [K/16, N*16/per] -> unsigned values [K, N] (`inv`: slot of each in-tile position)."""
     slots = unpack_int32(qm, bits, 1)  # [K/16, N*16]: each tile's 1024 values in the kernel's order
@@ -308,10 +334,12 @@ def _dequant_fn() -> Any:
     return _DEQUANT["fn"]
 
 
-# How prefill dequantizes: `triton` (_marlin_triton's kernel) or `gather` (torch.compile's gather, also what runs
-# where Triton is missing). A third kernel, loading the words contiguously and placing the values with tl.gather,
-# measured 0.43-0.80x the Triton kernel's speed on the 7B projections and was dropped (docs/benchmarks.md).
-DEQUANT_MODES = ("triton", "gather")
+# How prefill dequantizes: `triton` (_marlin_triton's kernel reading values through a table of the tile order),
+# `fields` (_marlin_triton's kernel placing them by a permutation of bit fields, where TILE_FIELDS holds; else
+# `triton` runs) or `gather` (torch.compile's gather, also what runs where Triton is missing). A kernel loading
+# the words contiguously and placing the values with tl.gather measured 0.43-0.80x the `triton` kernel's speed
+# on the 7B projections and was dropped (docs/benchmarks.md).
+DEQUANT_MODES = ("triton", "fields", "gather")
 
 
 def dequant_mode() -> str:
@@ -403,6 +431,9 @@ class MarlinLinear(nn.Module):
             z = unpack_int32(self.zeros, self.bits, 1).reshape(-1, 32 // self.bits)[:, inv["interleave"]]
             zeros = z.reshape(-1, 64)[:, inv["grouped"]].reshape(scales.shape).to(torch.bfloat16)
         tri = triton_dequant() if self.qweight.is_cuda else None
+        if tri is not None and dequant_mode() == "fields" and fields_match(self.bits, self.qweight.device):
+            return tri.dequantize_fields(self.qweight, scales, zeros, self.bits, self.in_features,
+                                         self.out_features, self.group)
         if tri is not None:
             return tri.dequantize(self.qweight, inv["slots"], scales, zeros, self.bits, self.in_features,
                                   self.out_features, self.group)
