@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from quantpipe.runtimes import compiled, decoder, kernels, marlin
 from quantpipe.runtimes.hf import HFRuntime
@@ -413,3 +414,65 @@ def test_comparison_switches_reject_bad_values(tiny_model: Path, monkeypatch: py
     monkeypatch.setenv("QUANTPIPE_ONE_ROW_TINYGEMM", "on")
     with pytest.raises(QuantpipeError, match=r"QUANTPIPE_ONE_ROW_TINYGEMM=on: 1 \(a tinygemm copy for one row\) or 0"):
         marlin.one_row_tinygemm()
+
+
+def test_dense_one_row_reduction_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """QUANTPIPE_DENSE_GEMV: which dense weights get the compiled one-row reduction, its arithmetic against
+    F.linear, eager calls left on F.linear, and a bad value named."""
+    from quantpipe.errors import QuantpipeError
+
+    torch.manual_seed(0)
+    w, b = torch.randn(48, 64, dtype=torch.bfloat16), torch.randn(48, dtype=torch.bfloat16)
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    want = F.linear(x.float(), w.float(), b.float())
+    got = kernels.gemv(x, w, b)
+    assert got.shape == (1, 48) and got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() < 0.05 * want.abs().max()
+    assert type(kernels.build(kernels.DenseWeight(w), b, torch.bfloat16)) is torch.nn.Linear  # off by default
+    monkeypatch.setenv("QUANTPIPE_DENSE_GEMV", "small")
+    small = kernels.build(kernels.DenseWeight(w), b, torch.bfloat16)
+    assert isinstance(small, kernels.DenseLinear) and "Inductor reduction" in kernels.kernel_name(small)
+    assert torch.equal(small(x[None]), F.linear(x[None], w, b))  # eager: F.linear itself
+    monkeypatch.setattr(kernels, "DENSE_GEMV_MAX_ELEMENTS", 48 * 64 - 1)
+    assert type(kernels.build(kernels.DenseWeight(w), b, torch.bfloat16)) is torch.nn.Linear
+    monkeypatch.setenv("QUANTPIPE_DENSE_GEMV", "all")
+    assert isinstance(kernels.build(kernels.DenseWeight(w), None, torch.bfloat16), kernels.DenseLinear)
+    monkeypatch.setenv("QUANTPIPE_DENSE_GEMV", "triton")
+    with pytest.raises(QuantpipeError, match="QUANTPIPE_DENSE_GEMV=triton: one of off, small, all"):
+        kernels.build(kernels.DenseWeight(w), b, torch.bfloat16)
+
+
+def test_dense_one_row_reduction_is_what_the_compiler_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside torch.compile a one-row call of a DenseLinear becomes Inductor's own reduction (no extern GEMM in
+    the generated code) and equals F.linear within bfloat16 rounding; a two-row call stays a GEMM."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setenv("QUANTPIPE_DENSE_GEMV", "all")
+    torch.manual_seed(1)
+    w, b = torch.randn(48, 64, dtype=torch.bfloat16), torch.randn(48, dtype=torch.bfloat16)
+    mod = kernels.build(kernels.DenseWeight(w), b, torch.bfloat16)
+    for rows, gemm in ((1, False), (2, True)):
+        x = torch.randn(rows, 1, 64, dtype=torch.bfloat16)
+        torch._dynamo.reset()
+        y, code = run_and_get_code(torch.compile(mod, fullgraph=True), x)
+        want = F.linear(x.float(), w.float(), b.float())
+        assert (y.float() - want).abs().max() <= 0.02 * want.abs().max(), rows
+        assert ("extern_kernels.addmm(" in "".join(code)) == gemm, rows
+
+
+def test_prompt_prefetch_switch_and_what_it_touches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """QUANTPIPE_PREFILL_PREFETCH parses like the other switches; a layer lists its four weight modules in call
+    order (a Concat's parts in place); prefetch leaves modules that are not Marlin's alone (on a CPU, all)."""
+    from quantpipe.errors import QuantpipeError
+
+    assert marlin.prefill_prefetch() is False
+    monkeypatch.setenv("QUANTPIPE_PREFILL_PREFETCH", "1")
+    assert marlin.prefill_prefetch() is True
+    monkeypatch.setenv("QUANTPIPE_PREFILL_PREFETCH", "yes")
+    with pytest.raises(QuantpipeError, match="QUANTPIPE_PREFILL_PREFETCH=yes: 1 .* or 0"):
+        marlin.prefill_prefetch()
+    lin = [torch.nn.Linear(4, 4) for _ in range(5)]
+    layer = decoder.Layer(decoder.Concat(lin[:2]), lin[2], lin[3], lin[4], torch.ones(4), torch.ones(4), 1e-6, None)
+    assert layer.projections() == lin
+    marlin.prefetch(layer.projections(), 10_000)
+    assert all(not hasattr(m, "prefetched") for m in lin)

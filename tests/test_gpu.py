@@ -236,6 +236,40 @@ def test_decoder_on_cuda_equals_transformers(tmp_path: Path, attn: str, monkeypa
         assert (fast.generate(x, 10) == want).float().mean() >= 0.9, name
 
 
+def test_marlin_prompt_prefetch_gives_the_same_logits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QUANTPIPE_PREFILL_PREFETCH=1: a prompt dequantizes each next layer on a second stream; its logits equal
+    the same prompt dequantized layer by layer on one stream (the same kernels, so bit for bit), and no
+    prefetched weight is left behind."""
+    _marlin_or_skip()
+    import sys
+
+    from test_decoder import build_family
+
+    from quantpipe import artifact
+    from quantpipe.artifact import ArtifactMeta
+    from quantpipe.runtimes import compiled, marlin
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import decode_probe
+
+    src = build_family(tmp_path / "src", "llama", {"hidden_size": 256, "intermediate_size": 512,
+                                                   "num_attention_heads": 4, "num_key_value_heads": 2})
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    artifact.write(tmp_path / "bf16", ArtifactMeta(format="safetensors", weights="random", arch="tiny"))
+    decode_probe.make_w4(tmp_path / "bf16", tmp_path / "w4", True, 128)
+    monkeypatch.setenv("QUANTPIPE_MARLIN_PREFILL_ROWS", "16")
+    ids = torch.randint(0, 256, (200,), generator=torch.Generator().manual_seed(3)).tolist()
+    rt = compiled.CompiledRuntime(tmp_path / "w4", "cuda", compile=False)
+    want = rt.logits(ids)
+    monkeypatch.setenv("QUANTPIPE_PREFILL_PREFETCH", "1")
+    got = rt.logits(ids)
+    assert torch.equal(got, want)
+    mods = [m for m in rt.model.modules() if isinstance(m, marlin.MarlinLinear)]
+    assert mods and all(m.prefetched is None for m in mods)
+
+
 def test_marlin_runs_a_w4_checkpoint_in_the_compiled_engine(tmp_path: Path) -> None:
     """A compressed-tensors W4 checkpoint (symmetric and with zero points) on Marlin through the CUDA-graph
     decode, against the same checkpoint on tinygemm (the kernel the engine used before)."""

@@ -5,7 +5,9 @@ the work the weights need:
   checkpoint's weights by kernels.concat/build (dense, Marlin, tinygemm, int8 or FP8);
 - a static KV cache owned here ([batch, kv heads, length, head dim] per layer), written in place at the step's
   position, attention by SDPA with GQA over it (causal SDPA over the prompt itself at prefill);
-- no per-step mask building, cache-object bookkeeping or output dataclasses, so the compiled step is one graph.
+- no per-step mask building, cache-object bookkeeping or output dataclasses, so the compiled step is one graph;
+- with QUANTPIPE_PREFILL_PREFETCH=1 a prompt on Marlin weights dequantizes layer i + 1 on a second stream while
+  layer i computes (marlin.prefetch).
 Embeddings, norms' weights, rotary embedding (rope scaling included) and lm_head are the transformers model's
 own modules, so the arithmetic is transformers' (tests compare logits and greedy tokens on tiny models of each
 family). Other model types raise `NotSupported` and the runtime keeps transformers' modeling code.
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantpipe.errors import QuantpipeError
-from quantpipe.runtimes import kernels
+from quantpipe.runtimes import kernels, marlin
 
 FAMILIES = ("llama", "mistral", "qwen2")
 
@@ -89,6 +91,11 @@ class Layer(nn.Module):
         self.ln1, self.ln2 = nn.Parameter(ln1, requires_grad=False), nn.Parameter(ln2, requires_grad=False)
         self.eps, self.window = eps, window
 
+    def projections(self) -> list[nn.Module]:
+        """The layer's four weight modules (a Concat's parts), in the order a forward pass calls them."""
+        mods = [self.qkv, self.o, self.gate_up, self.down]
+        return [p for m in mods for p in (m.mods if isinstance(m, Concat) else [m])]
+
 
 class Decoder(nn.Module):
     """The model: `forward(ids, pos, cache)` -> logits of the last `keep` positions (all when keep is None)."""
@@ -141,10 +148,15 @@ class Decoder(nn.Module):
         nq, nkv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         groups = self.heads // self.kv_heads
         decode = cache is not None and t == 1
+        ahead = (not decode and x.is_cuda and not torch.compiler.is_compiling() and marlin.prefill_prefetch())
+        if ahead:  # dequantize layer i + 1's weights beside layer i's arithmetic (marlin.prefetch)
+            marlin.prefetch(self.layers[0].projections(), b * t)
         if decode:
             kpos = torch.arange(cache[0][0].shape[2], device=ids.device)
             causal = kpos.unsqueeze(0) <= pos.unsqueeze(1)  # [1, L]
         for i, layer in enumerate(self.layers):
+            if ahead and i + 1 < len(self.layers):
+                marlin.prefetch(self.layers[i + 1].projections(), b * t)
             h = rms_norm(x, layer.ln1, layer.eps)
             q, k, v = layer.qkv(h).split((nq, nkv, nkv), -1)
             q = rotate(q.view(b, t, self.heads, self.head_dim), cos, sin).transpose(1, 2)

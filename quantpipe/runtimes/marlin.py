@@ -77,6 +77,13 @@ def one_row_tinygemm() -> bool:
     return _switch("QUANTPIPE_ONE_ROW_TINYGEMM", "0", "1 (a tinygemm copy for one row) or 0")
 
 
+def prefill_prefetch() -> bool:
+    """Whether a prompt dequantizes the next layer's weights on a second CUDA stream while this layer computes
+    (QUANTPIPE_PREFILL_PREFETCH=1; `prefetch`): the dequantization reads and writes memory, the prompt's GEMMs
+    are bound by arithmetic, so the two can overlap."""
+    return _switch("QUANTPIPE_PREFILL_PREFETCH", "0", "1 (dequantize the next layer during a prompt) or 0")
+
+
 def fp32_reduce() -> bool:
     """Whether Marlin sums the partial products of a split K in float32 (vLLM's default, the one measured in
     docs/benchmarks.md) or in bfloat16 in the output itself (QUANTPIPE_MARLIN_FP32_REDUCE=0, for comparisons:
@@ -363,6 +370,25 @@ def triton_dequant() -> Any:
     return _DEQUANT["triton"]
 
 
+_STREAMS: dict[torch.device, Any] = {}
+
+
+def prefetch(mods: list[nn.Module], rows: int) -> None:
+    """Start dequantizing, on a second stream, the weights of those `mods` (MarlinLinear on a GPU) that a call of
+    `rows` rows will dequantize; each one's next such call waits for its own and takes it (`_prompt_weight`).
+    The host runs ahead of the GPU in an eager prompt, so a layer's prefetch runs beside the layer before it."""
+    for m in mods:
+        if not (isinstance(m, MarlinLinear) and m.qweight.is_cuda and rows > m.prefill_rows):
+            continue
+        dev = m.qweight.device
+        side = _STREAMS.setdefault(dev, torch.cuda.Stream(dev))
+        with torch.cuda.stream(side):
+            w = m.dequantized()
+            done = torch.cuda.Event()
+            done.record(side)
+        m.prefetched = (w, done)
+
+
 # -- the module ---------------------------------------------------------------------------------------------
 def shape_problem(n: int, k: int, group: int, bits: int, dtype: torch.dtype) -> str | None:
     """Why a [N, K] weight cannot go on Marlin (None: it can)."""
@@ -409,6 +435,7 @@ class MarlinLinear(nn.Module):
         self.prefill_rows = prefill_rows()
         self.fp32_reduce = fp32_reduce()
         self.one_row: nn.Module | None = None
+        self.prefetched: tuple[torch.Tensor, Any] | None = None  # `prefetch`: a dequantized weight and its event
         self.label = (f"Marlin W{bits}A16 (gptq_marlin_gemm{'' if self.zeros is None else ', zero points'}"
                       f"{'' if self.fp32_reduce else ', bfloat16 split-K sums'}; "
                       f"prefill over {self.prefill_rows} rows: dequantized bf16 GEMM)")
@@ -442,13 +469,25 @@ class MarlinLinear(nn.Module):
         return _dequant_fn()(self.qweight, inv["tile"], scales, zeros, self.bits, self.in_features,
                              self.out_features, self.group)
 
+    def _prompt_weight(self) -> torch.Tensor:
+        """The dequantized weight for a prompt's GEMM: the prefetched one (once its stream has written it), else
+        dequantized now."""
+        if self.prefetched is None:
+            return self.dequantized()
+        w, done = self.prefetched
+        self.prefetched = None
+        here = torch.cuda.current_stream(w.device)
+        here.wait_event(done)
+        w.record_stream(here)  # freed after its use here, not when the side stream is done with it
+        return w
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
         if self.one_row is not None and x2.shape[0] == 1:
             y = self.one_row(x2)
         elif x2.shape[0] > self.prefill_rows and not torch.compiler.is_compiling():
-            y = x2 @ self.dequantized()
+            y = x2 @ self._prompt_weight()
         else:
             y = _STATE["op"](x2.contiguous(), self.qweight, self.scales, self.zeros, self.workspace, self.type_id,
                              self.out_features, self.in_features, self.fp32_reduce)
