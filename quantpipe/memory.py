@@ -60,6 +60,9 @@ class Storage:
     kv_bytes: int | None = None
     # why `exact` is False (shown by plan)
     inexact: str = ""
+    # bytes of the tinygemm copy of a 4-bit Linear(out, in) that the compiled runtime keeps on a GPU for one-row
+    # calls (runtimes.marlin.ONE_ROW_MAX_ELEMENTS: small weights only; plan.one_row_copies); None: no such copy
+    one_row_copy: Callable[[int, int], int] | None = None
 
 
 def float_storage(params: Any, dtype: str) -> Storage:
@@ -142,6 +145,22 @@ def weight_bytes(s: Shapes, storage: Storage) -> dict[str, int]:
     }
     out["total"] = sum(out.values())
     return out
+
+
+def tinygemm_bytes(group_size: int) -> Callable[[int, int], int]:
+    """Bytes of a Linear(out, inp) on torch's int4 tinygemm (runtimes.kernels.Int4Linear): the packed weight,
+    4 bits per value, and [K/group, N, 2] bfloat16 scales and zeros, K padded to whole tiles and N to 16; per
+    channel runs as groups of 128. 0 where tinygemm takes no such group (no copy is made)."""
+
+    def size(out: int, inp: int) -> int:
+        g = group_size if group_size > 0 else 128 if inp % 128 == 0 else inp
+        if g not in (32, 64, 128, 256) or inp % g:
+            return 0
+        tile = max(g, 128)
+        kp, np_ = -(-inp // tile) * tile, -(-out // 16) * 16
+        return np_ * kp // 2 + kp // g * np_ * 4
+
+    return size
 
 
 def kv_bytes_per_token(s: Shapes, kv_bytes: int) -> int:

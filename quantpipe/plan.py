@@ -93,8 +93,31 @@ def resident_bytes(s: Shapes, storage: Storage, dtype: str, device: str) -> int:
     return stored
 
 
+def one_row_copies(s: Shapes, storage: Storage, dtype: str, device: str) -> int:
+    """Bytes of the tinygemm copies that the compiled runtime (what `auto` picks for 4-bit checkpoints on a
+    GPU) keeps beside Marlin's weights for one-row calls: every 4-bit weight of at most
+    runtimes.marlin.ONE_ROW_MAX_ELEMENTS values as the decoder fuses them (q/k/v, o, gate/up, down; lm_head
+    where it is quantized). 0 off a GPU, for other dtypes than bfloat16 (Marlin's) or formats, or with
+    QUANTPIPE_ONE_ROW_TINYGEMM=0."""
+    from quantpipe.runtimes import marlin
+
+    if device != "cuda" or dtype != "bfloat16" or storage.one_row_copy is None or not marlin.one_row_tinygemm():
+        return 0
+    q, kv, h, i = s.heads * s.head_dim, s.kv_heads * s.head_dim, s.hidden, s.intermediate
+    fused = [(("q_proj", "k_proj", "v_proj"), q + 2 * kv, h), (("o_proj",), h, q),
+             (("gate_proj", "up_proj"), 2 * i, h), (("down_proj",), h, i)]
+    per_layer = sum(storage.one_row_copy(o, n) for names, o, n in fused
+                    if o * n <= marlin.ONE_ROW_MAX_ELEMENTS
+                    and not any(f in name for name in names for f in storage.float_linears))
+    head = 0
+    if storage.lm_head is not None and s.vocab * s.hidden <= marlin.ONE_ROW_MAX_ELEMENTS:
+        head = storage.one_row_copy(s.vocab, s.hidden)
+    return s.layers * per_layer + head
+
+
 def bench_memory(s: Shapes, storage: Storage, dtype: str, device: str, bench: dict[str, Any]) -> dict[str, int]:
-    """Predicted memory of `quantpipe bench` at its largest batch: resident weights, the KV cache of
+    """Predicted memory of `quantpipe bench` at its largest batch: resident weights, the compiled runtime's
+    one-row copies on a GPU (`one_row_copies`: a key of its own where there are any), the KV cache of
     prompt_len + gen_len tokens per sequence, and one prefill's activations (CPU attention materializes the
     scores; CUDA's flash/efficient kernels do not)."""
     b = max(bench["batch_sizes"])
@@ -105,6 +128,9 @@ def bench_memory(s: Shapes, storage: Storage, dtype: str, device: str, bench: di
         "activations": activation_bytes(s, b * bench["prompt_len"], b, act,
                                         scores_len=bench["prompt_len"] if device == "cpu" else 0),
     }
+    copies = one_row_copies(s, storage, dtype, device)
+    if copies:
+        out["one_row_copies"] = copies
     out["total"] = sum(out.values())
     return out
 

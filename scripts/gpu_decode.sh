@@ -18,8 +18,6 @@
 #   tune       bf16 at batch 1 and 8 and w4h at batch 1 profiled with QUANTPIPE_TUNE=1 (Inductor's
 #              coordinate-descent tuning of its own kernels' tilings)
 #   prof8      bf16 profiled at batch 8 (the untuned reference for tune's)
-#   gemv       bf16 at batch 1 with one-row dense projections as Inductor reductions (QUANTPIPE_DENSE_GEMV small
-#              untuned and tuned, all tuned)
 #   link       use the recipe's artifacts (baseline, gptq-w4g128, gptq-w4g128-head) as bf16, w4, w4h
 #   prefill    the W4 prompt pass at batch 1 (W4 = $PREFILL_W4, default w4h): dequantized bf16 GEMM above the
 #              crossover vs Marlin throughout, dequantized above $PREFETCH_ROWS (255) with the next layer
@@ -105,11 +103,6 @@ print('marlin:', marlin.unusable() or 'ready', round(time.time() - t, 1), 's')" 
             a=${ab%:*} b=${ab#*:}
             QUANTPIPE_TUNE=1 python3 scripts/decode_probe.py profile "$A/$a" --batch "$b" \
               --json "$res/prof-$a-b$b-tune.json" | head -12
-          done ;;
-    gemv) for mt in small:0 small:1 all:1; do
-            m=${mt%:*} t=${mt#*:}
-            QUANTPIPE_DENSE_GEMV=$m QUANTPIPE_TUNE=$t python3 scripts/decode_probe.py profile "$A/bf16" --batch 1 \
-              --json "$res/prof-bf16-b1-gemv-$m-tune$t.json" | head -12
           done ;;
     prof8) python3 scripts/decode_probe.py profile "$A/bf16" --batch 8 --json "$res/prof-bf16-b8.json" | head -12 ;;
     marlin) python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_gpu.py -k "marlin or decoder" 2>&1 |

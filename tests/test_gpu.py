@@ -159,12 +159,13 @@ def test_marlin_matches_the_dequantized_matmul(bits: int, sym: bool, groups: int
 
 @pytest.mark.parametrize("sym", [True, False])
 def test_marlin_one_row_tinygemm_copy(sym: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """QUANTPIPE_ONE_ROW_TINYGEMM=1: kernels.build gives a small 4-bit weight a tinygemm copy for one-row calls
-    (both kernels' results against the plain arithmetic); a weight over ONE_ROW_MAX_ELEMENTS gets none."""
+    """By default kernels.build gives a small 4-bit weight a tinygemm copy for one-row calls (both kernels'
+    results against the plain arithmetic); a weight over ONE_ROW_MAX_ELEMENTS gets none, nor does any with
+    QUANTPIPE_ONE_ROW_TINYGEMM=0."""
     _marlin_or_skip()
     from quantpipe.runtimes import kernels, marlin
 
-    monkeypatch.setenv("QUANTPIPE_ONE_ROW_TINYGEMM", "1")
+    monkeypatch.delenv("QUANTPIPE_ONE_ROW_TINYGEMM", raising=False)
     torch.manual_seed(0)
     n, k = 384, 512
     u = torch.randint(0, 16, (n, k), device="cuda")
@@ -181,6 +182,9 @@ def test_marlin_one_row_tinygemm_copy(sym: bool, monkeypatch: pytest.MonkeyPatch
         y = lin(x).float()
         assert (y - ref).norm() / ref.norm() < 1e-2, (m, (y - ref).norm() / ref.norm())
     monkeypatch.setattr(marlin, "ONE_ROW_MAX_ELEMENTS", n * k - 1)
+    assert kernels.build(kernels.Int4Weight(u, scale, zero), None, torch.bfloat16).one_row is None
+    monkeypatch.setattr(marlin, "ONE_ROW_MAX_ELEMENTS", n * k)
+    monkeypatch.setenv("QUANTPIPE_ONE_ROW_TINYGEMM", "0")
     assert kernels.build(kernels.Int4Weight(u, scale, zero), None, torch.bfloat16).one_row is None
 
 

@@ -74,6 +74,30 @@ def test_qwen2_7b_gqa_bias_fp16_and_int4():
     assert w["total"] == total == 5_545_261_120
 
 
+def test_one_row_tinygemm_copies_on_a_gpu(monkeypatch: pytest.MonkeyPatch):
+    """The compiled runtime's one-row tinygemm copies (runtimes.marlin.ONE_ROW_MAX_ELEMENTS = 24 Mi values) in
+    the bench prediction of a 4-bit bf16 variant on a GPU: Qwen2-7B's fused q/k/v (4608 x 3584) and o_proj
+    (3584 x 3584) get one, the MLP weights (135.8 M and 67.9 M values) do not; none on a CPU, in float32, for
+    float variants or with QUANTPIPE_ONE_ROW_TINYGEMM=0."""
+    s = plan.shapes(archs.config("qwen2-7b"))
+    w4 = storage("gptq", "bfloat16", bits=4, group_size=128)
+    bench = {"batch_sizes": [1], "prompt_len": 512, "gen_len": 128}
+    # tinygemm: out·in/2 packed + (in/128)·out·2·2 scales and zeros
+    qkv = 4608 * 3584 // 2 + 28 * 4608 * 4
+    o = 3584 * 3584 // 2 + 28 * 3584 * 4
+    assert plan.one_row_copies(s, w4, "bfloat16", "cuda") == 28 * (qkv + o) == 436_731_904  # 416.5 MiB
+    assert plan.bench_memory(s, w4, "bfloat16", "cuda", bench)["one_row_copies"] == 436_731_904
+    assert "one_row_copies" not in plan.bench_memory(s, w4, "bfloat16", "cpu", bench)
+    assert plan.one_row_copies(s, storage("gptq", "float32", bits=4, group_size=128), "float32", "cuda") == 0
+    assert plan.one_row_copies(s, storage("baseline", "bfloat16"), "bfloat16", "cuda") == 0
+    assert plan.one_row_copies(s, storage("gptq", "bfloat16", bits=8, group_size=128), "bfloat16", "cuda") == 0
+    # GPTQModel's format too; per channel runs as groups of 128
+    gptq = storage("gptq", "bfloat16", bits=4, group_size=-1, format="gptq")
+    assert plan.one_row_copies(s, gptq, "bfloat16", "cuda") == 28 * (qkv + o)
+    monkeypatch.setenv("QUANTPIPE_ONE_ROW_TINYGEMM", "0")
+    assert plan.one_row_copies(s, w4, "bfloat16", "cuda") == 0
+
+
 def test_kv_bytes_per_token_counts_kv_heads():
     assert plan.kv_bytes_per_token(plan.shapes(archs.config("llama-2-7b")), 2) == 2 * 32 * 32 * 128 * 2 == 524_288
     qwen = plan.shapes(archs.config("qwen2-7b"))

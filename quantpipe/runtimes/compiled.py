@@ -45,10 +45,22 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return first * width + where.gather(-1, first)
 
 
+# Graphs one process may compile of the decode step: every runtime compiles the same `_decode_one` code, one
+# graph per (runtime, batch size, cache length), and dynamo's default of 8 per code object ends a process that
+# benchmarks or tests several artifacts (with fullgraph=True, as an error: seen in tests/test_gpu.py on the H200).
+RECOMPILE_LIMIT = 256
+
+
 def set_inductor_flags() -> None:
-    """Cache compiled graphs on disk (the GPTQ and AWQ rows of one shape share theirs). gpt-fast's
-    coordinate-descent tuning of kernel tilings is on only with QUANTPIPE_TUNE=1: it multiplies compile time."""
+    """Cache compiled graphs on disk (the GPTQ and AWQ rows of one shape share theirs); let one process compile
+    RECOMPILE_LIMIT graphs of the step. gpt-fast's coordinate-descent tuning of kernel tilings is on only with
+    QUANTPIPE_TUNE=1: it multiplies compile time (with it Inductor also writes one-row matmuls as its own
+    reductions, fused with the norm before them: docs/benchmarks.md)."""
+    import torch._dynamo.config as dc
     import torch._inductor.config as ic
+
+    dc.recompile_limit = max(dc.recompile_limit, RECOMPILE_LIMIT)
+    dc.accumulated_recompile_limit = max(dc.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
 
     ic.fx_graph_cache = True
     ic.triton.unique_kernel_names = True

@@ -17,7 +17,6 @@ transformers' own loading of each format.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -207,45 +206,6 @@ class DenseWeight:
     w: torch.Tensor
 
 
-# One-row calls of dense weights as a reduction torch.compile writes (QUANTPIPE_DENSE_GEMV, for comparisons):
-# `off` (cuBLAS throughout, the default), `small` (weights of at most DENSE_GEMV_MAX_ELEMENTS values: the 7B's
-# q/k/v and o_proj, which cuBLAS reads at 3.0 and 2.2 TB/s with split-K and a separate reduce kernel at one row,
-# docs/benchmarks.md) or `all`. Inductor's reduction needs no split-K launch and can take the norm before it and
-# the bias and residual after it into the same kernel.
-DENSE_GEMV_MODES = ("off", "small", "all")
-DENSE_GEMV_MAX_ELEMENTS = 24 << 20
-
-
-def dense_gemv_mode() -> str:
-    mode = os.environ.get("QUANTPIPE_DENSE_GEMV", "off")
-    if mode not in DENSE_GEMV_MODES:
-        raise QuantpipeError(f"QUANTPIPE_DENSE_GEMV={mode}: one of {', '.join(DENSE_GEMV_MODES)}")
-    return mode
-
-
-def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [1, K] @ w^T [K, N] written as a product and a float32 sum over K, for the compiler to make one
-    reduction kernel of (eagerly it materializes [N, K]: it is meant for compiled one-row calls)."""
-    y = (x.float() * w.float()).sum(-1, keepdim=True).t()
-    y = y.to(x.dtype)
-    return y if bias is None else y + bias
-
-
-class DenseLinear(nn.Linear):
-    """nn.Linear whose one-row calls inside torch.compile are `gemv` (QUANTPIPE_DENSE_GEMV); everything else,
-    eager calls included, is F.linear."""
-
-    @property
-    def label(self) -> str:
-        return f"dense {str(self.weight.dtype)[6:]} matmul (one row, compiled: an Inductor reduction)"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] == 1 and torch.compiler.is_compiling():
-            return gemv(x2, self.weight, self.bias).reshape(*x.shape[:-1], self.out_features)
-        return super().forward(x)
-
-
 QWeight = Int4Weight | Int8Weight | Fp8Weight | DenseWeight
 
 
@@ -315,10 +275,7 @@ def build(rec: QWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Mod
             return marlin.MarlinLinear((rec.q.to(torch.int16) + 128).to(torch.uint8), rec.scale.reshape(-1, 1),
                                         None, 8, bias, dtype)
     if isinstance(rec, DenseWeight):
-        mode = dense_gemv_mode()
-        one_row = mode == "all" or mode == "small" and rec.w.numel() <= DENSE_GEMV_MAX_ELEMENTS
-        lin = (DenseLinear if one_row else nn.Linear)(
-            rec.w.shape[1], rec.w.shape[0], bias=bias is not None, device="meta")
+        lin = nn.Linear(rec.w.shape[1], rec.w.shape[0], bias=bias is not None, device="meta")
         lin.weight = nn.Parameter(rec.w.to(dtype), requires_grad=False)
         if bias is not None:
             lin.bias = nn.Parameter(bias.to(dtype), requires_grad=False)

@@ -57,9 +57,10 @@ GROUPS = (32, 64, 128)  # group sizes its kernels are generated for (and channel
 # 3584-wide attention projections (fused q/k/v 4608 x 3584, o_proj 3584 x 3584) ran on Marlin at 0.83 and 0.60
 # TB/s (1.07x and 1.05x bf16's cuBLAS) and on tinygemm at 1.29x and 1.78x bf16; the MLP projections and lm_head
 # ran faster on Marlin (1.9-2.3x bf16), and at 8 rows tinygemm is behind on every shape (`decode_probe.py
-# marlin-opts`, docs/benchmarks.md). QUANTPIPE_ONE_ROW_TINYGEMM=1 keeps a tinygemm copy of each 4-bit weight of
-# at most ONE_ROW_MAX_ELEMENTS for one-row calls; it costs that copy's memory (~9 % of a 7B's W4 weights) and is
-# off until timed end to end.
+# marlin-opts`, docs/benchmarks.md). So each 4-bit weight of at most ONE_ROW_MAX_ELEMENTS values gets a tinygemm
+# copy for one-row calls: the 7B's W4 (lm_head 4-bit) step went from 2.663 to 2.491 ms, 1.85x bf16 at batch 1 in
+# the same run (fifth session). It costs the copy's memory (~411 MB, ~9 % of a 7B's W4 weights; plan.bench_memory
+# counts it); QUANTPIPE_ONE_ROW_TINYGEMM=0 turns it off.
 ONE_ROW_MAX_ELEMENTS = 24 << 20
 
 
@@ -73,8 +74,8 @@ def _switch(name: str, default: str, meaning: str) -> bool:
 
 
 def one_row_tinygemm() -> bool:
-    """Whether small 4-bit weights get a tinygemm copy for one-row calls (QUANTPIPE_ONE_ROW_TINYGEMM=1)."""
-    return _switch("QUANTPIPE_ONE_ROW_TINYGEMM", "0", "1 (a tinygemm copy for one row) or 0")
+    """Whether small 4-bit weights get a tinygemm copy for one-row calls (QUANTPIPE_ONE_ROW_TINYGEMM, default 1)."""
+    return _switch("QUANTPIPE_ONE_ROW_TINYGEMM", "1", "1 (a tinygemm copy for one row, the default) or 0")
 
 
 def prefill_prefetch() -> bool:
@@ -341,17 +342,18 @@ def _dequant_fn() -> Any:
     return _DEQUANT["fn"]
 
 
-# How prefill dequantizes: `triton` (_marlin_triton's kernel reading values through a table of the tile order),
-# `fields` (_marlin_triton's kernel placing them by a permutation of bit fields, where TILE_FIELDS holds; else
-# `triton` runs) or `gather` (torch.compile's gather, also what runs where Triton is missing). A kernel loading
-# the words contiguously and placing the values with tl.gather measured 0.43-0.80x the `triton` kernel's speed
-# on the 7B projections and was dropped (docs/benchmarks.md).
+# How prefill dequantizes: `fields` (the default: _marlin_triton's kernel placing the values by a permutation of
+# bit fields, where TILE_FIELDS holds; else `triton` runs), `triton` (_marlin_triton's kernel reading values
+# through a table of the tile order) or `gather` (torch.compile's gather, also what runs where Triton is missing).
+# On the H200's 7B projections `fields` ran at 1.05-1.9x `triton` (gate/up 1,783 against 931 GB/s of int4 in +
+# bf16 out); a kernel placing the values with tl.gather ran at 0.43-0.80x `triton` and was dropped
+# (docs/benchmarks.md).
 DEQUANT_MODES = ("triton", "fields", "gather")
 
 
 def dequant_mode() -> str:
-    """QUANTPIPE_MARLIN_DEQUANT (for comparisons): one of DEQUANT_MODES, `triton` where unset."""
-    mode = os.environ.get("QUANTPIPE_MARLIN_DEQUANT", "triton")
+    """QUANTPIPE_MARLIN_DEQUANT (for comparisons): one of DEQUANT_MODES, `fields` where unset."""
+    mode = os.environ.get("QUANTPIPE_MARLIN_DEQUANT", "fields")
     if mode not in DEQUANT_MODES:
         raise QuantpipeError(f"QUANTPIPE_MARLIN_DEQUANT={mode}: one of {', '.join(DEQUANT_MODES)}")
     return mode
