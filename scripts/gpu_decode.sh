@@ -13,8 +13,8 @@
 #   crossover  Marlin vs dequantize + cuBLAS per row count (7B layer shapes), each dequantizer timed; later steps
 #              use the fastest dequantizer that agrees and dequantize from the measured crossover
 #              (QUANTPIPE_MARLIN_DEQUANT, QUANTPIPE_MARLIN_PREFILL_ROWS)
-#   onerow     w4h with QUANTPIPE_ONE_ROW_TINYGEMM=1 (tinygemm copies of the small projections for batch 1):
-#              profile at batch 1 and bench at 1, 8, 32
+#   nocopy     w4h with QUANTPIPE_ONE_ROW_TINYGEMM=0 (Marlin for one row too, the comparison for the default's
+#              tinygemm copies of the small projections): profile at batch 1 and bench at 1
 #   tune       bf16 at batch 1 and 8 and w4h at batch 1 profiled with QUANTPIPE_TUNE=1 (Inductor's
 #              coordinate-descent tuning of its own kernels' tilings)
 #   prof8      bf16 profiled at batch 8 (the untuned reference for tune's)
@@ -96,9 +96,9 @@ print('marlin:', marlin.unusable() or 'ready', round(time.time() - t, 1), 's')" 
              QUANTPIPE_MARLIN_PREFILL_ROWS=${PREFETCH_ROWS:-255} QUANTPIPE_PREFILL_PREFETCH=1 python3 scripts/decode_probe.py \
                profile "$A/${PREFILL_W4:-w4h}" --prefill --json "$res/prefill-w4-prefetch.json" 2>/dev/null | head -12
              python3 scripts/decode_probe.py profile "$A/bf16" --prefill --json "$res/prefill-bf16.json" 2>/dev/null | head -6 ;;
-    onerow) QUANTPIPE_ONE_ROW_TINYGEMM=1 python3 scripts/decode_probe.py profile "$A/w4h" --batch 1 \
-              --json "$res/prof-w4h-b1-onerow.json" | head -12
-            ln -sfn "$A/w4h" "$A/w4h-onerow" && QUANTPIPE_ONE_ROW_TINYGEMM=1 bench w4h-onerow 1 8 32 ;;
+    nocopy) QUANTPIPE_ONE_ROW_TINYGEMM=0 python3 scripts/decode_probe.py profile "$A/w4h" --batch 1 \
+              --json "$res/prof-w4h-b1-nocopy.json" | head -12
+            ln -sfn "$A/w4h" "$A/w4h-nocopy" && QUANTPIPE_ONE_ROW_TINYGEMM=0 bench w4h-nocopy 1 ;;
     tune) for ab in bf16:1 bf16:8 w4h:1; do
             a=${ab%:*} b=${ab#*:}
             QUANTPIPE_TUNE=1 python3 scripts/decode_probe.py profile "$A/$a" --batch "$b" \
