@@ -205,7 +205,8 @@ def crossover(out: Path | None) -> None:
     """Per row count, the four projections of one Qwen2-7B layer (W4 g128, symmetric): Marlin's GEMM against
     the dequantized path (the fastest dequantization + cuBLAS), and each dequantization alone (the Triton
     kernels and the compiled gather; `fields_match` says whether the `fields` kernel ran or fell back to the
-    table-reading one)."""
+    table-reading one): one eager call, host time included (what a prompt pays), and from a CUDA graph (the
+    kernels alone, `_graph`)."""
     import os
 
     from quantpipe.runtimes import marlin
@@ -235,8 +236,13 @@ def crossover(out: Path | None) -> None:
                 want = w
             elif not torch.equal(w, want):  # the kernels must agree before their times mean anything
                 d[f"dequant_{mode}_differs"] = float((w.float() - want.float()).abs().max())
-            d[f"dequant_{mode}"] = _time(lin.dequantized)
+            d[f"dequant_{mode}"] = _time(lin.dequantized)  # one eager call: the host's launch time included
             d[f"dequant_{mode}_gbps"] = round((n * k * 2.5) / d[f"dequant_{mode}"] / 1e6, 1)  # bf16 out + int4 in
+            try:  # the kernels alone, replayed from a CUDA graph
+                d[f"dequant_{mode}_graph"] = _graph_ms([lin.dequantized])
+                d[f"dequant_{mode}_graph_gbps"] = round((n * k * 2.5) / d[f"dequant_{mode}_graph"] / 1e6, 1)
+            except Exception as e:
+                d[f"dequant_{mode}_graph_error"] = f"{type(e).__name__}: {e}"[:300]
         res["ms"][name] = d
         print(name, json.dumps({key: round(v, 4) if isinstance(v, float) else v for key, v in d.items()}), flush=True)
     res["fields_match"] = marlin.fields_match(4, torch.device("cuda"))
