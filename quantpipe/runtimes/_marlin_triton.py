@@ -12,11 +12,28 @@ marlin.dequantize (torch.compile's gather) is the same arithmetic everywhere els
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
 from quantpipe.runtimes.marlin import TILE_K, TILE_N
+
+
+@triton.jit
+def _scale_and_store(u, kt, nt0, s_ptr, z_ptr, out_ptr, N, GROUP: tl.constexpr, TILES: tl.constexpr,
+                     HAS_ZP: tl.constexpr, MID: tl.constexpr):
+    """(u - zero) * scale of the block's [16, 64 * TILES] values u, stored in W^T's rows."""
+    k = kt * 16 + tl.arange(0, 16)[:, None]
+    n = nt0 * 64 + tl.arange(0, 64 * TILES)[None, :]
+    g = kt * 16 // GROUP  # the block's 16 rows share a group (GROUP is a multiple of 16)
+    s = tl.load(s_ptr + g * N + n).to(tl.float32)  # [1, 64 * TILES]
+    if HAS_ZP:
+        z = tl.load(z_ptr + g * N + n).to(tl.float32)
+    else:
+        z = MID
+    tl.store(out_ptr + k * N + n, ((u.to(tl.float32) - z) * s).to(tl.bfloat16))
 
 
 @triton.jit
@@ -30,15 +47,7 @@ def _dequant(q_ptr, inv_ptr, s_ptr, z_ptr, out_ptr, N, NT, GROUP: tl.constexpr, 
     slot = tl.load(inv_ptr + kl * 64 + c % 64)  # where each (k, n) of a tile sits among its 1024 slots
     word = tl.load(q_ptr + (kt * NT + nt0 + c // 64) * WORDS + slot // PER)  # the tiles' words: cached reads
     u = (word >> ((slot % PER) * BITS)) & ((1 << BITS) - 1)
-    k = kt * 16 + kl
-    n = nt0 * 64 + c
-    g = kt * 16 // GROUP  # the block's 16 rows share a group (GROUP is a multiple of 16)
-    s = tl.load(s_ptr + g * N + n).to(tl.float32)  # [1, 64 * TILES]
-    if HAS_ZP:
-        z = tl.load(z_ptr + g * N + n).to(tl.float32)
-    else:
-        z = MID
-    tl.store(out_ptr + k * N + n, ((u.to(tl.float32) - z) * s).to(tl.bfloat16))
+    _scale_and_store(u, kt, nt0, s_ptr, z_ptr, out_ptr, N, GROUP, TILES, HAS_ZP, MID)
 
 
 @triton.jit
@@ -60,15 +69,22 @@ def _dequant_fields(q_ptr, s_ptr, z_ptr, out_ptr, N, NT, GROUP: tl.constexpr, BI
     else:
         u = tl.permute(u, (0, 6, 2, 5, 3, 4, 1))
     u = tl.reshape(tl.permute(tl.reshape(u, (TILES, 16, 64)), (1, 0, 2)), (16, TILES * 64))
-    k = kt * 16 + tl.arange(0, 16)[:, None]
-    n = nt0 * 64 + tl.arange(0, 64 * TILES)[None, :]
-    g = kt * 16 // GROUP
-    s = tl.load(s_ptr + g * N + n).to(tl.float32)  # [1, 64 * TILES]
-    if HAS_ZP:
-        z = tl.load(z_ptr + g * N + n).to(tl.float32)
-    else:
-        z = MID
-    tl.store(out_ptr + k * N + n, ((u.to(tl.float32) - z) * s).to(tl.bfloat16))
+    _scale_and_store(u, kt, nt0, s_ptr, z_ptr, out_ptr, N, GROUP, TILES, HAS_ZP, MID)
+
+
+def _launch(kernel: Any, qm: torch.Tensor, table: tuple[torch.Tensor, ...], scale: torch.Tensor,
+            zero: torch.Tensor | None, bits: int, k: int, n: int, group: int) -> torch.Tensor:
+    """Run one of the kernels over W^T [K, N]: a program per 16 rows x up to 8 tiles (`table`: the tile order
+    the table-reading kernel takes, () for `fields`)."""
+    nt = n // TILE_N
+    tiles = next(t for t in (8, 4, 2, 1) if nt % t == 0)
+    out = torch.empty(k, n, dtype=torch.bfloat16, device=qm.device)
+    s = scale.contiguous()
+    z = s if zero is None else zero.contiguous()
+    kernel[(k // TILE_K, nt // tiles)](qm, *table, s, z, out, n, nt, GROUP=group, BITS=bits,
+                                       WORDS=TILE_K * TILE_N // (32 // bits), TILES=tiles,
+                                       HAS_ZP=zero is not None, MID=1 << (bits - 1), num_warps=8)
+    return out
 
 
 def dequantize(qm: torch.Tensor, inv: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
@@ -76,30 +92,10 @@ def dequantize(qm: torch.Tensor, inv: torch.Tensor, scale: torch.Tensor, zero: t
     """W^T [K, N] in bfloat16 from Marlin words `qm` [K/16, N*16/(32/bits)]: (u - zero) * scale, `scale` and
     `zero` [K/group, N] in natural order (zero None: the symmetric midpoint); `inv` (int32): the slot of each
     in-tile position k * 64 + n."""
-    per = 32 // bits
-    words = TILE_K * TILE_N // per
-    nt = n // TILE_N
-    tiles = next(t for t in (8, 4, 2, 1) if nt % t == 0)
-    out = torch.empty(k, n, dtype=torch.bfloat16, device=qm.device)
-    s = scale.contiguous()
-    z = s if zero is None else zero.contiguous()
-    _dequant[(k // TILE_K, nt // tiles)](qm, inv, s, z, out, n, nt, GROUP=group, BITS=bits, WORDS=words,
-                                          TILES=tiles, HAS_ZP=zero is not None, MID=1 << (bits - 1),
-                                          num_warps=8)
-    return out
+    return _launch(_dequant, qm, (inv,), scale, zero, bits, k, n, group)
 
 
 def dequantize_fields(qm: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, k: int, n: int,
                       group: int) -> torch.Tensor:
     """`dequantize` for weights whose tile order is marlin.TILE_FIELDS' permutation (the caller checks that)."""
-    per = 32 // bits
-    words = TILE_K * TILE_N // per
-    nt = n // TILE_N
-    tiles = next(t for t in (8, 4, 2, 1) if nt % t == 0)
-    out = torch.empty(k, n, dtype=torch.bfloat16, device=qm.device)
-    s = scale.contiguous()
-    z = s if zero is None else zero.contiguous()
-    _dequant_fields[(k // TILE_K, nt // tiles)](qm, s, z, out, n, nt, GROUP=group, BITS=bits, WORDS=words,
-                                                TILES=tiles, HAS_ZP=zero is not None, MID=1 << (bits - 1),
-                                                num_warps=8)
-    return out
+    return _launch(_dequant_fields, qm, (), scale, zero, bits, k, n, group)
