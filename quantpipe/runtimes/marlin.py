@@ -345,8 +345,8 @@ def _dequant_fn() -> Any:
 # How prefill dequantizes: `fields` (the default: _marlin_triton's kernel placing the values by a permutation of
 # bit fields, where TILE_FIELDS holds; else `triton` runs), `triton` (_marlin_triton's kernel reading values
 # through a table of the tile order) or `gather` (torch.compile's gather, also what runs where Triton is missing).
-# On the H200's 7B projections `fields` ran at 1.05-1.9x `triton` (gate/up 1,783 against 931 GB/s of int4 in +
-# bf16 out); a kernel placing the values with tl.gather ran at 0.43-0.80x `triton` and was dropped
+# On the H200, in a 7B prompt's profile, `fields` moved int4 in + bf16 out at 3.34 TB/s against `triton`'s 1.14
+# (second session); a kernel placing the values with tl.gather ran at 0.43-0.80x `triton` and was dropped
 # (docs/benchmarks.md).
 DEQUANT_MODES = ("triton", "fields", "gather")
 
