@@ -459,3 +459,73 @@ def test_many_runtimes_compile_their_step_in_one_process(tiny_model: Path) -> No
     finally:
         dc.recompile_limit, dc.accumulated_recompile_limit = saved
         torch._dynamo.reset()
+
+
+def test_prompt_graphs_capture_a_shape_the_second_time_and_keep_the_newest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prompt-graph policy, with stand-ins for the eager pass and the capture: a shape's first prompt runs
+    eagerly, its second captures and replays, later ones replay; at most `keep` graphs stay (least recently used
+    dropped); a capture that fails warns once and leaves every prompt eager. QUANTPIPE_PROMPT_GRAPH parses like
+    the other switches; on a CPU the runtime has no prompt graphs."""
+    from quantpipe.errors import QuantpipeError
+
+    calls: list[tuple[str, int]] = []
+
+    def eager(ids: torch.Tensor, cache: object) -> torch.Tensor:
+        calls.append(("eager", ids.shape[1]))
+        return ids[:, -1:] + 1
+
+    def capture(ids: torch.Tensor, cache: object) -> compiled.Replay:
+        calls.append(("capture", ids.shape[1]))
+        return lambda x: (calls.append(("replay", x.shape[1])), x[:, -1:] + 1)[1]
+
+    pg = compiled.PromptGraphs(eager, capture, keep=2)
+    x = {t: torch.arange(t).unsqueeze(0) for t in (3, 4, 5)}
+    for t in (3, 3, 3):
+        assert pg((1, t, 0), x[t], None).tolist() == [[t]]
+    assert calls == [("eager", 3), ("capture", 3), ("replay", 3), ("replay", 3)]
+    calls.clear()
+    for t in (4, 4, 5, 5, 3):  # 4 and 5 captured: 3, the least recently used, is dropped; seen, so captured again
+        pg((1, t, 0), x[t], None)
+    assert [c for c in calls if c[0] == "capture"] == [("capture", 4), ("capture", 5), ("capture", 3)]
+    assert list(pg.graphs) == [(1, 5, 0), (1, 3, 0)] and pg.captures == 4
+    assert pg((2, 3, 0), x[3].repeat(2, 1), None).shape == (2, 1)  # another batch size is another shape
+    assert calls[-1] == ("eager", 3)
+
+    def broken(ids: torch.Tensor, cache: object) -> compiled.Replay:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    pg = compiled.PromptGraphs(eager, broken)
+    calls.clear()
+    pg((1, 3, 0), x[3], None)
+    with pytest.warns(UserWarning, match="prompts stay eager: RuntimeError: operation not permitted"):
+        assert pg((1, 3, 0), x[3], None).tolist() == [[3]]
+    pg((1, 3, 0), x[3], None)
+    assert calls == [("eager", 3)] * 3 and not pg.graphs and "not permitted" in pg.failed
+
+    assert compiled.prompt_graphs() is True
+    monkeypatch.setenv("QUANTPIPE_PROMPT_GRAPH", "0")
+    assert compiled.prompt_graphs() is False
+    monkeypatch.setenv("QUANTPIPE_PROMPT_GRAPH", "on")
+    with pytest.raises(QuantpipeError, match=r"QUANTPIPE_PROMPT_GRAPH=on: 1 \(replay .*\) or 0"):
+        compiled.prompt_graphs()
+
+
+def test_generate_runs_its_prompt_through_the_prompt_graphs(tiny_model: Path) -> None:
+    """generate's prompt goes through `PromptGraphs` keyed by (batch, length, cache): here with a stand-in capture
+    that replays the eager pass, the tokens equal the runtime's without prompt graphs (on a CPU it has none)."""
+    rt = compiled.CompiledRuntime(tiny_model, "cpu", compile=False)
+    assert rt.prompts is None and "CUDA graph" not in rt.engine
+    x = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    want = rt.generate(x, 4)
+    keys = []
+
+    def capture(ids: torch.Tensor, cache: object) -> compiled.Replay:
+        keys.append((ids.shape, cache))
+        return lambda y: rt._prompt_eager(y, cache)
+
+    rt.prompts = compiled.PromptGraphs(rt._prompt_eager, capture)
+    for _ in range(3):
+        assert torch.equal(rt.generate(x, 4), want)
+    assert len(keys) == 1 and keys[0][1] is rt._cache(2, rt.cache_length(7, 4))
+    rt.close()
+    assert not rt.prompts.graphs

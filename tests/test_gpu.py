@@ -274,6 +274,64 @@ def test_marlin_prompt_prefetch_gives_the_same_logits(tmp_path: Path, monkeypatc
     assert mods and all(m.prefetched is None for m in mods)
 
 
+@pytest.mark.parametrize("prefetch", ["0", "1"])
+def test_marlin_prompt_graph_replays_the_eager_prompt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               prefetch: str) -> None:
+    """A W4 prompt (dequantized above 16 rows, with and without the next layer prefetched on a second stream)
+    replayed from its CUDA graph writes the cache and picks the token the eager pass does, bit for bit (the same
+    kernels); the capture holds about two layers' dequantized weights at a time, not every layer's (8 layers of
+    ~14 MB here); generate's tokens are those of a runtime without prompt graphs."""
+    _marlin_or_skip()
+    import sys
+
+    from test_decoder import build_family
+    from transformers import AutoModelForCausalLM
+
+    from quantpipe import artifact
+    from quantpipe.artifact import ArtifactMeta
+    from quantpipe.runtimes import compiled
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import decode_probe
+
+    src = build_family(tmp_path / "src", "qwen2", {"hidden_size": 512, "intermediate_size": 4096,
+                                                   "num_hidden_layers": 8, "num_attention_heads": 4,
+                                                   "num_key_value_heads": 2, "max_position_embeddings": 1024})
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    artifact.write(tmp_path / "bf16", ArtifactMeta(format="safetensors", weights="random", arch="tiny"))
+    decode_probe.make_w4(tmp_path / "bf16", tmp_path / "w4", False, 128)
+    monkeypatch.setenv("QUANTPIPE_MARLIN_PREFILL_ROWS", "16")
+    monkeypatch.setenv("QUANTPIPE_PREFILL_PREFETCH", prefetch)
+    rt = compiled.CompiledRuntime(tmp_path / "w4", "cuda")
+    assert rt.prompts is not None and "prompts of a shape seen before replayed" in rt.engine
+    x = torch.randint(0, 256, (2, 200), generator=torch.Generator().manual_seed(4)).cuda()
+    cache = rt._cache(2, rt.cache_length(200, 8))
+    with torch.inference_mode():
+        want = rt._prompt(x, cache)  # first sight: eager
+        keys = [k[:, :, :200].clone() for k, _ in cache]
+        for k, v in cache:
+            k.zero_(), v.zero_()
+        warm, a = torch.cuda.CUDAGraph(), torch.ones(64, 64, device="cuda", dtype=torch.bfloat16)
+        with torch.cuda.graph(warm):  # cuBLAS's workspace for the capture stream (32 MiB on sm90): made once
+            a @ a
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        got = rt._prompt(x, cache)  # second: captured, then replayed
+        held = torch.cuda.max_memory_allocated() - base
+        assert rt.prompts.captures == 1 and torch.equal(got, want)
+        assert all(torch.equal(k[:, :, :200], w) for (k, _), w in zip(cache, keys, strict=True))
+        layer = sum(m.dequantized().numel() * 2 for m in rt.model.layers[0].projections())
+        assert held < 4 * layer, (held / 2**20, layer / 2**20)
+        assert torch.equal(rt._prompt(x, cache), want) and rt.prompts.captures == 1
+    tokens = rt.generate(x.cpu(), 8)
+    assert torch.equal(rt.generate(x.cpu(), 8), tokens)
+    monkeypatch.setenv("QUANTPIPE_PROMPT_GRAPH", "0")
+    plain = compiled.CompiledRuntime(tmp_path / "w4", "cuda")
+    assert plain.prompts is None
+    assert torch.equal(plain.generate(x.cpu(), 8), tokens)
+
+
 def test_marlin_runs_a_w4_checkpoint_in_the_compiled_engine(tmp_path: Path) -> None:
     """A compressed-tensors W4 checkpoint (symmetric and with zero points) on Marlin through the CUDA-graph
     decode, against the same checkpoint on tinygemm (the kernel the engine used before)."""

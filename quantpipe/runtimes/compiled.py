@@ -1,6 +1,7 @@
 """The `compiled` runtime: a transformers artifact with its quantized Linears on low-bit kernels (kernels.py,
 marlin.py: never dequantized for decode), a static KV cache, and the one-token decode step compiled with CUDA
-graphs (torch.compile mode "reduce-overhead") on a GPU. The Llama family (llama, mistral, qwen2) runs on the
+graphs (torch.compile mode "reduce-overhead") on a GPU; a prompt shape seen before is replayed from a CUDA graph
+of the eager prompt pass (`PromptGraphs`). The Llama family (llama, mistral, qwen2) runs on the
 decoder written out here (decoder.py: fused q/k/v and gate/up, its own cache); other model types on
 transformers' modeling code with transformers' StaticCache. On a CPU the same model runs uncompiled. `auto` picks
 it on a GPU for the formats it loads; formats or layouts without a kernel (AWQ GEMM, GPTQ act-order) raise
@@ -10,6 +11,8 @@ it on a GPU for the formats it loads; formats or layouts without a kernel (AWQ G
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 from quantpipe import memory
 from quantpipe.artifact import ArtifactMeta
 from quantpipe.deps import Requirements
+from quantpipe.errors import QuantpipeError
 from quantpipe.runtimes import BaseRuntime, Capabilities, RuntimeSpec, Unavailable, decoder, register
 from quantpipe.runtimes.hf import preload as hf_preload
 from quantpipe.runtimes.kernels import Unsupported, load_model
@@ -67,6 +71,68 @@ def set_inductor_flags() -> None:
     ic.coordinate_descent_tuning = os.environ.get("QUANTPIPE_TUNE") == "1"
 
 
+# Prompt shapes one runtime keeps captured (least recently used dropped first; they share one memory pool).
+PROMPT_GRAPHS = 8
+SEEN_SHAPES = 4096  # prompt shapes remembered as seen once (forgotten all at once beyond this)
+
+
+def prompt_graphs() -> bool:
+    """Whether a prompt shape seen before is replayed from a CUDA graph (QUANTPIPE_PROMPT_GRAPH, default 1)."""
+    raw = os.environ.get("QUANTPIPE_PROMPT_GRAPH", "1")
+    if raw not in ("0", "1"):
+        raise QuantpipeError(f"QUANTPIPE_PROMPT_GRAPH={raw}: 1 (replay prompts of a shape seen before from a "
+                             "CUDA graph, the default) or 0 (every prompt eager)")
+    return raw == "1"
+
+
+Replay = Callable[[torch.Tensor], torch.Tensor]
+
+
+class PromptGraphs:
+    """Which prompt passes run eagerly and which replay a captured graph. An eager prompt pass launches each
+    kernel from Python: on the H200 the 7B's 512-token pass took 22 ms of host time for 15 ms of kernels (fifth
+    session), so the time to first token measured the host, not the GPU. A shape's first prompt runs eagerly
+    (it builds the Triton and cuBLAS kernels, which must not happen inside a capture, and a one-off prompt length
+    never pays a capture); its second is captured (`capture`: ids, cache -> a replay function) and replayed from
+    then on. `eager` and the replay both return the prompt's greedy token [B, 1]. A capture that fails is
+    reported once and turns the graphs off for this runtime."""
+
+    def __init__(self, eager: Callable[[torch.Tensor, Any], torch.Tensor],
+                 capture: Callable[[torch.Tensor, Any], Replay], keep: int = PROMPT_GRAPHS) -> None:
+        self.eager, self.capture, self.keep = eager, capture, keep
+        self.graphs: OrderedDict[tuple[Any, ...], Replay] = OrderedDict()
+        self.seen: set[tuple[Any, ...]] = set()
+        self.captures = 0
+        self.failed: str | None = None
+
+    def __call__(self, key: tuple[Any, ...], ids: torch.Tensor, cache: Any) -> torch.Tensor:
+        if key in self.graphs:
+            self.graphs.move_to_end(key)
+            return self.graphs[key](ids)
+        if self.failed is not None or key not in self.seen:
+            if len(self.seen) >= SEEN_SHAPES:
+                self.seen.clear()
+            self.seen.add(key)
+            return self.eager(ids, cache)
+        try:
+            replay = self.capture(ids, cache)
+        except Exception as e:  # noqa: BLE001 - the eager pass still gives the answer
+            self.failed = f"{type(e).__name__}: {e}"[:300]
+            import warnings
+
+            warnings.warn(f"prompt CUDA graph not captured, prompts stay eager: {self.failed}", stacklevel=2)
+            return self.eager(ids, cache)
+        self.captures += 1
+        self.graphs[key] = replay
+        while len(self.graphs) > self.keep:
+            self.graphs.popitem(last=False)
+        return replay(ids)
+
+    def clear(self) -> None:
+        self.graphs.clear()
+        self.seen.clear()
+
+
 class CompiledRuntime(BaseRuntime):
     """The runtime contract over `load_model`: eager `logits`; `generate` with a static KV cache per (batch,
     length) and, on CUDA, the decode step compiled with CUDA graphs."""
@@ -98,6 +164,12 @@ class CompiledRuntime(BaseRuntime):
         if self.compiled:
             set_inductor_flags()
             self._step = torch.compile(self._decode_one, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        # the transformers path is left eager: its masks and cache bookkeeping are not checked for capture
+        self.prompts: PromptGraphs | None = None
+        if self.compiled and self.own and device == "cuda" and prompt_graphs():
+            self.prompts = PromptGraphs(self._prompt_eager, self._capture_prompt)
+            self.engine += ", prompts of a shape seen before replayed from a CUDA graph"
+        self._pool: Any = None
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: Any, keep: int | None) -> torch.Tensor:
         if self.own:
@@ -107,6 +179,34 @@ class CompiledRuntime(BaseRuntime):
 
     def _decode_one(self, tok: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
         return greedy(self._forward(tok, pos, cache, 1)[:, -1])
+
+    def _prompt_eager(self, ids: torch.Tensor, cache: Any) -> torch.Tensor:
+        """The prompt pass: keys and values written into `cache`, the greedy next token [B, 1]."""
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        return greedy(self._forward(ids, pos, cache, 1)[:, -1])  # the last position's logits only
+
+    def _capture_prompt(self, ids: torch.Tensor, cache: Any) -> Replay:
+        """A CUDA graph of `_prompt_eager` over these shapes and this cache (its memory in one pool shared by
+        this runtime's prompt graphs, which never run at the same time), and the function replaying it."""
+        static = ids.clone()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self._prompt_eager(static, cache)
+
+        def replay(x: torch.Tensor) -> torch.Tensor:
+            static.copy_(x)
+            graph.replay()
+            return out.clone()  # the next replay writes `out` again
+
+        return replay
+
+    def _prompt(self, ids: torch.Tensor, cache: Any) -> torch.Tensor:
+        if self.prompts is None:
+            return self._prompt_eager(ids, cache)
+        b, t = ids.shape
+        return self.prompts((b, t, id(cache)), ids, cache)  # a graph writes that cache's tensors (kept in _caches)
 
     def _cache(self, batch: int, length: int) -> Any:
         """The static cache of this (batch, length), reused across calls. The decoder's needs no reset: a prompt
@@ -131,9 +231,7 @@ class CompiledRuntime(BaseRuntime):
         x = ids.to(self.device)
         b, t = x.shape
         cache = self._cache(b, self.cache_length(t, new_tokens))
-        pos = torch.arange(t, device=self.device)
-        logits = self._forward(x, pos, cache, 1)  # the last position's only: [B, T, vocab] can be GBs
-        tok = greedy(logits[:, -1])
+        tok = self._prompt(x, cache)
         out = [tok]
         positions = torch.arange(t, t + new_tokens, device=self.device)
         for i in range(new_tokens - 1):
@@ -158,6 +256,8 @@ class CompiledRuntime(BaseRuntime):
         return memory.kv_bytes_per_position(self.model.config, self.model.dtype)
 
     def close(self) -> None:
+        if self.prompts is not None:
+            self.prompts.clear()
         del self.model
         self._caches.clear()
 

@@ -378,12 +378,21 @@ _STREAMS: dict[torch.device, Any] = {}
 def prefetch(mods: list[nn.Module], rows: int) -> None:
     """Start dequantizing, on a second stream, the weights of those `mods` (MarlinLinear on a GPU) that a call of
     `rows` rows will dequantize; each one's next such call waits for its own and takes it (`_prompt_weight`).
-    The host runs ahead of the GPU in an eager prompt, so a layer's prefetch runs beside the layer before it."""
+    The host runs ahead of the GPU in an eager prompt, so a layer's prefetch runs beside the layer before it.
+    The second stream first waits for the work the current one has queued, so:
+    - a weight freed after its GEMM (its memory belongs to the second stream) is not written again before that
+      GEMM ran: the prefetch that may reuse it is queued after the free, behind this wait (no `record_stream`,
+      which would keep every layer's weight alive until a CUDA-graph capture ends);
+    - in a capture (compiled.PromptGraphs) the second stream forks from the capturing one, and each weight's
+      event joins it back where the weight is used."""
     for m in mods:
         if not (isinstance(m, MarlinLinear) and m.qweight.is_cuda and rows > m.prefill_rows):
             continue
+        if rows == 1 and m.one_row is not None:
+            continue
         dev = m.qweight.device
         side = _STREAMS.setdefault(dev, torch.cuda.Stream(dev))
+        side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
             w = m.dequantized()
             done = torch.cuda.Event()
@@ -478,9 +487,7 @@ class MarlinLinear(nn.Module):
             return self.dequantized()
         w, done = self.prefetched
         self.prefetched = None
-        here = torch.cuda.current_stream(w.device)
-        here.wait_event(done)
-        w.record_stream(here)  # freed after its use here, not when the side stream is done with it
+        torch.cuda.current_stream(w.device).wait_event(done)  # `prefetch` says why no record_stream
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
