@@ -116,29 +116,41 @@ def _busy_ms(prof: Any) -> float:
 
 def profile_prefill(path: Path, batch: int, out: Path | None) -> None:
     """The prompt pass (512 tokens per sequence) of the compiled runtime, profiled: its wall time (three passes
-    back to back), the sum of its kernels' times and the GPU's busy time (their union: less than the sum where
-    a second stream overlaps, QUANTPIPE_PREFILL_PREFETCH)."""
+    back to back) eagerly and as the runtime runs a prompt shape it has seen (replayed from a CUDA graph unless
+    QUANTPIPE_PROMPT_GRAPH=0), the sum of the latter's kernel times and the GPU's busy time (their union: less
+    than the sum where a second stream overlaps, QUANTPIPE_PREFILL_PREFETCH), and the memory the prompt held
+    beyond the weights and cache (allocator peak)."""
     from quantpipe.runtimes.compiled import CompiledRuntime
 
     rt = CompiledRuntime(path, "cuda")
     vocab = rt.model.config.vocab_size
     x = torch.randint(0, vocab, (batch, 512), generator=torch.Generator().manual_seed(0)).cuda()
-    with torch.inference_mode():
-        cache = rt._cache(batch, rt.cache_length(512, 128))
-        for _ in range(3):
-            rt._forward(x, torch.arange(512, device="cuda"), cache, 1)
+
+    def wall(fn: Any) -> float:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(3):
-            rt._forward(x, torch.arange(512, device="cuda"), cache, 1)
+            fn(x, cache)
         torch.cuda.synchronize()
-        ms = (time.perf_counter() - t0) / 3 * 1e3
+        return (time.perf_counter() - t0) / 3 * 1e3
+
+    with torch.inference_mode():
+        cache = rt._cache(batch, rt.cache_length(512, 128))
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(3):  # eager, captured, replayed
+            rt._prompt(x, cache)
+        held = (torch.cuda.max_memory_allocated() - base) / 2**20
+        eager_ms, ms = wall(rt._prompt_eager), wall(rt._prompt)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            rt._forward(x, torch.arange(512, device="cuda"), cache, 1)
+            rt._prompt(x, cache)
             torch.cuda.synchronize()
     total, top = _top(prof, 1)
-    res = {"artifact": str(path), "kernel": rt.kernels, "batch": batch, "prefill_ms": round(ms, 2),
-           "kernel_ms": round(total / 1e3, 2), "gpu_busy_ms": round(_busy_ms(prof), 2), "top_kernels": top}
+    res = {"artifact": str(path), "kernel": rt.kernels, "engine": rt.engine, "batch": batch,
+           "graphed": bool(rt.prompts and rt.prompts.graphs), "prefill_ms": round(ms, 2),
+           "eager_ms": round(eager_ms, 2), "kernel_ms": round(total / 1e3, 2), "gpu_busy_ms": round(_busy_ms(prof), 2),
+           "prompt_held_mib": round(held, 1), "top_kernels": top}
     text = json.dumps(res, indent=1)
     print(text)
     if out:
@@ -205,8 +217,9 @@ def crossover(out: Path | None) -> None:
     """Per row count, the four projections of one Qwen2-7B layer (W4 g128, symmetric): Marlin's GEMM against
     the dequantized path (the fastest dequantization + cuBLAS), and each dequantization alone (the Triton
     kernels and the compiled gather; `fields_match` says whether the `fields` kernel ran or fell back to the
-    table-reading one): one eager call, host time included (what a prompt pays), and from a CUDA graph (the
-    kernels alone, `_graph`)."""
+    table-reading one): one eager call, host time included (what an eager prompt pays), and from a CUDA graph (the
+    kernels alone, `_graph`: what a prompt replayed from a graph pays). The crossover is given both ways
+    (`dequant_wins_from_rows`, `dequant_wins_from_rows_graph`)."""
     import os
 
     from quantpipe.runtimes import marlin
@@ -255,20 +268,21 @@ def crossover(out: Path | None) -> None:
         d, lin = res["ms"][name], lins[name]
         for m in rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
-            lin.prefill_rows = 1 << 30
-            d[f"marlin_{m}"] = _time(lambda x=x, lin=lin: lin(x))
-            lin.prefill_rows = 0
-            d[f"dequant_mm_{m}"] = _time(lambda x=x, lin=lin: lin(x))
+            for path, rows_at in (("marlin", 1 << 30), ("dequant_mm", 0)):
+                lin.prefill_rows = rows_at  # read when called, so a capture keeps the path it saw
+                d[f"{path}_{m}"] = _time(lambda x=x, lin=lin: lin(x))  # eager: what an eager prompt pays
+                d[f"{path}_{m}_graph"] = _graph_ms([lambda x=x, lin=lin: lin(x)])  # a prompt replayed from a graph
         res["ms"][name] = {key: round(v, 4) if isinstance(v, float) else v for key, v in d.items()}
     os.environ.pop("QUANTPIPE_MARLIN_DEQUANT")
-    layer = {m: (sum(res["ms"][s][f"marlin_{m}"] for s in SHAPES_7B),
-                 sum(res["ms"][s][f"dequant_mm_{m}"] for s in SHAPES_7B)) for m in rows}
-    res["layer_ms"] = {m: {"marlin": round(a, 3), "dequant_mm": round(b, 3)} for m, (a, b) in layer.items()}
-    res["dequant_wins_from_rows"] = next((m for m in rows if layer[m][1] < layer[m][0]), None)
-    for m, v in res["layer_ms"].items():
-        print(f"  rows {m}: layer marlin {v['marlin']} ms, dequantized + cuBLAS {v['dequant_mm']} ms")
-    print("dequantizing wins from", res["dequant_wins_from_rows"], "rows; faster dequantization:",
-          res["dequant_faster"], "(of", ", ".join(ok), "agreeing)")
+    for tag, suffix in (("", ""), ("_graph", "_graph")):
+        layer = {m: (sum(res["ms"][s][f"marlin_{m}{suffix}"] for s in SHAPES_7B),
+                     sum(res["ms"][s][f"dequant_mm_{m}{suffix}"] for s in SHAPES_7B)) for m in rows}
+        res[f"layer_ms{tag}"] = {m: {"marlin": round(a, 3), "dequant_mm": round(b, 3)} for m, (a, b) in layer.items()}
+        res[f"dequant_wins_from_rows{tag}"] = next((m for m in rows if layer[m][1] < layer[m][0]), None)
+        for m, v in res[f"layer_ms{tag}"].items():
+            print(f"  rows {m}{tag}: layer marlin {v['marlin']} ms, dequantized + cuBLAS {v['dequant_mm']} ms")
+    print("dequantizing wins from", res["dequant_wins_from_rows"], "rows eagerly,", res["dequant_wins_from_rows_graph"],
+          "from a graph; faster dequantization:", res["dequant_faster"], "(of", ", ".join(ok), "agreeing)")
     if out:
         out.write_text(json.dumps(res, indent=1) + "\n")
 

@@ -4,24 +4,26 @@
 # Steps (any order, each logs to $OUT or runs/gpu-out):
 #   build      compile Marlin (about 100 s; QUANTPIPE_MARLIN_SO=path skips it with a library built earlier)
 #   data       random-weight Qwen2-7B checkpoints: bf16; W4 g128 compressed-tensors with lm_head 4-bit too (w4h);
-#              W8 per channel (w8)
+#              W8 per channel (w8; DATA_W8=0 leaves it out)
 #   bench      quantpipe bench of bf16 and w4h at batch 1, 8, 32 and of w8 at 1 and 8 (prompt 512 + 128, median of 3)
 #   benchbf16  the same for bf16 alone
+#   benchw4    the same for w4h alone
 #   opts       Marlin's split-K sums in float32 vs bfloat16, tinygemm and bf16 cuBLAS per 7B projection (CUDA
 #              graphs); later steps use bfloat16 sums where they are faster at every row count
 #   attn       decode attention variants (ATTN_KINDS, default "matmul flex") at batch 1 on bf16; later steps use the fastest
 #   crossover  Marlin vs dequantize + cuBLAS per row count (7B layer shapes), each dequantizer timed; later steps
-#              use the fastest dequantizer that agrees and dequantize from the measured crossover
-#              (QUANTPIPE_MARLIN_DEQUANT, QUANTPIPE_MARLIN_PREFILL_ROWS)
+#              use the fastest dequantizer that agrees and dequantize from the measured crossover (from CUDA
+#              graphs, as prompts run; eager with QUANTPIPE_PROMPT_GRAPH=0) (QUANTPIPE_MARLIN_DEQUANT,
+#              QUANTPIPE_MARLIN_PREFILL_ROWS)
 #   nocopy     w4h with QUANTPIPE_ONE_ROW_TINYGEMM=0 (Marlin for one row too, the comparison for the default's
 #              tinygemm copies of the small projections): profile at batch 1 and bench at 1
 #   tune       bf16 at batch 1 and 8 and w4h at batch 1 profiled with QUANTPIPE_TUNE=1 (Inductor's
-#              coordinate-descent tuning of its own kernels' tilings)
+#              coordinate-descent tuning of its own kernels' tilings; TUNE_SET="w4h:1" picks)
 #   prof8      bf16 profiled at batch 8 (the untuned reference for tune's)
 #   link       use the recipe's artifacts (baseline, gptq-w4g128, gptq-w4g128-head) as bf16, w4, w4h
-#   prefill    the W4 prompt pass at batch 1 (W4 = $PREFILL_W4, default w4h): dequantized bf16 GEMM above the
-#              crossover vs Marlin throughout, dequantized above $PREFETCH_ROWS (255) with the next layer
-#              dequantized on a second stream (QUANTPIPE_PREFILL_PREFETCH=1), and bf16's
+#   prefill    the prompt pass at batch 1, eager and replayed from its CUDA graph: bf16's; W4's (W4 = $PREFILL_W4,
+#              default w4h) on Marlin throughout, dequantized to bf16 above the crossover, and that with the next
+#              layer dequantized on a second stream (QUANTPIPE_PREFILL_PREFETCH=1, above $PREFETCH_ROWS rows)
 #   profile    torch.profiler of the batch-1 decode step: decoder vs transformers' modeling, bf16 and W4
 #   marlin     python -m pytest tests/test_gpu.py -k "marlin or decoder"
 #   tests      python -m pytest tests/test_gpu.py
@@ -63,9 +65,10 @@ from quantpipe.runtimes import marlin
 print('marlin:', marlin.unusable() or 'ready', round(time.time() - t, 1), 's')" 2>&1 | tail -5 ;;
     data) python3 scripts/decode_probe.py random "$A/bf16" --arch qwen2-7b &&
           python3 scripts/decode_probe.py w4 --head "$A/bf16" "$A/w4h" &&
-          python3 scripts/decode_probe.py w4 --bits 8 "$A/bf16" "$A/w8"; ls "$A" ;;
+          { [ "${DATA_W8:-1}" = 0 ] || python3 scripts/decode_probe.py w4 --bits 8 "$A/bf16" "$A/w8"; }; ls "$A" ;;
     bench) bench bf16 1 8 32; bench w4h 1 8 32; bench w8 1 8 ;;
     benchbf16) bench bf16 1 8 32 ;;
+    benchw4) bench w4h 1 8 32 ;;
     opts) python3 scripts/decode_probe.py marlin-opts --json "$res/marlin-opts.json" 2>&1 | tail -12
           if python3 -c "import json, sys; sys.exit(0 if json.load(open('$res/marlin-opts.json'))['bf16_reduce_faster'] else 1)"; then
             export QUANTPIPE_MARLIN_FP32_REDUCE=0; echo "  using bfloat16 split-K sums"
@@ -79,8 +82,9 @@ print('marlin:', marlin.unusable() or 'ready', round(time.time() - t, 1), 's')" 
             if python3 -c "import sys; sys.exit(0 if $ms < $bestms else 1)"; then best=$k; bestms=$ms; fi
           done
           export QUANTPIPE_DECODE_ATTN=$best; echo "  using $best" ;;
-    crossover) python3 scripts/decode_probe.py crossover --json "$res/crossover.json" 2>&1 | tail -12
-               from=$(python3 -c "import json; print(json.load(open('$res/crossover.json'))['dequant_wins_from_rows'] or 0)")
+    crossover) python3 scripts/decode_probe.py crossover --json "$res/crossover.json" 2>&1 | tail -22
+               key=dequant_wins_from_rows$([ "${QUANTPIPE_PROMPT_GRAPH:-1}" = 1 ] && echo _graph)
+               from=$(python3 -c "import json; print(json.load(open('$res/crossover.json'))['$key'] or 0)")
                export QUANTPIPE_MARLIN_PREFILL_ROWS=$([ "$from" -gt 0 ] && echo $((from - 1)) || echo 1000000)
                export QUANTPIPE_MARLIN_DEQUANT=$(python3 -c "import json; print(json.load(open('$res/crossover.json'))['dequant_faster'])")
                echo "  dequantization: $QUANTPIPE_MARLIN_DEQUANT"
@@ -89,17 +93,17 @@ print('marlin:', marlin.unusable() or 'ready', round(time.time() - t, 1), 's')" 
           ln -sfn "$PWD/runs/gpu-qwen2-7b-random/artifacts/gptq-w4g128" "$A/w4" &&
           ln -sfn "$PWD/runs/gpu-qwen2-7b-random/artifacts/gptq-w4g128-head" "$A/w4h"; ls -l "$A" ;;
     prefill) rows=${QUANTPIPE_MARLIN_PREFILL_ROWS:-1024}
-             for r in "$rows" 1000000; do
+             python3 scripts/decode_probe.py profile "$A/bf16" --prefill --json "$res/prefill-bf16.json" 2>/dev/null | head -10
+             for r in 1000000 "$rows"; do
                QUANTPIPE_MARLIN_PREFILL_ROWS=$r python3 scripts/decode_probe.py profile "$A/${PREFILL_W4:-w4h}" --prefill \
                  --json "$res/prefill-w4-rows$r.json" 2>/dev/null | head -12
              done
-             QUANTPIPE_MARLIN_PREFILL_ROWS=${PREFETCH_ROWS:-255} QUANTPIPE_PREFILL_PREFETCH=1 python3 scripts/decode_probe.py \
-               profile "$A/${PREFILL_W4:-w4h}" --prefill --json "$res/prefill-w4-prefetch.json" 2>/dev/null | head -12
-             python3 scripts/decode_probe.py profile "$A/bf16" --prefill --json "$res/prefill-bf16.json" 2>/dev/null | head -6 ;;
+             QUANTPIPE_MARLIN_PREFILL_ROWS=${PREFETCH_ROWS:-$rows} QUANTPIPE_PREFILL_PREFETCH=1 python3 scripts/decode_probe.py \
+               profile "$A/${PREFILL_W4:-w4h}" --prefill --json "$res/prefill-w4-prefetch.json" 2>/dev/null | head -12 ;;
     nocopy) QUANTPIPE_ONE_ROW_TINYGEMM=0 python3 scripts/decode_probe.py profile "$A/w4h" --batch 1 \
               --json "$res/prof-w4h-b1-nocopy.json" | head -12
             ln -sfn "$A/w4h" "$A/w4h-nocopy" && QUANTPIPE_ONE_ROW_TINYGEMM=0 bench w4h-nocopy 1 ;;
-    tune) for ab in bf16:1 bf16:8 w4h:1; do
+    tune) for ab in ${TUNE_SET:-bf16:1 bf16:8 w4h:1}; do
             a=${ab%:*} b=${ab#*:}
             QUANTPIPE_TUNE=1 python3 scripts/decode_probe.py profile "$A/$a" --batch "$b" \
               --json "$res/prof-$a-b$b-tune.json" | head -12
