@@ -273,23 +273,38 @@ def test_marlin_gather_dequantizer_places_every_value(bits: int, groups: int, zp
     assert torch.equal(marlin.dequantize(qm, torch.argsort(order), scale, z, bits, 512, 128, 512 // groups), want)
 
 
+def _scales_as_stored(scale: torch.Tensor, marlin_order: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The scales as a kernel is handed them: natural, or as MarlinLinear stores them with the order the Triton
+    kernels read them through (what marlin._inverses gives MarlinLinear.dequantized)."""
+    if not marlin_order:
+        return scale, None
+    channelwise = scale.shape[0] == 1
+    perm = marlin._scale_perms()[1 if channelwise else 0]
+    return marlin.permute_scales(scale, channelwise), torch.argsort(torch.tensor(perm)).to(torch.int32)
+
+
+@pytest.mark.parametrize("marlin_order", [False, True])
 @pytest.mark.parametrize("bits,groups,zp", DEQUANT_CASES)
-def test_marlin_triton_dequantizer_places_every_value(bits: int, groups: int, zp: bool,
+def test_marlin_triton_dequantizer_places_every_value(bits: int, groups: int, zp: bool, marlin_order: bool,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The Triton kernel in Triton's interpreter (skipped where Triton is not installed, as in CI's CPU torch;
     tests/test_gpu.py runs it on a GPU). The interpreter rounds float32 -> bfloat16 toward zero, a GPU to nearest:
-    power-of-two scales make every product exact, so this checks where each value lands, its scale and zero."""
+    power-of-two scales make every product exact, so this checks where each value lands, its scale and zero;
+    with the scales in natural order and in Marlin's (read through their permutation)."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when the kernel is decorated: import it afresh
     monkeypatch.delitem(sys.modules, "quantpipe.runtimes._marlin_triton", raising=False)
     _marlin_triton = importlib.import_module("quantpipe.runtimes._marlin_triton")
     qm, order, scale, zero, _, want = _dequant_case(bits, groups, zp, pow2=True)
     slots = torch.argsort(order).to(torch.int32)  # as marlin._inverses hands it over
-    assert torch.equal(_marlin_triton.dequantize(qm, slots, scale, zero, bits, 512, 128, 512 // groups), want)
+    scale, scale_order = _scales_as_stored(scale, marlin_order)
+    got = _marlin_triton.dequantize(qm, slots, scale, zero, bits, 512, 128, 512 // groups, scale_order=scale_order)
+    assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("marlin_order", [False, True])
 @pytest.mark.parametrize("bits,groups,zp", DEQUANT_CASES)
-def test_marlin_fields_dequantizer_places_every_value(bits: int, groups: int, zp: bool,
+def test_marlin_fields_dequantizer_places_every_value(bits: int, groups: int, zp: bool, marlin_order: bool,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The `fields` kernel (words loaded once, values placed by a permutation of the slot's bit fields) in
     Triton's interpreter, on weights laid out in Marlin's tile order; exact as in the test above."""
@@ -298,7 +313,9 @@ def test_marlin_fields_dequantizer_places_every_value(bits: int, groups: int, zp
     monkeypatch.delitem(sys.modules, "quantpipe.runtimes._marlin_triton", raising=False)
     _marlin_triton = importlib.import_module("quantpipe.runtimes._marlin_triton")
     qm, _, scale, zero, _, want = _dequant_case(bits, groups, zp, pow2=True, fields=True)
-    assert torch.equal(_marlin_triton.dequantize_fields(qm, scale, zero, bits, 512, 128, 512 // groups), want)
+    scale, scale_order = _scales_as_stored(scale, marlin_order)
+    got = _marlin_triton.dequantize_fields(qm, scale, zero, bits, 512, 128, 512 // groups, scale_order=scale_order)
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
