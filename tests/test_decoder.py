@@ -414,7 +414,7 @@ def test_comparison_switches_reject_bad_values(tiny_model: Path, monkeypatch: py
     monkeypatch.setenv("QUANTPIPE_MARLIN_PREFILL_ROWS", "64")
     assert marlin.prefill_rows() == 64
     monkeypatch.delenv("QUANTPIPE_MARLIN_PREFILL_ROWS")
-    assert marlin.prefill_rows() == marlin.PREFILL_ROWS == 1024
+    assert marlin.prefill_rows() == marlin.PREFILL_ROWS == 255
     monkeypatch.setenv("QUANTPIPE_MARLIN_DEQUANT", "fast")
     with pytest.raises(QuantpipeError, match="QUANTPIPE_MARLIN_DEQUANT=fast: one of triton, fields, gather"):
         marlin.triton_dequant()

@@ -35,9 +35,11 @@ from quantpipe.runtimes.kernels import row_chunks, unpack_int32
 OPS_NAMESPACE = "gptqmodel_marlin_bf16"  # the TORCH_LIBRARY name in the shipped bf16 binding
 TILE_K, TILE_N = 16, 64  # one Marlin tile of the repacked weight
 # Above this many rows a layer is dequantized to bfloat16 for the dense GEMM (QUANTPIPE_MARLIN_PREFILL_ROWS).
-# Measured on the H200 (Qwen2-7B shape, one 512-token prompt): Marlin 27.2 ms against 40.8 ms dequantizing
-# (the gather kernel costs 14.3 ms); at 8 x 512 rows and more the dequantized GEMM wins (docs/benchmarks.md).
-PREFILL_ROWS = 1024
+# Measured on the H200 (Qwen2-7B layer shapes, `decode_probe.py crossover`, sixth session): replayed from a CUDA
+# graph, as the compiled runtime runs a prompt shape it has seen, dequantizing with the `fields` kernel wins
+# from 256 rows (512 rows: 0.528 ms a layer against Marlin's 0.695); called eagerly, where the host's launch
+# time counts, only from 1024. The 7B's 512-token prompt: 19.69 ms dequantized against 24.99 on Marlin.
+PREFILL_ROWS = 255
 
 
 def prefill_rows() -> int:
