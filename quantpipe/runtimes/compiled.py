@@ -95,7 +95,7 @@ class PromptGraphs:
     (it builds the Triton and cuBLAS kernels, which must not happen inside a capture, and a one-off prompt length
     never pays a capture); its second is captured (`capture`: ids, cache -> a replay function) and replayed from
     then on. `eager` and the replay both return the prompt's greedy token [B, 1]. A capture that fails is
-    reported once and turns the graphs off for this runtime."""
+    reported once, and from then on shapes not yet captured stay eager (those captured still replay)."""
 
     def __init__(self, eager: Callable[[torch.Tensor, Any], torch.Tensor],
                  capture: Callable[[torch.Tensor, Any], Replay], keep: int = PROMPT_GRAPHS) -> None:
