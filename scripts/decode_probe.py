@@ -168,7 +168,7 @@ def profile(path: Path, batch: int, hf: bool, out: Path | None) -> None:
     with torch.inference_mode():
         cache = rt._cache(batch, length)
         xd = x.cuda()
-        tok = rt._forward(xd, torch.arange(512, device="cuda"), cache, 1)[:, -1].argmax(-1, keepdim=True)
+        tok = rt._prompt_eager(xd, cache)
         positions = torch.arange(512, 640, device="cuda")
         for i in range(8):  # warm
             tok = rt._step(tok, positions[i:i + 1], cache).clone()

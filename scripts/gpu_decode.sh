@@ -92,7 +92,7 @@ print('marlin:', marlin.unusable() or 'ready', round(time.time() - t, 1), 's')" 
     link) mkdir -p "$A" && ln -sfn "$PWD/runs/gpu-qwen2-7b-random/artifacts/baseline" "$A/bf16" &&
           ln -sfn "$PWD/runs/gpu-qwen2-7b-random/artifacts/gptq-w4g128" "$A/w4" &&
           ln -sfn "$PWD/runs/gpu-qwen2-7b-random/artifacts/gptq-w4g128-head" "$A/w4h"; ls -l "$A" ;;
-    prefill) rows=${QUANTPIPE_MARLIN_PREFILL_ROWS:-1024}
+    prefill) rows=${QUANTPIPE_MARLIN_PREFILL_ROWS:-$(python3 -c "from quantpipe.runtimes import marlin; print(marlin.PREFILL_ROWS)")}
              python3 scripts/decode_probe.py profile "$A/bf16" --prefill --json "$res/prefill-bf16.json" 2>/dev/null | head -10
              for r in 1000000 "$rows"; do
                QUANTPIPE_MARLIN_PREFILL_ROWS=$r python3 scripts/decode_probe.py profile "$A/${PREFILL_W4:-w4h}" --prefill \

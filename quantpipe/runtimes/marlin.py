@@ -467,20 +467,20 @@ class MarlinLinear(nn.Module):
         """W^T [K, N] in bfloat16, from the Marlin-layout buffers alone (scales and zero points un-permuted)."""
         inv = _inverses(self.bits, self.qweight.device)
         perm_name = "single" if self.group == self.in_features else "grouped"
-        perm = inv[perm_name]
+        perm, order = inv[perm_name], inv[f"{perm_name}32"]
         zeros = None
         if self.zeros is not None:
             z = unpack_int32(self.zeros, self.bits, 1).reshape(-1, 32 // self.bits)[:, inv["interleave"]]
             zeros = z.reshape(-1, 64)[:, inv["grouped"]].reshape(self.scales.shape).to(torch.bfloat16)
         tri = triton_dequant() if self.qweight.is_cuda else None
-        # the Triton kernels read the scales in Marlin's order through `perm`: un-permuting them here was an
+        # the Triton kernels read the scales in Marlin's order through `order`: un-permuting them here was an
         # indexing kernel per call, 617 us of a 7B prompt's 20 ms on the H200 (sixth session)
         if tri is not None and dequant_mode() == "fields" and fields_match(self.bits, self.qweight.device):
             return tri.dequantize_fields(self.qweight, self.scales, zeros, self.bits, self.in_features,
-                                         self.out_features, self.group, scale_order=inv[f"{perm_name}32"])
+                                         self.out_features, self.group, scale_order=order)
         if tri is not None:
             return tri.dequantize(self.qweight, inv["slots"], self.scales, zeros, self.bits, self.in_features,
-                                  self.out_features, self.group, scale_order=inv[f"{perm_name}32"])
+                                  self.out_features, self.group, scale_order=order)
         scales = self.scales.reshape(-1, perm.numel())[:, perm].reshape(self.scales.shape)
         if zeros is None:
             zeros = torch.full_like(scales, 1 << (self.bits - 1))
