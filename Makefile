@@ -34,11 +34,17 @@ demo: setup
 demo-full: setup
 	$(BIN)/quantpipe run recipes/smollm2-demo.yaml
 
+# Two test processes (pytest-xdist), each taking whole files, the slowest files first (tests/conftest.py): on
+# 2 cores much of the suite is single-threaded (process start-up, imports, servers starting), so the two overlap.
+# TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
+TEST_PARALLEL = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
+
 test: setup
-	$(BIN)/pytest
+	$(BIN)/pytest $(TEST_PARALLEL)
 
 test-fast: setup
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest $(TEST_PARALLEL) -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check quantpipe tests scripts

@@ -102,6 +102,17 @@ def build_smol_tokenizer_model(out: Path) -> Path:
     return out
 
 
+# The longest files first. `make test` runs two pytest-xdist workers that each take whole files in collection
+# order (--dist loadfile --no-loadscope-reorder): the SmolLM2 end-to-end file, about half the suite, starts at
+# once on one worker while the other takes the rest, instead of starting last. A one-process run only reorders.
+FIRST = ("test_smollm2_e2e.py", "test_serving_engines.py")
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))  # stable: each file keeps its own order
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
