@@ -63,6 +63,10 @@ class Storage:
     # bytes of the tinygemm copy of a 4-bit Linear(out, in) that the compiled runtime keeps on a GPU for one-row
     # calls (runtimes.marlin.ONE_ROW_MAX_ELEMENTS: small weights only; plan.one_row_copies); None: no such copy
     one_row_copy: Callable[[int, int], int] | None = None
+    # bytes of the zero points of a 4-bit Linear(out, in) with zero points (AWQ) that the compiled runtime keeps
+    # in natural order beside Marlin's packed ones on a GPU, for the prompt's dequantization ([in / group, out]
+    # uint8; plan.prompt_zero_points); None: no zero points
+    natural_zero_points: Callable[[int, int], int] | None = None
 
 
 def float_storage(params: Any, dtype: str) -> Storage:
@@ -145,6 +149,12 @@ def weight_bytes(s: Shapes, storage: Storage) -> dict[str, int]:
     }
     out["total"] = sum(out.values())
     return out
+
+
+def natural_zero_points_bytes(group_size: int) -> Callable[[int, int], int]:
+    """Bytes of a Linear(out, inp)'s zero points as runtimes.marlin.MarlinLinear keeps them for dequantizing:
+    one uint8 per group of `group_size` inputs (per channel: one) and output."""
+    return lambda out, inp: out * (inp // group_size if group_size > 0 else 1)
 
 
 def tinygemm_bytes(group_size: int) -> Callable[[int, int], int]:

@@ -115,11 +115,23 @@ def one_row_copies(s: Shapes, storage: Storage, dtype: str, device: str) -> int:
     return s.layers * per_layer + head
 
 
+def prompt_zero_points(s: Shapes, storage: Storage, dtype: str, device: str) -> int:
+    """Bytes of the zero points that the compiled runtime keeps in natural order beside Marlin's packed ones on a
+    GPU (runtimes.marlin.MarlinLinear: the prompt's dequantizers read them so, instead of un-permuting the packed
+    ones on every call): every 4-bit Linear with zero points, lm_head where it is quantized. 0 off a GPU, for
+    other dtypes than bfloat16 (Marlin's) and for formats without zero points."""
+    zp = storage.natural_zero_points
+    if device != "cuda" or dtype != "bfloat16" or zp is None:
+        return 0
+    per_layer = sum(zp(o, i) for n, o, i, _ in s.linears() if not any(f in n for f in storage.float_linears))
+    return s.layers * per_layer + (zp(s.vocab, s.hidden) if storage.lm_head is not None else 0)
+
+
 def bench_memory(s: Shapes, storage: Storage, dtype: str, device: str, bench: dict[str, Any]) -> dict[str, int]:
     """Predicted memory of `quantpipe bench` at its largest batch: resident weights, the compiled runtime's
-    one-row copies on a GPU (`one_row_copies`: a key of its own where there are any), the KV cache of
-    prompt_len + gen_len tokens per sequence, and one prefill's activations (CPU attention materializes the
-    scores; CUDA's flash/efficient kernels do not)."""
+    one-row copies and natural-order zero points on a GPU (`one_row_copies`, `prompt_zero_points`: keys of their
+    own where there are any), the KV cache of prompt_len + gen_len tokens per sequence, and one prefill's
+    activations (CPU attention materializes the scores; CUDA's flash/efficient kernels do not)."""
     b = max(bench["batch_sizes"])
     act = storage.float_bytes
     out = {
@@ -131,6 +143,9 @@ def bench_memory(s: Shapes, storage: Storage, dtype: str, device: str, bench: di
     copies = one_row_copies(s, storage, dtype, device)
     if copies:
         out["one_row_copies"] = copies
+    zeros = prompt_zero_points(s, storage, dtype, device)
+    if zeros:
+        out["natural_zero_points"] = zeros
     out["total"] = sum(out.values())
     return out
 

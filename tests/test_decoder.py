@@ -163,7 +163,7 @@ def test_marlin_packing_and_permutations() -> None:
     packed = marlin.pack_zero_points(z, 4)
     assert packed.shape == (2, 16) and torch.equal(kernels.unpack_int32(packed, 4, 1).sort(-1).values,
                                                     z.sort(-1).values)
-    grouped, _ = marlin._scale_perms()  # read back as MarlinLinear.dequantized does: interleave, then 8 x 8 blocks
+    grouped, _ = marlin._scale_perms()  # read back in the kernel's order: interleave, then 8 x 8 blocks
     back = kernels.unpack_int32(packed, 4, 1).reshape(-1, 8)[:, torch.argsort(torch.tensor(marlin._interleave(4)))]
     assert torch.equal(back.reshape(-1, 64)[:, torch.argsort(torch.tensor(grouped))].reshape(2, 128), z.to(torch.int32))
     # the kernel library's ScalarType ids (C++ from_id): mantissa bits at 8, bias at 17, IEEE NaN flag at 50
@@ -271,16 +271,23 @@ def test_marlin_gather_dequantizer_places_every_value(bits: int, groups: int, zp
     scaled per group, rounded as the GPU test expects."""
     qm, order, scale, _, z, want = _dequant_case(bits, groups, zp, pow2=False)
     assert torch.equal(marlin.dequantize(qm, torch.argsort(order), scale, z, bits, 512, 128, 512 // groups), want)
+    if zp:  # MarlinLinear hands its zero points over as uint8 (zeros_natural)
+        zu = z.to(torch.uint8)
+        assert torch.equal(marlin.dequantize(qm, torch.argsort(order), scale, zu, bits, 512, 128, 512 // groups), want)
 
 
-def _scales_as_stored(scale: torch.Tensor, marlin_order: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The scales as a kernel is handed them: natural, or as MarlinLinear stores them with the order the Triton
-    kernels read them through (what marlin._inverses gives MarlinLinear.dequantized)."""
+def _as_stored(scale: torch.Tensor, zero: torch.Tensor | None, marlin_order: bool
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The scales and zero points as a kernel is handed them: bfloat16 in natural order, or as MarlinLinear
+    keeps them, the scales in Marlin's order with the order the Triton kernels read them through (what
+    marlin._inverses gives MarlinLinear.dequantized) and the zero points as uint8 in natural order
+    (MarlinLinear.zeros_natural)."""
     if not marlin_order:
-        return scale, None
+        return scale, zero, None
     channelwise = scale.shape[0] == 1
     perm = marlin._scale_perms()[1 if channelwise else 0]
-    return marlin.permute_scales(scale, channelwise), torch.argsort(torch.tensor(perm)).to(torch.int32)
+    return (marlin.permute_scales(scale, channelwise), None if zero is None else zero.to(torch.uint8),
+            torch.argsort(torch.tensor(perm)).to(torch.int32))
 
 
 @pytest.mark.parametrize("marlin_order", [False, True])
@@ -297,7 +304,7 @@ def test_marlin_triton_dequantizer_places_every_value(bits: int, groups: int, zp
     _marlin_triton = importlib.import_module("quantpipe.runtimes._marlin_triton")
     qm, order, scale, zero, _, want = _dequant_case(bits, groups, zp, pow2=True)
     slots = torch.argsort(order).to(torch.int32)  # as marlin._inverses hands it over
-    scale, scale_order = _scales_as_stored(scale, marlin_order)
+    scale, zero, scale_order = _as_stored(scale, zero, marlin_order)
     got = _marlin_triton.dequantize(qm, slots, scale, zero, bits, 512, 128, 512 // groups, scale_order=scale_order)
     assert torch.equal(got, want)
 
@@ -313,7 +320,7 @@ def test_marlin_fields_dequantizer_places_every_value(bits: int, groups: int, zp
     monkeypatch.delitem(sys.modules, "quantpipe.runtimes._marlin_triton", raising=False)
     _marlin_triton = importlib.import_module("quantpipe.runtimes._marlin_triton")
     qm, _, scale, zero, _, want = _dequant_case(bits, groups, zp, pow2=True, fields=True)
-    scale, scale_order = _scales_as_stored(scale, marlin_order)
+    scale, zero, scale_order = _as_stored(scale, zero, marlin_order)
     got = _marlin_triton.dequantize_fields(qm, scale, zero, bits, 512, 128, 512 // groups, scale_order=scale_order)
     assert torch.equal(got, want)
 

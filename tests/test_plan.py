@@ -211,3 +211,28 @@ def test_memory_pass_measures_what_follows(tmp_path: Path) -> None:
     assert r["half"] < r["start"] + 1.2 * mib, r  # the freed half went back to the system
     plain = isolate.run(f"{__name__}:memory_pass_job", (mib, False), tmp_path, "plain")
     assert plain["half"] > plain["start"] + 1.8 * mib, plain  # glibc's default: kept
+
+
+def test_natural_zero_points_on_a_gpu():
+    """The zero points the compiled runtime keeps in natural order for the prompt's dequantization
+    (runtimes.marlin.MarlinLinear.zeros_natural: one uint8 per group and output) in the bench prediction of a
+    4-bit bf16 variant with zero points on a GPU: Qwen2-7B at group 128 has 7.6 G / 128 of them in its decoder
+    Linears (lm_head too where it is quantized); none for symmetric variants, on a CPU or in float32."""
+    s = plan.shapes(archs.config("qwen2-7b"))
+    bench = {"batch_sizes": [1], "prompt_len": 512, "gen_len": 128}
+    # per layer: out · in / 128 over q, k, v, o, gate, up, down
+    per_layer = (3584 * 3584 * 2 + 512 * 3584 * 2 + 18944 * 3584 * 3) // 128
+    awq = storage("awq", "bfloat16", bits=4, group_size=128, zero_point=True)
+    assert plan.prompt_zero_points(s, awq, "bfloat16", "cuda") == 28 * per_layer == 50_978_816  # 48.6 MiB
+    assert plan.bench_memory(s, awq, "bfloat16", "cuda", bench)["natural_zero_points"] == 50_978_816
+    head = storage("awq", "bfloat16", bits=4, group_size=128, zero_point=True, quantize_lm_head=True)
+    assert plan.prompt_zero_points(s, head, "bfloat16", "cuda") == 50_978_816 + 152064 * 3584 // 128
+    assert "natural_zero_points" not in plan.bench_memory(s, awq, "bfloat16", "cpu", bench)
+    assert plan.prompt_zero_points(s, storage("awq", "float32", bits=4, group_size=128, zero_point=True),
+                                   "float32", "cuda") == 0
+    assert plan.prompt_zero_points(s, storage("gptq", "bfloat16", bits=4, group_size=128), "bfloat16", "cuda") == 0
+    # GPTQModel's format: asymmetric GPTQ has zero points, symmetric does not
+    assert plan.prompt_zero_points(s, storage("gptq", "bfloat16", bits=4, group_size=128, format="gptq", sym=False),
+                                   "bfloat16", "cuda") == 50_978_816
+    assert plan.prompt_zero_points(s, storage("gptq", "bfloat16", bits=4, group_size=128, format="gptq"),
+                                   "bfloat16", "cuda") == 0

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from quantpipe.deps import Requirements
-from quantpipe.memory import Shapes, Storage, tinygemm_bytes
+from quantpipe.memory import Shapes, Storage, natural_zero_points_bytes, tinygemm_bytes
 from quantpipe.methods import QuantizeJob, copy_tokenizer
 from quantpipe.sources import DTYPE
 
@@ -91,7 +91,8 @@ def packed_storage(bits: int, group_size: int, zero_point: bool, dtype_bytes: in
         head = linear
         tied = lambda vocab, hidden: vocab * hidden * dtype_bytes + linear(vocab, hidden)  # noqa: E731
     return Storage(float_bytes=dtype_bytes, decompressed_on_cpu=True, linear=linear, lm_head=head,
-                   tied_embedding=tied, one_row_copy=tinygemm_bytes(group_size) if bits == 4 else None)
+                   tied_embedding=tied, one_row_copy=tinygemm_bytes(group_size) if bits == 4 else None,
+                   natural_zero_points=natural_zero_points_bytes(group_size) if bits == 4 and zero_point else None)
 
 
 def head_calibration(s: Shapes, n_samples: int, seq_len: int, a: int) -> dict[str, int]:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from quantpipe.memory import DTYPE_BYTES, Shapes, Storage, gptq_calibration, tinygemm_bytes
+from quantpipe.memory import DTYPE_BYTES, Shapes, Storage, gptq_calibration, natural_zero_points_bytes, tinygemm_bytes
 from quantpipe.methods import (
     BackendMethod,
     GroupSize,
@@ -79,7 +79,9 @@ class GPTQModelGPTQ:
     def storage(self, p: GPTQParams, dtype: str) -> Storage:
         return Storage(float_bytes=DTYPE_BYTES[dtype], linear=_gptqmodel.gptq_bytes(p.bits, p.group_size),
                        cpu_note=_gptqmodel.CPU_NOTE, quantize_upper_bound=_gptqmodel.OFFLOAD_NOTE,
-                       one_row_copy=tinygemm_bytes(p.group_size) if p.bits == 4 and not p.desc_act else None)
+                       one_row_copy=tinygemm_bytes(p.group_size) if p.bits == 4 and not p.desc_act else None,
+                       natural_zero_points=natural_zero_points_bytes(p.group_size) if p.bits == 4 and not p.sym
+                       else None)
 
 
 # `format` picks the backend library once (BackendMethod); everything backend-specific goes through it

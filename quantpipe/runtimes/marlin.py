@@ -328,7 +328,7 @@ def _inverses(bits: int, device: torch.device) -> dict[str, torch.Tensor]:
     key = f"inv{bits}{device}"
     if key not in _STATE:
         grouped, single = _scale_perms()
-        t = {"grouped": grouped, "single": single, "interleave": _interleave(bits)}
+        t = {"grouped": grouped, "single": single}
         _STATE[key] = {k: torch.argsort(torch.tensor(v)).to(device) for k, v in t.items()}
         _STATE[key]["tile"] = torch.argsort(_tile_order(bits, device))
         _STATE[key]["slots"] = _STATE[key]["tile"].to(torch.int32)  # the same, as the Triton kernel reads it
@@ -437,13 +437,19 @@ class MarlinLinear(nn.Module):
         s_t = scale.t().to(torch.bfloat16).contiguous()  # [G, N]
         self.register_buffer("scales", permute_scales(s_t, self.group == k))
         mid = 1 << (bits - 1)
+        # the zero points for the prompt's dequantizers, in natural order ([G, N] uint8, 1/64 of the int4 weight's
+        # bytes; plan.prompt_zero_points): un-permuting the packed ones took about five small kernels per call.
+        # A plain attribute, not a buffer: a decode step never reads it (memory.decode_bytes counts buffers).
+        self.zeros_natural: torch.Tensor | None = None
         if zero_u is None or bool((zero_u == mid).all()):
             self.type_id, self.zeros = scalar_type_id(bits, mid), None
         else:
             if bits != 4:
                 raise ValueError("8-bit weights with zero points")
             self.type_id = scalar_type_id(bits, 0)
-            self.register_buffer("zeros", pack_zero_points(zero_u.t().contiguous().to(torch.int32), bits))
+            z_t = zero_u.t().contiguous()  # [G, N]
+            self.register_buffer("zeros", pack_zero_points(z_t.to(torch.int32), bits))
+            self.zeros_natural = z_t.to(torch.uint8)
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
         self.register_buffer("workspace", torch.zeros(max(sms, 128), dtype=torch.int32, device=dev))
         self.register_buffer("bias", bias)
@@ -464,14 +470,12 @@ class MarlinLinear(nn.Module):
         self.label = self.label[:-1] + f"; one row: {name})"
 
     def dequantized(self) -> torch.Tensor:
-        """W^T [K, N] in bfloat16, from the Marlin-layout buffers alone (scales and zero points un-permuted)."""
+        """W^T [K, N] in bfloat16, from the Marlin-layout weight and scales (scales un-permuted) and the zero
+        points kept in natural order."""
         inv = _inverses(self.bits, self.qweight.device)
         perm_name = "single" if self.group == self.in_features else "grouped"
         perm, order = inv[perm_name], inv[f"{perm_name}32"]
-        zeros = None
-        if self.zeros is not None:
-            z = unpack_int32(self.zeros, self.bits, 1).reshape(-1, 32 // self.bits)[:, inv["interleave"]]
-            zeros = z.reshape(-1, 64)[:, inv["grouped"]].reshape(self.scales.shape).to(torch.bfloat16)
+        zeros = self.zeros_natural
         tri = triton_dequant() if self.qweight.is_cuda else None
         # the Triton kernels read the scales in Marlin's order through `order`: un-permuting them here was an
         # indexing kernel per call, 617 us of a 7B prompt's 20 ms on the H200 (sixth session)
