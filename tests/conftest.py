@@ -16,6 +16,14 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under `make test`'s workers (pytest-xdist), each worker and every process it starts (quantpipe's stages, the
+# engines) computes on cores / workers threads: with two workers of two OpenMP threads each on 2 cores, a parallel
+# region waits at its barrier for a thread the other worker's process has preempted, and the AWQ quantize of
+# `make demo` took over 3x its time alone (docs/benchmarks.md, CI). torch, ONNX Runtime and llama.cpp (whose
+# quantpipe runtimes take torch's thread count) all follow OMP_NUM_THREADS.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 # Predicted (`quantpipe plan`'s arithmetic) vs measured process memory, and why these tolerances
 # (docs/benchmarks.md has the figures):
