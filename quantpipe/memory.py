@@ -65,7 +65,7 @@ class Storage:
     one_row_copy: Callable[[int, int], int] | None = None
     # bytes of the zero points of a 4-bit Linear(out, in) with zero points (AWQ) that the compiled runtime keeps
     # in natural order beside Marlin's packed ones on a GPU, for the prompt's dequantization ([in / group, out]
-    # uint8; plan.prompt_zero_points); None: no zero points
+    # uint8; plan.natural_zero_points); None: no zero points
     natural_zero_points: Callable[[int, int], int] | None = None
 
 

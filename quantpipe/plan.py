@@ -115,7 +115,7 @@ def one_row_copies(s: Shapes, storage: Storage, dtype: str, device: str) -> int:
     return s.layers * per_layer + head
 
 
-def prompt_zero_points(s: Shapes, storage: Storage, dtype: str, device: str) -> int:
+def natural_zero_points(s: Shapes, storage: Storage, dtype: str, device: str) -> int:
     """Bytes of the zero points that the compiled runtime keeps in natural order beside Marlin's packed ones on a
     GPU (runtimes.marlin.MarlinLinear: the prompt's dequantizers read them so, instead of un-permuting the packed
     ones on every call): every 4-bit Linear with zero points, lm_head where it is quantized. 0 off a GPU, for
@@ -129,7 +129,7 @@ def prompt_zero_points(s: Shapes, storage: Storage, dtype: str, device: str) -> 
 
 def bench_memory(s: Shapes, storage: Storage, dtype: str, device: str, bench: dict[str, Any]) -> dict[str, int]:
     """Predicted memory of `quantpipe bench` at its largest batch: resident weights, the compiled runtime's
-    one-row copies and natural-order zero points on a GPU (`one_row_copies`, `prompt_zero_points`: keys of their
+    one-row copies and natural-order zero points on a GPU (`one_row_copies`, `natural_zero_points`: keys of their
     own where there are any), the KV cache of prompt_len + gen_len tokens per sequence, and one prefill's
     activations (CPU attention materializes the scores; CUDA's flash/efficient kernels do not)."""
     b = max(bench["batch_sizes"])
@@ -143,7 +143,7 @@ def bench_memory(s: Shapes, storage: Storage, dtype: str, device: str, bench: di
     copies = one_row_copies(s, storage, dtype, device)
     if copies:
         out["one_row_copies"] = copies
-    zeros = prompt_zero_points(s, storage, dtype, device)
+    zeros = natural_zero_points(s, storage, dtype, device)
     if zeros:
         out["natural_zero_points"] = zeros
     out["total"] = sum(out.values())

@@ -223,16 +223,16 @@ def test_natural_zero_points_on_a_gpu():
     # per layer: out · in / 128 over q, k, v, o, gate, up, down
     per_layer = (3584 * 3584 * 2 + 512 * 3584 * 2 + 18944 * 3584 * 3) // 128
     awq = storage("awq", "bfloat16", bits=4, group_size=128, zero_point=True)
-    assert plan.prompt_zero_points(s, awq, "bfloat16", "cuda") == 28 * per_layer == 50_978_816  # 48.6 MiB
+    assert plan.natural_zero_points(s, awq, "bfloat16", "cuda") == 28 * per_layer == 50_978_816  # 48.6 MiB
     assert plan.bench_memory(s, awq, "bfloat16", "cuda", bench)["natural_zero_points"] == 50_978_816
     head = storage("awq", "bfloat16", bits=4, group_size=128, zero_point=True, quantize_lm_head=True)
-    assert plan.prompt_zero_points(s, head, "bfloat16", "cuda") == 50_978_816 + 152064 * 3584 // 128
+    assert plan.natural_zero_points(s, head, "bfloat16", "cuda") == 50_978_816 + 152064 * 3584 // 128
     assert "natural_zero_points" not in plan.bench_memory(s, awq, "bfloat16", "cpu", bench)
-    assert plan.prompt_zero_points(s, storage("awq", "float32", bits=4, group_size=128, zero_point=True),
+    assert plan.natural_zero_points(s, storage("awq", "float32", bits=4, group_size=128, zero_point=True),
                                    "float32", "cuda") == 0
-    assert plan.prompt_zero_points(s, storage("gptq", "bfloat16", bits=4, group_size=128), "bfloat16", "cuda") == 0
+    assert plan.natural_zero_points(s, storage("gptq", "bfloat16", bits=4, group_size=128), "bfloat16", "cuda") == 0
     # GPTQModel's format: asymmetric GPTQ has zero points, symmetric does not
-    assert plan.prompt_zero_points(s, storage("gptq", "bfloat16", bits=4, group_size=128, format="gptq", sym=False),
+    assert plan.natural_zero_points(s, storage("gptq", "bfloat16", bits=4, group_size=128, format="gptq", sym=False),
                                    "bfloat16", "cuda") == 50_978_816
-    assert plan.prompt_zero_points(s, storage("gptq", "bfloat16", bits=4, group_size=128, format="gptq"),
+    assert plan.natural_zero_points(s, storage("gptq", "bfloat16", bits=4, group_size=128, format="gptq"),
                                    "bfloat16", "cuda") == 0

@@ -438,7 +438,7 @@ class MarlinLinear(nn.Module):
         self.register_buffer("scales", permute_scales(s_t, self.group == k))
         mid = 1 << (bits - 1)
         # the zero points for the prompt's dequantizers, in natural order ([G, N] uint8, 1/64 of the int4 weight's
-        # bytes; plan.prompt_zero_points): un-permuting the packed ones took about five small kernels per call.
+        # bytes; plan.natural_zero_points): un-permuting the packed ones took about five small kernels per call.
         # A plain attribute, not a buffer: a decode step never reads it (memory.decode_bytes counts buffers).
         self.zeros_natural: torch.Tensor | None = None
         if zero_u is None or bool((zero_u == mid).all()):
